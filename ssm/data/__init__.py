@@ -1,0 +1,1 @@
+"""Datasets: LRA loaders, ListOps and Pathfinder generators, MNIST-format sequential images."""

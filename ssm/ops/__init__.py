@@ -1,0 +1,1 @@
+"""Numeric primitives: Cauchy and Vandermonde products, FFT convolution."""

@@ -1,0 +1,45 @@
+"""Shared test fixtures: the tolerance table and the device parameter.
+
+CPU is the default; the CUDA case of the ``device`` fixture is skipped cleanly on machines without CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# dtype -> (rtol, atol) for comparisons of a fast path against its float64 reference.
+TOL = {
+    torch.float64: (1e-10, 1e-12),
+    torch.complex128: (1e-10, 1e-12),
+    torch.float32: (1e-4, 1e-6),
+    torch.complex64: (1e-4, 1e-6),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+
+
+def tol(dtype: torch.dtype) -> dict:
+    """Keyword arguments for ``torch.testing.assert_close`` at ``dtype``."""
+    rtol, atol = TOL[dtype]
+    return {"rtol": rtol, "atol": atol}
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative error ||x - ref|| / ||ref|| in float64."""
+    x = x.detach().to(torch.complex128 if (x.is_complex() or ref.is_complex()) else torch.float64).cpu()
+    ref = ref.detach().to(x.dtype).cpu()
+    return float((x - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    return torch.device(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
