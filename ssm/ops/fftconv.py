@@ -1,0 +1,138 @@
+"""Causal (and bidirectional) long convolution by real FFTs.
+
+    y_t = sum_{s <= t} K[t - s] u_s + D u_t  [+ sum_{s > t} K_rev[s - t - 1] u_s],        t = 0, ..., L - 1
+
+Both kernels are laid out on one circle of length n (causal taps at 0, 1, ..., anti-causal taps at
+n - 1, n - 2, ...), so one rfft of the kernel, one of the input and one irfft give the whole output. The
+circular convolution equals the linear one on the first L outputs when no lag that occurs, -(L-1)..(L-1),
+lands on a tap of the other kernel, which holds for
+
+    causal only:    n >= L + Lc - 1,
+    bidirectional:  n >= max(L + Lc - 1, L + Lr),
+
+with Lc = min(Lk, L) causal taps and Lr = min(Lk, L - 1) anti-causal taps used; n is then rounded up to a
+2,3,5-smooth size (``next_fast_len``). The reference twin is ``ssm.reference.causal_conv_ref``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_choice, check_int, check_tensor
+
+__all__ = ["LAYOUTS", "fftconv", "next_fast_len"]
+
+LAYOUTS = ("BHL", "BLH")
+
+
+def next_fast_len(n: int) -> int:
+    """Smallest integer >= n whose only prime factors are 2, 3 and 5 (a fast FFT size)."""
+    n = check_int("n", n, minimum=1)
+    best = 1 << (n - 1).bit_length()  # the next power of two always qualifies
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            m = p35
+            while m < n:  # smallest p35 * 2^k >= n
+                m *= 2
+            best = min(best, m)
+            p35 *= 3
+        p5 *= 5
+    return best
+
+
+def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    dtype = torch.float32
+    for t in tensors:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _out_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    present = [t for t in tensors if t is not None]
+    dtype = present[0].dtype
+    for t in present[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def fftconv(
+    u: torch.Tensor,
+    K: torch.Tensor,
+    D: torch.Tensor | None = None,
+    *,
+    K_rev: torch.Tensor | None = None,
+    layout: str = "BHL",
+) -> torch.Tensor:
+    """Causal FFT convolution of a batch of sequences with one kernel per feature, plus the D skip.
+
+        y_t = sum_{s <= t} K[t - s] u_s + D u_t                         (causal)
+            + sum_{s > t} K_rev[s - t - 1] u_s                          (when K_rev is given)
+
+    Lag 0 is counted once, in K. Taps of K beyond L are ignored and missing taps are zero, so any kernel
+    length works; any L works (the FFT size is a 2,3,5-smooth number). Computation is in float32 at least
+    (bfloat16 / float16 inputs are upcast) and the result has the promoted dtype of the inputs.
+
+    Args:
+        u: (B, H, L) for ``layout="BHL"`` or (B, L, H) for ``layout="BLH"``; real.
+        K: (H, Lk) or (C, H, Lk) kernel with C output channels; real.
+        D: (H,) or, with channels, (H,) or (C, H) skip; or None.
+        K_rev: anti-causal kernel with the shape of K, or None.
+        layout: ``"BHL"`` or ``"BLH"``.
+
+    Returns:
+        y: same layout as u; with channels (B, C, H, L) for ``"BHL"`` and (B, L, C, H) for ``"BLH"``.
+    """
+    layout = check_choice("layout", layout, LAYOUTS)
+    check_tensor("u", u, ndim=3)
+    check_tensor("K", K, ndim=(2, 3))
+    for name, t in (("u", u), ("K", K), ("D", D), ("K_rev", K_rev)):
+        if t is not None and not t.is_floating_point():
+            raise ValueError(f"{name} must be a real floating-point tensor; got dtype {t.dtype}")
+    if layout == "BLH":
+        u = u.transpose(1, 2)
+    _, H, L = u.shape
+    if L < 1:
+        raise ValueError(f"u must have a sequence length L >= 1; got shape {tuple(u.shape)}")
+    channels = K.ndim == 3
+    if K.shape[-2] != H:
+        raise ValueError(
+            f"K must have shape (H, Lk) or (C, H, Lk) with H = {H} from u; got {tuple(K.shape)}"
+        )
+    Lk = K.shape[-1]
+    if Lk < 1:
+        raise ValueError(f"K must have at least one tap (Lk >= 1); got shape {tuple(K.shape)}")
+    if K_rev is not None:
+        check_tensor("K_rev", K_rev)
+        if K_rev.shape != K.shape:
+            raise ValueError(f"K_rev must have the shape of K {tuple(K.shape)}; got {tuple(K_rev.shape)}")
+    if D is not None:
+        check_tensor("D", D)
+        allowed = [(H,)] + ([(K.shape[0], H)] if channels else [])
+        if tuple(D.shape) not in allowed:
+            want = " or ".join(str(s) for s in allowed)
+            raise ValueError(f"D must have shape {want} to match K {tuple(K.shape)}; got {tuple(D.shape)}")
+
+    out_dtype = _out_dtype(u, K, D, K_rev)
+    dtype = _compute_dtype(u, K, D, K_rev)
+    Lc = min(Lk, L)
+    Lr = min(Lk, L - 1) if K_rev is not None else 0
+    n = next_fast_len(max(L + Lc - 1, L + Lr))
+
+    parts = [K[..., :Lc].to(dtype), K.new_zeros(*K.shape[:-1], n - Lc - Lr, dtype=dtype)]
+    if Lr > 0:
+        parts.append(K_rev[..., :Lr].flip(-1).to(dtype))  # lag -j at position n - j
+    k_f = torch.fft.rfft(torch.cat(parts, dim=-1), n=n)  # (H, n//2+1) or (C, H, n//2+1)
+    uc = u.to(dtype)
+    u_f = torch.fft.rfft(uc, n=n)  # (B, H, n//2+1)
+    if channels:
+        u_f = u_f.unsqueeze(1)  # (B, 1, H, n//2+1)
+    y = torch.fft.irfft(u_f * k_f, n=n)[..., :L]  # (B, H, L) or (B, C, H, L)
+    if D is not None:
+        y = y + D.to(dtype).unsqueeze(-1) * (uc.unsqueeze(1) if channels else uc)
+    y = y.to(out_dtype)
+    if layout == "BLH":
+        y = y.permute(0, 3, 1, 2) if channels else y.transpose(1, 2)
+    return y
