@@ -1,0 +1,119 @@
+"""The residual block: norm, SSM layer, dropout, residual, optional feed-forward; with state passing."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_choice, check_int
+from .layers import LAYERS, SSMLayer
+
+NORMS = ("layer", "batch", "none")
+
+
+class _Norm(nn.Module):
+    """LayerNorm or BatchNorm over the feature dim of (B, L, H) or (B, H) tensors.
+
+    BatchNorm uses batch statistics in training and running statistics in eval; ``step`` therefore matches
+    ``forward`` in eval mode (and padded positions enter the batch statistics in training).
+    """
+
+    def __init__(self, kind: str, d_model: int, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.kind = kind
+        factory = {"device": device, "dtype": dtype}
+        if kind == "layer":
+            self.norm = nn.LayerNorm(d_model, **factory)
+        elif kind == "batch":
+            self.norm = nn.BatchNorm1d(d_model, **factory)
+        else:
+            self.norm = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "batch" and x.ndim == 3:
+            return self.norm(x.transpose(1, 2)).transpose(1, 2)
+        return self.norm(x)
+
+
+class SSMBlock(nn.Module):
+    """x -> x + Dropout(Layer(Norm(x))) [-> x + Dropout(FF(Norm(x)))] with pre-norm, or the post-norm variant.
+
+    Args:
+        d_model: H.
+        layer: "s4", "s4d", "rtf", or an ``SSMLayer`` instance (built with ``transposed=False``).
+        d_state: N, passed to the layer when it is built from a name.
+        norm: "layer", "batch" or "none".
+        prenorm: normalize the input of each branch (True) or the output of each residual sum (False).
+        dropout: dropout on the residual branches.
+        ff: expansion factor of an optional GELU feed-forward branch (0: none).
+        layer_kwargs: further keyword arguments for the layer (init, disc, channels, bidirectional, ...).
+
+    Shapes: forward x (B, L, H) -> (B, L, H); step x (B, H) -> (B, H); the state is the layer's.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        layer: str | SSMLayer = "s4",
+        d_state: int = 64,
+        norm: str = "layer",
+        prenorm: bool = True,
+        dropout: float = 0.0,
+        ff: int = 0,
+        layer_kwargs: dict | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        H = check_int("d_model", d_model, minimum=1)
+        norm = check_choice("norm", norm, NORMS)
+        ff = check_int("ff", ff, minimum=0)
+        factory = {"device": device, "dtype": dtype}
+        if isinstance(layer, SSMLayer):
+            if layer.d_model != H or layer.transposed:
+                raise ValueError(f"layer must have d_model={H} and transposed=False; got d_model={layer.d_model}, "
+                                 f"transposed={layer.transposed}")
+            self.layer = layer
+        else:
+            name = check_choice("layer", layer, tuple(LAYERS))
+            self.layer = LAYERS[name](H, d_state, **(layer_kwargs or {}), **factory)
+        self.prenorm = bool(prenorm)
+        self.norm = _Norm(norm, H, **factory)
+        self.drop = nn.Dropout(dropout)
+        self.ff = None
+        if ff:
+            self.ff = nn.Sequential(nn.Linear(H, ff * H, **factory), nn.GELU(), nn.Dropout(dropout),
+                                    nn.Linear(ff * H, H, **factory))
+            self.ff_norm = _Norm(norm, H, **factory)
+
+    def default_state(self, batch_size: int, *, device=None) -> Tensor:
+        return self.layer.default_state(batch_size, device=device)
+
+    def _feed_forward(self, x: Tensor) -> Tensor:
+        if self.ff is None:
+            return x
+        z = self.ff(self.ff_norm(x) if self.prenorm else x)
+        x = x + self.drop(z)
+        return x if self.prenorm else self.ff_norm(x)
+
+    def forward(self, x: Tensor, state: Tensor | None = None, *, return_state: bool = False,
+                lengths: Tensor | None = None, rate: float = 1.0):
+        """x (B, L, H) -> (B, L, H), or (y, next_state) with ``return_state``; see ``SSMLayer.forward``."""
+        z = self.norm(x) if self.prenorm else x
+        out = self.layer(z, state, return_state=return_state, lengths=lengths, rate=rate)
+        z, next_state = out if return_state else (out, None)
+        x = x + self.drop(z)
+        if not self.prenorm:
+            x = self.norm(x)
+        x = self._feed_forward(x)
+        return (x, next_state) if return_state else x
+
+    def step(self, x: Tensor, state: Tensor, *, rate: float = 1.0) -> tuple[Tensor, Tensor]:
+        """One token: x (B, H) -> (y (B, H), next_state)."""
+        z = self.norm(x) if self.prenorm else x
+        z, state = self.layer.step(z, state, rate=rate)
+        x = x + self.drop(z)
+        if not self.prenorm:
+            x = self.norm(x)
+        return self._feed_forward(x), state

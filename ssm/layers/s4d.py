@@ -1,0 +1,131 @@
+"""S4D: the diagonal state-space layer (Gu et al., "On the Parameterization and Initialization of Diagonal
+State Space Models", 2022).
+
+A_h = diag(Lambda_h) with N/2 complex modes, each standing for a conjugate pair, so the kernel is
+K = 2 Re(sum_n C_n Lambda_bar_n^k B_bar_n) (``diag_kernel(..., conj_pairs=True)``). Lambda is stored as
+log(-Re Lambda) and Im Lambda so the real part stays negative.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._checks import check_choice, check_int
+from ..discretize import discretize_diag
+from ..hippo import diag_init, nplr
+from ..kernels import diag_kernel
+from ..ops.scan import final_state, krylov
+from .base import SSMLayer, as_complex, init_log_dt
+
+S4D_INITS = ("diag-lin", "diag-inv", "diag-legs", "diag-real", "lin", "inv", "legs", "real")
+DIAG_DISCS = ("zoh", "bilinear")
+
+
+def diagonal_init(init: str, N: int) -> tuple[Tensor, Tensor]:
+    """(Lambda (N//2,), B (N//2,)) complex128 for an S4D init name (with or without the 'diag-' prefix)."""
+    check_choice("init", init, S4D_INITS)
+    name = init.removeprefix("diag-")
+    if name == "legs":
+        Lambda, _, B, _ = nplr("legs", N, 1, half=True)
+        return Lambda, B
+    return diag_init(name, N, half=True)
+
+
+def real_part_param(Lambda: Tensor) -> Tensor:
+    """log(-Re Lambda) with Re Lambda clamped to <= -1e-4 (as S4 does: a zero real part cannot be logged)."""
+    return torch.log(-Lambda.real.clamp(max=-1e-4))
+
+
+class S4D(SSMLayer):
+    """Diagonal SSM layer.
+
+    Args:
+        d_model: H.
+        d_state: N; the layer keeps N/2 complex modes (conjugate pairs). Must be even.
+        init: "diag-lin" (S4D-Lin), "diag-inv" (S4D-Inv), "diag-legs" (S4D-LegS), "diag-real" (S4D-Real).
+        disc: "zoh" or "bilinear".
+        dt_min, dt_max: range of the log-uniform initialization of dt.
+        Other keyword arguments: see ``SSMLayer``.
+
+    Shapes: forward x (B, L, H) -> (B, L, H); step x (B, H), state (B, H, N/2) complex.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 64,
+        *,
+        init: str = "diag-lin",
+        disc: str = "zoh",
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        channels: int = 1,
+        bidirectional: bool = False,
+        transposed: bool = False,
+        activation: str = "gelu",
+        glu: bool = False,
+        dropout: float = 0.0,
+        ssm_lr: float | None = 1e-3,
+        ssm_weight_decay: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(d_model, channels=channels, bidirectional=bidirectional, transposed=transposed,
+                         activation=activation, glu=glu, dropout=dropout, ssm_lr=ssm_lr,
+                         ssm_weight_decay=ssm_weight_decay, device=device, dtype=dtype)
+        N = check_int("d_state", d_state, minimum=2)
+        if N % 2:
+            raise ValueError(f"d_state must be even (N/2 conjugate pairs are stored); got {N}")
+        self.d_state = N
+        self.init = check_choice("init", init, S4D_INITS)
+        self.disc = check_choice("disc", disc, DIAG_DISCS)
+        H, N2 = self.d_model, N // 2
+        real_dtype = dtype or torch.get_default_dtype()
+        cdtype = torch.complex128 if real_dtype == torch.float64 else torch.complex64
+        Lambda, B = diagonal_init(init, N)
+        Lambda = Lambda.to(cdtype).expand(H, N2)
+        self.register_ssm("log_neg_real", real_part_param(Lambda).to(device))
+        self.register_ssm("Lambda_imag", Lambda.imag.clone().to(device))
+        self.register_ssm("B", B.to(cdtype).expand(H, N2).clone().to(device), complex_=True)
+        self.register_ssm("log_dt", init_log_dt(H, dt_min, dt_max, device=device, dtype=real_dtype))
+        C_out = self.channels * (2 if self.bidirectional else 1)
+        C = torch.randn(C_out, H, N2, dtype=cdtype, device=device)  # complex normal, E|C|^2 = 1
+        self.C = torch.nn.Parameter(torch.view_as_real(C).clone())
+
+    # ---- parameters -> system --------------------------------------------------------------------------------
+    def _system(self, rate: float):
+        Lambda = torch.complex(-torch.exp(self.log_neg_real), self.Lambda_imag)  # (H, N/2)
+        return Lambda, as_complex(self.B), as_complex(self.C), torch.exp(self.log_dt) * rate
+
+    def _discrete(self, rate: float):
+        Lambda, B, C, dt = self._system(rate)
+        Ab, Bb = discretize_diag(Lambda, B, dt, self.disc)  # (H, N/2) each
+        return Ab, Bb, C
+
+    def _kernel(self, L: int, rate: float) -> Tensor:
+        Lambda, B, C, dt = self._system(rate)
+        return diag_kernel(Lambda, B, C, dt, L, disc=self.disc, conj_pairs=True)  # (C', H, L)
+
+    # ---- recurrent path -----------------------------------------------------------------------------------
+    def default_state(self, batch_size: int, *, device=None) -> Tensor:
+        check_int("batch_size", batch_size, minimum=1)
+        dtype = torch.complex128 if self.log_dt.dtype == torch.float64 else torch.complex64
+        return torch.zeros(batch_size, self.d_model, self.d_state // 2, dtype=dtype,
+                           device=device if device is not None else self.log_dt.device)
+
+    def _step(self, u: Tensor, state: Tensor, rate: float):
+        Ab, Bb, C = self._discrete(rate)
+        x = Ab * state + Bb * u[..., None].to(Bb.dtype)  # (B, H, N/2)
+        y = 2 * torch.einsum("chn,bhn->bch", C, x).real
+        return y, x
+
+    def _zero_input_response(self, state: Tensor, L: int, rate: float) -> Tensor:
+        Ab, _, C = self._discrete(rate)
+        C = C[: self.channels]
+        powers = krylov(Ab, Ab, L)  # (H, N/2, L): Ab^{k+1}
+        return 2 * torch.einsum("chn,bhn,hnl->bchl", C, state.to(C.dtype), powers).real
+
+    def _chunk_state(self, u: Tensor, state, rate: float) -> Tensor:
+        Ab, Bb, _ = self._discrete(rate)
+        return final_state(Ab, Bb, u, state)

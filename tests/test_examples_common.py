@@ -1,0 +1,359 @@
+"""examples/common.py: the shared training harness, on tiny plain-torch models and synthetic data (CPU)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+_PATH = Path(__file__).resolve().parents[1] / "examples" / "common.py"
+
+
+def _load_common():
+    name = "ssm_examples_common"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, _PATH)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+common = _load_common()
+Config = common.Config
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The models here are tiny: one intra-op thread is faster, above all on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Blobs(Dataset):
+    """Sequences (L, D): Gaussian noise around a class mean, plus per-item noise from the numpy RNG."""
+
+    def __init__(self, n: int, seed: int, L: int = 12, D: int = 3, classes: int = 3, jitter: float = 0.1):
+        g = torch.Generator().manual_seed(seed)
+        self.means = torch.randn(classes, D, generator=torch.Generator().manual_seed(1234))
+        self.y = torch.randint(0, classes, (n,), generator=g)
+        self.x = self.means[self.y][:, None, :] + 1.5 * torch.randn(n, L, D, generator=g)
+        self.jitter = jitter
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        noise = torch.from_numpy(np.random.standard_normal(self.x.shape[1:]).astype(np.float32))
+        return self.x[i] + self.jitter * noise, int(self.y[i])
+
+
+class MeanPoolNet(nn.Module):
+    """Per-position MLP with dropout, masked mean over positions, linear head; records lengths it sees."""
+
+    def __init__(self, d_in: int = 3, classes: int = 3, width: int = 16, dropout: float = 0.2):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(d_in, width), nn.GELU(), nn.Dropout(dropout), nn.Linear(width, width)
+        )
+        self.head = nn.Linear(width, classes)
+        self.seen_lengths = []
+
+    def forward(self, x, lengths=None):
+        h = self.mlp(x)  # (B, L, W)
+        if lengths is None:
+            return self.head(h.mean(1))
+        self.seen_lengths.append(lengths.clone())
+        mask = (torch.arange(x.shape[1])[None, :] < lengths[:, None]).to(h.dtype)
+        return self.head((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
+
+
+def tiny_cfg(**kw) -> Config:
+    base = dict(epochs=3, batch_size=16, lr=3e-2, weight_decay=0.01, warmup=2, seed=7)
+    base.update(device="cpu", progress=False)
+    base.update(kw)
+    return Config(**base)
+
+
+def data(n_train=96, n_val=48, n_test=64):
+    return Blobs(n_train, 1), Blobs(n_val, 2), Blobs(n_test, 3, jitter=0.0)
+
+
+def test_train_learns_and_writes_every_artifact(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = MeanPoolNet()
+    tr, va, te = data()
+    summary = common.train(model, tr, va, te, tiny_cfg(epochs=4), tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert [r["step"] for r in records] == [6, 12, 18, 24]
+    keys = {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "lrs", "epoch_time_s"}
+    assert keys <= set(records[0])
+    assert records[-1]["train_loss"] < 0.7 * records[0]["train_loss"]
+    assert records[-1]["val_loss"] < records[0]["val_loss"]
+    assert summary["finished"] and summary["epochs_completed"] == 4 and summary["steps"] == 24
+    assert summary["test_acc"] > 0.6  # three classes: chance is 1/3
+    assert summary["best_val_acc"] == max(r["val_acc"] for r in records)
+    assert records[summary["best_epoch"] - 1]["val_acc"] == summary["best_val_acc"]
+    assert summary["n_params"] == sum(p.numel() for p in model.parameters())
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 4 and ckpt["step"] == 24 and ckpt["data_order"] == {"seed": 7, "next_epoch": 4}
+    assert {"model", "optimizer", "scheduler", "rng", "config", "best_val_acc"} <= set(ckpt)
+    assert set(ckpt["rng"]) == {"torch", "cuda", "numpy", "python"}
+    # the final lr of the cosine schedule is 0 and the test used best.pt's weights
+    assert records[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["epoch"] == summary["best_epoch"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, best["model"][k])
+    test = common.evaluate(model, te, tiny_cfg())
+    assert test["acc"] == summary["test_acc"] and test["n"] == 64
+    assert "test (best epoch" in capsys.readouterr().out
+
+
+def _params(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_exact_resume_matches_uninterrupted_run(tmp_path):
+    cfg = tiny_cfg(epochs=4)
+    tr, va, te = data()
+    torch.manual_seed(0)
+    full = common.train(MeanPoolNet(), tr, va, te, cfg, tmp_path / "full")
+
+    torch.manual_seed(0)
+    part = common.train(MeanPoolNet(), tr, va, te, cfg, tmp_path / "cut", stop_after_epoch=2)
+    assert not part["finished"] and part["epochs_completed"] == 2 and part["test_acc"] is None
+    # a new process would start from other RNG states and another initialization
+    torch.manual_seed(99), np.random.seed(99), random.seed(99)
+    resumed = common.train(MeanPoolNet(width=16), tr, va, te, cfg, tmp_path / "cut")
+
+    a, b = _params(tmp_path / "full" / "last.pt"), _params(tmp_path / "cut" / "last.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    for key in ("test_acc", "test_loss", "best_val_acc", "best_epoch", "steps"):
+        assert resumed[key] == full[key], key
+    full_records = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    cut_records = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    strip = [{k: v for k, v in json.loads(r).items() if k != "epoch_time_s"} for r in full_records]
+    assert strip == [{k: v for k, v in json.loads(r).items() if k != "epoch_time_s"} for r in cut_records]
+
+
+def test_rerun_of_a_finished_run_only_evaluates_and_fresh_start_resets(tmp_path, capsys):
+    tr, va, te = data()
+    cfg = tiny_cfg(epochs=2)
+    first = common.train(MeanPoolNet(), tr, va, te, cfg, tmp_path)
+    again = common.train(MeanPoolNet(), tr, va, te, cfg, tmp_path)
+    assert again["test_acc"] == first["test_acc"] and again["steps"] == 4 * 3
+    assert "resumed from" in capsys.readouterr().out
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    fresh = common.train(
+        MeanPoolNet(), tr, va, te, tiny_cfg(epochs=3), tmp_path, resume=False, stop_after_epoch=1
+    )
+    assert fresh["epochs_completed"] == 1 and not fresh["finished"]
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_changed_config_on_resume_is_reported(tmp_path, capsys):
+    tr, va, te = data()
+    common.train(MeanPoolNet(), tr, va, te, tiny_cfg(epochs=2), tmp_path, stop_after_epoch=1)
+    capsys.readouterr()
+    common.train(MeanPoolNet(), tr, va, te, tiny_cfg(epochs=2, lr=1e-2), tmp_path)
+    assert "resuming with changed ['lr']" in capsys.readouterr().out
+
+
+def collate_with_lengths(items):
+    """Pad-free batches (all sequences are 12 long) that still report per-item lengths 6..12."""
+    x = torch.stack([it[0] for it in items])
+    y = torch.tensor([it[1] for it in items])
+    lengths = torch.tensor([6 + (int(it[0][0, 0].abs() * 1000) % 7) for it in items])
+    return x, y, lengths
+
+
+def test_lengths_reach_the_model(tmp_path):
+    tr, va, te = data(n_train=32, n_val=16, n_test=16)
+    model = MeanPoolNet()
+    cfg = tiny_cfg(epochs=1, eval_batch_size=8)
+    summary = common.train(model, tr, va, te, cfg, tmp_path, collate_fn=collate_with_lengths)
+    assert summary["finished"]
+    sizes = [len(t) for t in model.seen_lengths]
+    assert sizes == [16, 16] + [8, 8] + [8, 8]  # two training batches, val, test
+    assert all(((t >= 6) & (t <= 12)).all() for t in model.seen_lengths)
+    assert len({tuple(t.tolist()) for t in model.seen_lengths}) > 1
+
+
+def test_max_steps_per_epoch_and_max_eval_steps(tmp_path):
+    tr, va, te = data()
+    cfg = tiny_cfg(epochs=2, max_steps_per_epoch=2, max_eval_steps=1)
+    summary = common.train(MeanPoolNet(), tr, va, te, cfg, tmp_path)
+    assert summary["steps"] == 4
+    assert common.evaluate(MeanPoolNet(), te, cfg)["n"] == 16
+
+
+def test_optional_val_and_test_sets(tmp_path):
+    tr, _, _ = data()
+    summary = common.train(MeanPoolNet(), tr, None, None, tiny_cfg(epochs=2), tmp_path)
+    assert summary["finished"] and summary["test_acc"] is None and summary["best_epoch"] == 2
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["val_acc"] is None and (tmp_path / "best.pt").exists()
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    a = common.epoch_order(50, 3, 1)
+    assert sorted(a.tolist()) == list(range(50))
+    torch.manual_seed(123)
+    assert torch.equal(a, common.epoch_order(50, 3, 1))
+    assert not torch.equal(a, common.epoch_order(50, 3, 2))
+    assert not torch.equal(a, common.epoch_order(50, 4, 1))
+
+
+def test_lr_factor_warmup_then_cosine():
+    f = [common.lr_factor(s, warmup=4, total=20) for s in range(20)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert f[4] == 1.0 and all(x > y for x, y in zip(f[4:], f[5:]))
+    assert f[12] == pytest.approx(0.5 * (1 + math.cos(math.pi * 8 / 16)))
+    assert common.lr_factor(20, warmup=4, total=20) == pytest.approx(0.0)
+    assert common.lr_factor(9, warmup=4, total=20, scheduler="constant") == 1.0
+
+
+def test_optimizer_uses_ssm_param_groups():
+    model = MeanPoolNet()
+    model.head.weight._optim = {"lr": 1e-3, "weight_decay": 0.0}
+    opt = common.make_optimizer(model, tiny_cfg(lr=1e-2, weight_decay=0.1))
+    groups = {(g["lr"], g["weight_decay"]): len(g["params"]) for g in opt.param_groups}
+    assert groups == {(1e-2, 0.1): 5, (1e-3, 0.0): 1}
+
+
+def test_missing_tqdm_and_matplotlib_fall_back(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    tr, va, te = data()
+    common.train(MeanPoolNet(), tr, va, te, tiny_cfg(epochs=2, progress=True), tmp_path)
+    out = capsys.readouterr().out
+    assert "epoch 1/2: 6/6 loss" in out and "val: 3/3 acc" in out
+    assert out.count("matplotlib is not installed") == 1
+    assert not (tmp_path / "curves.png").exists()
+
+
+def test_cli_overrides():
+    base = tiny_cfg(max_steps_per_epoch=5)
+    parser = common.add_config_args(argparse.ArgumentParser(), base)
+    common.add_run_args(parser, "runs/x")
+    args = parser.parse_args(
+        [
+            "--d-model",
+            "32",
+            "--lr",
+            "0.5",
+            "--no-prenorm",
+            "--model",
+            "rtf",
+            "--max-steps-per-epoch",
+            "none",
+            "--no-resume",
+        ]
+    )
+    cfg = common.config_from_args(args, base)
+    got = (cfg.d_model, cfg.lr, cfg.prenorm, cfg.model, cfg.max_steps_per_epoch)
+    assert got == (32, 0.5, False, "rtf", None)
+    assert cfg.batch_size == base.batch_size and cfg.seed == base.seed
+    assert args.out == "runs/x" and args.resume is False
+    assert common.config_from_args(parser.parse_args([]), base) == base
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "lstm"])
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("model", "lstm"),
+        ("norm", 1),
+        ("pool", None),
+        ("scheduler", "step"),
+        ("d_model", 0),
+        ("n_layers", 1.5),
+        ("d_state", 0),
+        ("epochs", 0),
+        ("batch_size", -1),
+        ("warmup", -1),
+        ("seed", -2),
+        ("num_workers", -1),
+        ("ff", -1),
+        ("max_steps_per_epoch", 0),
+        ("max_eval_steps", 0),
+        ("eval_batch_size", 0),
+        ("lr", 0.0),
+        ("lr_ssm", -1e-3),
+        ("weight_decay", -0.1),
+        ("grad_clip", -1.0),
+        ("dropout", 1.0),
+        ("dropout", "x"),
+        ("prenorm", "yes"),
+        ("progress", 1),
+        ("device", 0),
+    ],
+)
+def test_config_validation(field, value):
+    with pytest.raises(ValueError, match=field):
+        Config(**{field: value})
+
+
+def test_train_and_device_validation(tmp_path):
+    tr, va, te = data()
+    with pytest.raises(ValueError, match="cfg"):
+        common.train(MeanPoolNet(), tr, va, te, {"epochs": 1}, tmp_path)
+    with pytest.raises(ValueError, match="train_ds"):
+        common.train(MeanPoolNet(), Blobs(0, 1), va, te, tiny_cfg(), tmp_path)
+    with pytest.raises(ValueError, match="stop_after_epoch"):
+        common.train(MeanPoolNet(), tr, va, te, tiny_cfg(), tmp_path, stop_after_epoch=0)
+    with pytest.raises(ValueError, match="device"):
+        common.resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            common.resolve_device("cuda")
+    assert common.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_bad_batches_are_refused(tmp_path):
+    tr, va, te = data()
+
+    def collate_one(items):
+        return (torch.stack([it[0] for it in items]),)
+
+    with pytest.raises(ValueError, match=r"batch must be \(x, y\) or \(x, y, lengths\)"):
+        common.train(MeanPoolNet(), tr, va, te, tiny_cfg(), tmp_path, collate_fn=collate_one)
+
+
+def test_divergence_is_reported(tmp_path):
+    tr, va, te = data()
+    model = MeanPoolNet()
+    with torch.no_grad():
+        model.head.bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="lower lr"):
+        common.train(model, tr, va, te, tiny_cfg(), tmp_path)
+
+
+def test_resuming_into_a_different_model_says_how_to_restart(tmp_path):
+    tr, va, te = data()
+    common.train(MeanPoolNet(), tr, va, te, tiny_cfg(epochs=2), tmp_path, stop_after_epoch=1)
+    with pytest.raises(RuntimeError, match="different model.*--no-resume"):
+        common.train(MeanPoolNet(width=8), tr, va, te, tiny_cfg(epochs=2), tmp_path)
