@@ -35,6 +35,9 @@ def check_int(name: str, value: Any, minimum: int | None = None) -> int:
 def check_positive(name: str, value: Any) -> Any:
     """Check that a float or tensor is strictly positive (all entries)."""
     if isinstance(value, torch.Tensor):
+        if torch.compiler.is_compiling():
+            # A value-dependent check would break the compiled graph; eager calls (and tests) still check.
+            return value
         if value.is_complex():
             raise ValueError(f"{name} must be real and positive; got a complex tensor")
         if value.numel() and not bool((value > 0).all()):

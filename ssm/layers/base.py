@@ -98,7 +98,7 @@ class SSMLayer(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.glu = bool(glu)
         self.out_proj = nn.Linear(self.channels * H, (2 if glu else 1) * H, **factory)
-        self._cache: tuple | None = None
+        self._memo_store: dict[str, tuple] = {}
 
     # ---- hooks for subclasses ------------------------------------------------------------------------------
     def _kernel(self, L: int, rate: float) -> Tensor:
@@ -137,29 +137,36 @@ class SSMLayer(nn.Module):
         check_positive("rate", rate)
         return float(rate)
 
+    def memo(self, name: str, key: tuple, fn):
+        """``fn()``, cached under ``name`` in eval mode without autograd while the SSM parameters (tracked by
+        their version counters) and ``key`` are unchanged; recomputed whenever a graph may be needed."""
+        if self.training or torch.is_grad_enabled():
+            self._memo_store.pop(name, None)
+            return fn()
+        full_key = (key, tuple((id(p), p._version, p.device, p.dtype) for p in self.ssm_parameters()))
+        hit = self._memo_store.get(name)
+        if hit is not None and hit[0] == full_key:
+            return hit[1]
+        value = fn()
+        self._memo_store[name] = (full_key, value)
+        return value
+
     def kernel(self, L: int, rate: float = 1.0) -> Tensor:
         """The convolution kernel (C', H, L) in float32 or wider, even under autocast.
 
-        In eval mode without autograd the kernel is cached and reused while the SSM parameters (tracked by
-        their version counters), L, rate, device and dtype are unchanged.
+        In eval mode without autograd the kernel is cached (``memo``) and reused while the SSM parameters,
+        L and rate are unchanged, so repeated inference pays only for the convolution.
         """
         L = check_int("L", L, minimum=1)
         rate = self._check_rate(rate)
         params = self.ssm_parameters()
-        use_cache = not self.training and not torch.is_grad_enabled()
-        key = None
-        if use_cache:
-            key = (L, rate, tuple((id(p), p._version, p.device, p.dtype) for p in params))
-            if self._cache is not None and self._cache[0] == key:
-                return self._cache[1]
         dev = params[0].device.type if params else "cpu"
-        with torch.autocast(device_type=dev, enabled=False):
-            K = self._kernel(L, rate)
-        if use_cache:
-            self._cache = (key, K)
-        else:
-            self._cache = None
-        return K
+
+        def compute() -> Tensor:
+            with torch.autocast(device_type=dev, enabled=False):
+                return self._kernel(L, rate)
+
+        return self.memo("kernel", (L, rate), compute)
 
     def _to_BHL(self, x: Tensor) -> Tensor:
         if not isinstance(x, torch.Tensor) or x.ndim != 3:

@@ -70,10 +70,14 @@ class RTF(SSMLayer):
 
     def _coefficients(self, channels: int) -> tuple[Tensor, Tensor]:
         """b (channels*H, N+1) with b_0 = 0 and a (channels*H, N), channels flattened into the feature dim."""
-        a = stable_denominator(self.a) if self.constraint == "stable" else self.a
-        b = self.b[:channels]
-        b = torch.cat([torch.zeros_like(b[..., :1]), b], dim=-1).reshape(channels * self.d_model, -1)
-        return b, a.repeat(channels, 1)
+
+        def compute():
+            a = stable_denominator(self.a) if self.constraint == "stable" else self.a
+            b = self.b[:channels]
+            b = torch.cat([torch.zeros_like(b[..., :1]), b], dim=-1).reshape(channels * self.d_model, -1)
+            return b, a.repeat(channels, 1)
+
+        return self.memo(f"coefficients{channels}", (), compute)
 
     def _check_rate(self, rate: float) -> float:
         if rate != 1.0:

@@ -111,10 +111,14 @@ class S4(SSMLayer):
 
     def _dense(self, rate: float):
         """Dense discrete matrices of the expanded N-state system: Ab (H, N, N), Bb (H, N), C (C, H, N)."""
-        Lambda, P, B, C, dt = self._system(rate)
-        Lf, Pf, Bf, Cf = conj_expand(Lambda, P, B, C[: self.channels])
-        Ab, Bb = discretize(dplr_to_dense(Lf, Pf), Bf, dt, self.disc)  # in complex128 (reference precision)
-        return Ab.to(B.dtype), Bb.to(B.dtype), Cf.to(B.dtype), dt
+
+        def compute():
+            Lambda, P, B, C, dt = self._system(rate)
+            Lf, Pf, Bf, Cf = conj_expand(Lambda, P, B, C[: self.channels])
+            Ab, Bb = discretize(dplr_to_dense(Lf, Pf), Bf, dt, self.disc)  # in complex128 (reference precision)
+            return Ab.to(B.dtype), Bb.to(B.dtype), Cf.to(B.dtype), dt
+
+        return self.memo("dense", (rate,), compute)
 
     # ---- recurrent path -----------------------------------------------------------------------------------
     def default_state(self, batch_size: int, *, device=None) -> Tensor:
@@ -128,21 +132,29 @@ class S4(SSMLayer):
         """a_full^* x_full for conjugate-symmetric vectors in half storage: 2 Re(sum_n conj(a_n) x_n)."""
         return 2 * torch.einsum("...n,...n->...", a.conj(), x).real
 
+    def _bilinear_consts(self, rate: float):
+        """Per-feature constants of the bilinear step: D0 = 1 - dt/2 Lambda, P / D0 and (I_R + V^* D0^-1 U)^-1."""
+
+        def compute():
+            Lambda, P, B, C, dt = self._system(rate)
+            dt = dt[:, None]  # (H, 1)
+            D0 = 1 - dt / 2 * Lambda  # (H, N/2)
+            PD = P / D0  # (R, H, N/2)
+            eye = torch.eye(self.rank, dtype=dt.dtype, device=dt.device)
+            G = eye + dt[:, :, None] / 2 * self._pair_inner(P[:, None], PD[None]).permute(2, 0, 1)  # (H, R, R)
+            return Lambda, P, B, C, dt, D0, PD, torch.linalg.inv(G)
+
+        return self.memo("bilinear", (rate,), compute)
+
     def _bilinear_step(self, u: Tensor, x: Tensor, rate: float) -> Tensor:
-        Lambda, P, B, _, dt = self._system(rate)
-        dt = dt[:, None]  # (H, 1)
+        Lambda, P, B, _, dt, D0, PD, Ginv = self._bilinear_consts(rate)
         # v = (I + dt/2 A) x + dt B u, with A x = Lambda x - sum_r P_r (P_r^* x)
         s = self._pair_inner(P[:, None], x[None])  # (R, B, H)
         Ax = Lambda * x - torch.einsum("rhn,rbh->bhn", P, s.to(P.dtype))
         v = x + dt / 2 * Ax + dt * B * u[..., None].to(B.dtype)
-        # (I - dt/2 A)^{-1} v by Woodbury with D0 = 1 - dt/2 Lambda, U = dt/2 P, V = P
-        D0 = 1 - dt / 2 * Lambda  # (H, N/2)
+        # (I - dt/2 A)^{-1} v by Woodbury: D0^-1 v - D0^-1 U G^-1 V^* D0^-1 v with U = dt/2 P, V = P
         w = v / D0
-        PD = P / D0  # (R, H, N/2)
-        G = torch.eye(self.rank, dtype=dt.dtype, device=dt.device) + dt[:, 0, None, None] / 2 * 2 * torch.einsum(
-            "rhn,shn->hrs", P.conj(), PD).real  # (H, R, R)
-        Vw = self._pair_inner(P[:, None], w[None])  # (R, B, H)
-        coef = torch.linalg.solve(G, Vw.permute(2, 0, 1))  # (H, R, B)
+        coef = torch.einsum("hrs,sbh->hrb", Ginv, self._pair_inner(P[:, None], w[None]))  # (H, R, B)
         return w - dt / 2 * torch.einsum("rhn,hrb->bhn", PD, coef.to(PD.dtype))
 
     def _step(self, u: Tensor, state: Tensor, rate: float):

@@ -99,9 +99,14 @@ class S4D(SSMLayer):
         return Lambda, as_complex(self.B), as_complex(self.C), torch.exp(self.log_dt) * rate
 
     def _discrete(self, rate: float):
-        Lambda, B, C, dt = self._system(rate)
-        Ab, Bb = discretize_diag(Lambda, B, dt, self.disc)  # (H, N/2) each
-        return Ab, Bb, C
+        """(Ab (H, N/2), Bb (H, N/2), C (C', H, N/2)), memoized for inference."""
+
+        def compute():
+            Lambda, B, C, dt = self._system(rate)
+            Ab, Bb = discretize_diag(Lambda, B, dt, self.disc)
+            return Ab, Bb, C
+
+        return self.memo("discrete", (rate,), compute)
 
     def _kernel(self, L: int, rate: float) -> Tensor:
         Lambda, B, C, dt = self._system(rate)
