@@ -1,1 +1,618 @@
-"""placeholder"""
+"""Rational transfer functions (RTF) and state-space models: exact conversions, companion recurrence.
+
+A discrete SSM in the library convention (x_k = A x_{k-1} + B u_k, y_k = C x_k + D u_k) has the
+impulse response K_0 = C B + D, K_k = C A^k B, whose generating function (w = z^-1)
+
+    H(w) = sum_k K_k w^k = D + C (I - w A)^-1 B = b(w) / a(w),
+    a(w) = det(I - w A) = prod_n (1 - lambda_n w) = 1 + a_1 w + ... + a_N w^N,
+    b(w) = b_0 + b_1 w + ... + b_N w^N,
+
+is rational of degree N (Parnichkun et al., "State-Free Inference of State-Space Models: The Transfer
+Function Approach", ICML 2024). The 2N + 1 coefficients (b, a) are invariant under a change of state
+basis, so dense, diagonal and DPLR systems with the same dynamics map to the same RTF, and the kernel is
+computed without any state by :func:`ssm.kernels.rtf_kernel`.
+
+Recurrent form (direct form II, O(N) per step): with w_k = u_k - a_1 w_(k-1) - ... - a_N w_(k-N),
+
+    y_k = b_0 w_k + b_1 w_(k-1) + ... + b_N w_(k-N),
+
+and the state is the last N values (w_(k-1), ..., w_(k-N)), most recent first: :func:`rtf_step`,
+:func:`rtf_filter` (a whole chunk by FFTs) and :func:`rtf_to_ssm` (the same recurrence as an SSM).
+
+Shapes: coefficients b (H, N+1), a (H, N) for the kernel and the recurrence; the conversions accept any
+leading batch shape (...). Sequences are (B, H, L) (the internal layout).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._checks import check_choice, check_int, check_positive, check_shape, check_tensor
+from .kernels import _check_rtf_coeffs, _fft_any, _ifft_any, _monic, _rtf_taps
+from .ops.fftconv import next_fast_len
+
+__all__ = [
+    "STABLE_METHODS",
+    "rtf_filter",
+    "rtf_init",
+    "rtf_step",
+    "rtf_to_ssm",
+    "ssm_to_rtf",
+    "ssm_to_rtf_dplr",
+    "stable_denominator",
+]
+
+STABLE_METHODS = ("reflection", "montel")
+
+# ssm_to_rtf(real=None) returns real coefficients when max |Im| <= _REAL_RTOL * max |.| (computed in
+# complex128): conjugate-symmetric systems give imaginary parts at rounding level, others O(1).
+_REAL_RTOL = 1e-9
+
+
+# ---------------------------------------------------------------------------------------------------------
+# polynomial helpers (coefficients in increasing powers of w = z^-1, last dim)
+
+
+def _poly_from_roots(lam: torch.Tensor) -> torch.Tensor:
+    """prod_n (1 - lam_n w) as coefficients (..., N+1), by N sequential products (np.poly-like)."""
+    c = torch.ones(*lam.shape[:-1], 1, dtype=lam.dtype, device=lam.device)
+    zero = torch.zeros_like(c)
+    for n in range(lam.shape[-1]):
+        c = torch.cat([c, zero], dim=-1) - lam[..., n : n + 1] * torch.cat([zero, c], dim=-1)
+    return c
+
+
+def _polymul(x: torch.Tensor, y: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """Product of polynomials x (..., P) and y (..., Q) by direct summation, truncated to n coefficients."""
+    n = x.shape[-1] + y.shape[-1] - 1 if n is None else n
+    shape = torch.broadcast_shapes(x.shape[:-1], y.shape[:-1])
+    out = torch.zeros(*shape, n, dtype=torch.promote_types(x.dtype, y.dtype), device=x.device)
+    for j in range(min(x.shape[-1], n)):
+        m = min(y.shape[-1], n - j)
+        out = out + torch.nn.functional.pad(x[..., j : j + 1] * y[..., :m], (j, n - j - m))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SSM -> RTF
+
+
+def _wide(*tensors: torch.Tensor) -> torch.dtype:
+    """complex128 if any tensor is complex, else float64 (conversions are computed in double precision)."""
+    return torch.complex128 if any(t.is_complex() for t in tensors) else torch.float64
+
+
+def _out_dtype(is_complex: bool, *tensors: torch.Tensor) -> torch.dtype:
+    """The result dtype: the inputs' precision (float32 at least), complex when ``is_complex``."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.real.dtype if t.is_complex() else t.dtype)
+    if dtype not in (torch.float32, torch.float64):
+        dtype = torch.float32
+    if is_complex:
+        return torch.complex128 if dtype == torch.float64 else torch.complex64
+    return dtype
+
+
+def _check_D(D: torch.Tensor | float | None, batch: torch.Size) -> torch.Tensor | None:
+    if D is None:
+        return None
+    if isinstance(D, (int, float, complex)) and not isinstance(D, bool):
+        return torch.tensor(D)
+    check_tensor("D", D)
+    try:
+        torch.broadcast_shapes(D.shape, batch)
+    except RuntimeError:
+        raise ValueError(
+            f"D must be a number or a tensor broadcastable to the batch shape {tuple(batch)}; "
+            f"got shape {tuple(D.shape)}"
+        ) from None
+    return D
+
+
+def _check_flags(conj_pairs: bool, real: bool | None) -> None:
+    if not isinstance(conj_pairs, bool):
+        raise ValueError(f"conj_pairs must be True or False; got {conj_pairs!r}")
+    if real is not None and not isinstance(real, bool):
+        raise ValueError(f"real must be None, True or False; got {real!r}")
+
+
+def _check_vec(name: str, t: torch.Tensor, N: int) -> torch.Tensor:
+    check_tensor(name, t)
+    if t.ndim < 1 or t.shape[-1] != N:
+        raise ValueError(f"{name} must have shape (..., N) with N = {N}; got {tuple(t.shape)}")
+    if not (t.is_floating_point() or t.is_complex()):
+        raise ValueError(f"{name} must be a floating-point or complex tensor; got dtype {t.dtype}")
+    return t
+
+
+def _finish(
+    num: torch.Tensor,
+    den: torch.Tensor,
+    D: torch.Tensor | None,
+    conj_pairs: bool,
+    real: bool | None,
+    out_dtype_of: tuple[torch.Tensor, ...],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add D, expand conjugate pairs, decide real vs complex output; num, den (..., N+1) in double."""
+    if conj_pairs:
+        # H_full = H_half + conj(H_half) (+ D): a = a_h conj(a_h), b = b_h conj(a_h) + conj(b_h) a_h.
+        den_c = den.conj()
+        num = _polymul(num, den_c) + _polymul(num.conj(), den)
+        den = _polymul(den, den_c)
+        num, den = num.real, den.real
+    if D is not None:
+        num = num + D.to(torch.complex128 if D.is_complex() else torch.float64).unsqueeze(-1) * den
+    if num.is_complex():
+        if real is None:
+            scale_n = num.abs().amax().clamp_min(1e-300)
+            scale_d = den.abs().amax().clamp_min(1e-300)
+            real = bool(
+                num.imag.abs().amax() <= _REAL_RTOL * scale_n
+                and den.imag.abs().amax() <= _REAL_RTOL * scale_d
+            )
+        elif real:
+            rel = max(
+                float(num.imag.abs().amax() / num.abs().amax().clamp_min(1e-300)),
+                float(den.imag.abs().amax() / den.abs().amax().clamp_min(1e-300)),
+            )
+            if rel > 1e-6:
+                raise ValueError(
+                    f"real=True but the system is not conjugate-symmetric: the transfer-function "
+                    f"coefficients have relative imaginary part {rel:.2e}"
+                )
+        if real:
+            num, den = num.real, den.real
+    elif real is False:
+        num, den = num.to(torch.complex128), den.to(torch.complex128)
+    dtype = _out_dtype(num.is_complex(), *out_dtype_of)
+    return num.to(dtype), den[..., 1:].to(dtype)
+
+
+def ssm_to_rtf(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | float | None = None,
+    *,
+    conj_pairs: bool = False,
+    real: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Transfer-function coefficients (b, a) of a discrete SSM, with the same impulse response.
+
+    For x_k = A x_{k-1} + B u_k, y_k = C x_k + D u_k (so K_0 = C B + D, K_k = C A^k B):
+
+        a(w) = det(I - w A) = prod_n (1 - lambda_n w)            (characteristic polynomial, reversed)
+        b(w) = a(w) H(w) mod w^(N+1),   i.e.   b_k = sum_(j <= k) a_j K_(k-j),   k = 0..N,
+
+    which is exact because a(w) H(w) = D a(w) + C adj(I - w A) B is a polynomial of degree <= N. The
+    eigenvalues lambda_n are the diagonal for a diagonal A and ``torch.linalg.eigvals`` for a dense one
+    (O(N^3)); the polynomial is built by N sequential products (like ``numpy.poly``) and K_0..K_N by N
+    matrix-vector products. Everything is computed in float64 / complex128 and returned in the inputs'
+    precision (float32 at least). Differentiable (eigvals' gradient needs distinct eigenvalues).
+
+    Which form: A.ndim == B.ndim means diagonal A (..., N) (the diagonal entries are the eigenvalues);
+    A.ndim == B.ndim + 1 means dense A (..., N, N), so a dense A shared by a batch of B must carry the
+    batch dims (``A.expand(H, N, N)`` for B (H, N)). For a DPLR A use :func:`ssm_to_rtf_dplr`.
+
+    Real or complex output: real inputs give real coefficients. With ``conj_pairs=True`` the system holds
+    one state per conjugate pair and its kernel is K_k = 2 Re(C A^k B) (+ D), the S4D storage (for S4's
+    DPLR storage, whose low-rank term couples the halves, see :func:`ssm_to_rtf_dplr`); the full
+    2N-state system is the half system plus its conjugate, so a = a_h conj(a_h) and
+    b = b_h conj(a_h) + conj(b_h) a_h (+ D a), real and of degree 2N. A complex system given in full is
+    conjugate-symmetric when its eigenvalues and residues come in conjugate pairs; then the coefficients
+    are real up to rounding. ``real=None`` returns real coefficients when their imaginary parts are below
+    1e-9 relative (in complex128) and complex ones otherwise; ``real=True`` takes the real part and raises
+    when the imaginary part is above 1e-6 relative; ``real=False`` always returns complex.
+
+    Conditioning: the monomial coefficients of prod_n (1 - lambda_n w) are ill-conditioned when many
+    poles cluster in a small arc near the unit circle, and then the rounded coefficients describe a
+    different (eventually unstable) filter. Measured for S4D-Lin poles exp(dt (-1/2 + i pi n)),
+    n < N/2, with conjugates (tests/test_transfer.py): with dt = 0.1 the poles spread around the circle
+    and the kernel is recovered to ~1e-8 up to N = 256; with dt = 0.01 all poles lie within
+    0.01 pi N / 2 rad of z = 1 and the error is ~1e-8 at N = 4, ~1e-2 at N = 8, and from N = 12 on the
+    rounded coefficients are meaningless (the companion recurrence grows without bound, rtf_kernel
+    returns non-finite taps). This is a property of the representation, not of this routine (the
+    companion recurrence built from the same coefficients fails alike); the paper's RTF layer
+    parametrizes (b, a) directly instead of converting large clustered systems.
+
+    Args:
+        A: (..., N) diagonal or (..., N, N) dense state matrix.
+        B: (..., N) input vector.
+        C: (..., N) output vector.
+        D: (...) skip term, a number, or None (0).
+        conj_pairs: the system stores one state per conjugate pair (kernel 2 Re(C A^k B) + D).
+        real: force real (True) or complex (False) coefficients; None decides as described above.
+
+    Returns:
+        b: (..., M+1) numerator and a: (..., M) denominator (a_0 = 1 implicit), M = N (2N with
+        ``conj_pairs``), broadcast over the leading dims of A, B, C and D.
+    """
+    check_tensor("A", A)
+    check_tensor("B", B)
+    if B.ndim < 1:
+        raise ValueError(f"B must have shape (..., N); got {tuple(B.shape)}")
+    N = B.shape[-1]
+    if A.ndim == B.ndim and A.shape[-1] == N:
+        dense = False
+    elif A.ndim == B.ndim + 1 and A.shape[-2:] == (N, N):
+        dense = True
+    else:
+        raise ValueError(
+            f"A must be diagonal (..., N) with A.ndim == B.ndim or dense (..., N, N) with "
+            f"A.ndim == B.ndim + 1, N = {N}; got A {tuple(A.shape)} and B {tuple(B.shape)}"
+        )
+    _check_vec("A", A, N)
+    _check_vec("B", B, N)
+    _check_vec("C", C, N)
+    batch_A = A.shape[:-2] if dense else A.shape[:-1]
+    try:
+        batch = torch.broadcast_shapes(batch_A, B.shape[:-1], C.shape[:-1])
+    except RuntimeError:
+        hint = ""
+        if not dense and A.ndim >= 2 and A.shape[-2] == N:
+            hint = " (A.ndim == B.ndim reads A as diagonal; give a dense A the batch dims of B)"
+        raise ValueError(
+            f"A, B and C must have broadcastable batch shapes; got {tuple(A.shape)}, {tuple(B.shape)}, "
+            f"{tuple(C.shape)}{hint}"
+        ) from None
+    D = _check_D(D, batch)
+    _check_flags(conj_pairs, real)
+
+    wide = _wide(A, B, C) if not conj_pairs else torch.complex128
+    Aw, Bw, Cw = A.to(wide), B.to(wide), C.to(wide)
+    if dense:
+        lam = torch.linalg.eigvals(Aw) if N else Aw.new_zeros(*batch_A, 0).to(torch.complex128)
+        den = _poly_from_roots(lam)
+        if not wide.is_complex:
+            den = den.real
+    else:
+        den = _poly_from_roots(Aw)
+    den = den.expand(*batch, N + 1)
+    head = _impulse_head(lambda x: _matvec(Aw, x) if dense else Aw * x, Bw, Cw, N + 1, batch)
+    num = _polymul(den, head, N + 1)
+    return _finish(num, den, D, conj_pairs, real, (A, B, C) + (() if D is None else (D,)))
+
+
+def _matvec(A: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return (A @ x.unsqueeze(-1)).squeeze(-1)
+
+
+def _impulse_head(apply_A, B: torch.Tensor, C: torch.Tensor, n: int, batch: torch.Size) -> torch.Tensor:
+    """K_k = C A^k B for k = 0..n-1 (without D), by repeated application of A: (*batch, n)."""
+    x = B.expand(*batch, B.shape[-1]) if B.shape[:-1] != batch else B
+    taps = []
+    for k in range(n):
+        taps.append((C * x).sum(-1))
+        if k + 1 < n:
+            x = apply_A(x)
+    return torch.stack(taps, dim=-1).expand(*batch, n)
+
+
+def ssm_to_rtf_dplr(
+    Lambda: torch.Tensor,
+    P: torch.Tensor,
+    Q: torch.Tensor | None,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | float | None = None,
+    *,
+    conj_pairs: bool = False,
+    real: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ssm_to_rtf` for a discrete diagonal-plus-low-rank state matrix
+
+        A = diag(Lambda) - sum_r P_r Q_r^*        (Q = P when None; ^* is the conjugate transpose),
+
+    the layout of ``ssm.reference.dplr_to_dense``. The impulse response K_0..K_N uses the structure
+    (A x = Lambda x - P (Q^* x), O(N R) per step); the characteristic polynomial uses the eigenvalues of
+    the assembled N x N matrix (O(N^3), once per conversion). ``real`` as in :func:`ssm_to_rtf`.
+
+    ``conj_pairs=True`` follows ``ssm.kernels.dplr_kernel``: the N given states stand for 2N, the system
+    with the conjugates of Lambda, P, Q, B and C appended along the last dimension
+    (``ssm.reference.conj_expand``); the low-rank term couples both halves, so that system is converted
+    as a whole (it is conjugate-symmetric, so the coefficients are real, degree 2N).
+
+    Args:
+        Lambda: (..., N) diagonal part.
+        P: (R, ..., N) low-rank factors (leading R is the rank).
+        Q: (R, ..., N) or None.
+        B, C: (..., N).
+        D: (...), a number or None.
+
+    Returns:
+        b: (..., M+1), a: (..., M) with M = N (2N with ``conj_pairs``).
+    """
+    check_tensor("Lambda", Lambda)
+    if Lambda.ndim < 1:
+        raise ValueError(f"Lambda must have shape (..., N); got {tuple(Lambda.shape)}")
+    N = Lambda.shape[-1]
+    _check_vec("Lambda", Lambda, N)
+    _check_vec("P", P, N)
+    if P.ndim != Lambda.ndim + 1:
+        raise ValueError(f"P must have shape (R, ..., N) with one more dim than Lambda; got {tuple(P.shape)}")
+    if Q is None:
+        Q = P
+    _check_vec("Q", Q, N)
+    if Q.shape != P.shape:
+        raise ValueError(f"Q must have the shape of P {tuple(P.shape)}; got {tuple(Q.shape)}")
+    _check_vec("B", B, N)
+    _check_vec("C", C, N)
+    try:
+        batch = torch.broadcast_shapes(Lambda.shape[:-1], P.shape[1:-1], B.shape[:-1], C.shape[:-1])
+    except RuntimeError:
+        raise ValueError(
+            f"Lambda, P, Q, B and C must have broadcastable batch shapes; got {tuple(Lambda.shape)}, "
+            f"{tuple(P.shape)}, {tuple(B.shape)}, {tuple(C.shape)}"
+        ) from None
+    D = _check_D(D, batch)
+    _check_flags(conj_pairs, real)
+
+    wide = _wide(Lambda, P, Q, B, C) if not conj_pairs else torch.complex128
+    Lw, Pw, Qw, Bw, Cw = (t.to(wide) for t in (Lambda, P, Q, B, C))
+    if conj_pairs:
+        Lw, Pw, Qw, Bw, Cw = (torch.cat([t, t.conj()], dim=-1) for t in (Lw, Pw, Qw, Bw, Cw))
+        N = 2 * N
+        real = True if real is None else real
+    Qc = Qw.conj()
+    A = torch.diag_embed(Lw) - torch.einsum("r...n,r...m->...nm", Pw, Qc)
+    lam = torch.linalg.eigvals(A) if N else A.new_zeros(*A.shape[:-2], 0).to(torch.complex128)
+    den = _poly_from_roots(lam)
+    if not wide.is_complex:
+        den = den.real
+    den = den.expand(*batch, N + 1)
+
+    def apply_A(x: torch.Tensor) -> torch.Tensor:
+        return Lw * x - (Pw * (Qc * x).sum(-1, keepdim=True)).sum(0)
+
+    head = _impulse_head(apply_A, Bw, Cw, N + 1, batch)
+    num = _polymul(den, head, N + 1)
+    return _finish(num, den, D, False, real, (Lambda, P, Q, B, C) + (() if D is None else (D,)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RTF -> SSM (companion realization)
+
+
+def rtf_to_ssm(
+    b: torch.Tensor, a: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Companion (controllable canonical) realization of b(w) / a(w) in the library convention.
+
+    With the state x_k = (w_k, w_(k-1), ..., w_(k-N)) of the direct-form-II recurrence
+    w_k = u_k - a_1 w_(k-1) - ... - a_N w_(k-N), y_k = b_0 w_k + ... + b_N w_(k-N):
+
+        A = [[-a_1, ..., -a_N, 0],        B = e_1,    C = (b_0, ..., b_N),    D = 0,
+             [ I_N            , 0]],
+
+    an (N+1) x (N+1) matrix whose impulse response C A^k B is exactly h_k. The extra state (an extra pole
+    at 0) is needed in this convention (y_k = C x_k + D u_k with x_k already containing u_k): it gives
+    K_0 = C B + D and K_k = (C A) A^(k-1) B, so an N-state realization needs C A = c for the strictly
+    proper part c, i.e. an invertible A, which fails whenever a_N = 0 (the FIR b_N w^N, for instance, needs
+    C A^N B != 0 with A^N = 0). :func:`rtf_step` runs the same recurrence keeping only the N states
+    (w_(k-1), ..., w_(k-N)).
+
+    Args:
+        b: (..., N+1), a: (..., N), same leading dims.
+
+    Returns:
+        A: (..., N+1, N+1), B: (..., N+1), C: (..., N+1), D: (...), in the dtype of b and a.
+    """
+    check_tensor("b", b)
+    check_tensor("a", a)
+    if b.ndim < 1 or a.ndim < 1 or b.shape[:-1] != a.shape[:-1] or b.shape[-1] != a.shape[-1] + 1:
+        raise ValueError(
+            f"b and a must have shapes (..., N+1) and (..., N) with the same leading dims; got b "
+            f"{tuple(b.shape)} and a {tuple(a.shape)}"
+        )
+    for name, t in (("b", b), ("a", a)):
+        if not (t.is_floating_point() or t.is_complex()):
+            raise ValueError(f"{name} must be a floating-point or complex tensor; got dtype {t.dtype}")
+    dtype = torch.promote_types(b.dtype, a.dtype)
+    b, a = b.to(dtype), a.to(dtype)
+    N = a.shape[-1]
+    batch = a.shape[:-1]
+    shift = torch.diag(torch.ones(N, dtype=dtype, device=a.device), -1)  # (N+1, N+1) sub-diagonal
+    top = torch.nn.functional.pad(-a, (0, 1)).unsqueeze(-2)  # (..., 1, N+1)
+    A = torch.cat([top, shift[1:].expand(*batch, N, N + 1)], dim=-2)
+    B = torch.zeros(*batch, N + 1, dtype=dtype, device=a.device)
+    B[..., 0] = 1
+    return A, B, b.clone(), torch.zeros(batch, dtype=dtype, device=a.device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# recurrent inference
+
+
+def _check_state(state: torch.Tensor, Bsz: int, H: int, N: int) -> torch.Tensor:
+    check_tensor("state", state, ndim=3)
+    return check_shape("state", state, (Bsz, H, N), "(B, H, N)")
+
+
+def _run_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """Promoted dtype, float32 at least (states are kept in float32 or wider)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def rtf_step(
+    b: torch.Tensor, a: torch.Tensor, u_t: torch.Tensor, state: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the direct-form-II recurrence of H(z) = b(z) / a(z), O(N) per channel:
+
+        w_t = u_t - sum_i a_i w_(t-i),    y_t = b_0 w_t + sum_i b_i w_(t-i),
+        state = (w_(t-1), ..., w_(t-N))  ->  next_state = (w_t, ..., w_(t-N+1)).
+
+    Args:
+        b: (H, N+1), a: (H, N).
+        u_t: (B, H) input at step t.
+        state: (B, H, N) the last N values of w, most recent first (zeros at the start).
+
+    Returns:
+        y_t: (B, H) and next_state: (B, H, N), in the promoted dtype (float32 at least).
+    """
+    b, a = _check_rtf_coeffs(b, a)
+    H, N = a.shape
+    check_tensor("u_t", u_t, ndim=2)
+    if u_t.shape[1] != H:
+        raise ValueError(f"u_t must have shape (B, H) with H = {H}; got {tuple(u_t.shape)}")
+    _check_state(state, u_t.shape[0], H, N)
+    dtype = _run_dtype(b, a, u_t, state)
+    b, a, u_t, state = b.to(dtype), a.to(dtype), u_t.to(dtype), state.to(dtype)
+    w = u_t - (a * state).sum(-1)
+    y = b[:, 0] * w + (b[:, 1:] * state).sum(-1)
+    return y, torch.cat([w.unsqueeze(-1), state[..., :-1]], dim=-1) if N else state
+
+
+def _prehistory(x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """c_k = sum_(m=0)^(N-1-k) x_(k+m) s_m for k = 0..N-1, x (H, N), state s (B, H, N): (B, H, N).
+
+    The correlation of the coefficients with the state, by one FFT convolution of x with the reversed state
+    (c_k is entry N-1+k of x * reverse(s)).
+    """
+    N = x.shape[-1]
+    M = next_fast_len(2 * N - 1)
+    prod = _fft_any(x, M) * _fft_any(state.flip(-1), M)
+    return _ifft_any(prod, M, state.is_complex())[..., N - 1 : 2 * N - 1]
+
+
+def rtf_filter(
+    b: torch.Tensor, a: torch.Tensor, u: torch.Tensor, state: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the recurrence of :func:`rtf_step` over a whole chunk by FFTs (no loop over time).
+
+    The pre-chunk state s = (w_(-1), ..., w_(-N)) enters the recurrence for k < N as the equivalent input
+    p_k = -sum_(i > k) a_i w_(k-i) and the output as q_k = sum_(j > k) b_j w_(k-j), so with v = u + p,
+
+        w = g * v,    y = h * v + q,    (first L terms)
+
+    where h = rtf_kernel(b, a, L) and g = rtf_kernel(1, a, L) are computed state-free in one pass sharing
+    the denominator's spectrum, and p, q by an FFT correlation of length ~2N. The zero-state part h * u is
+    the convolution mode; the rest is the zero-input response. The next state is the last N values of w
+    (reaching back into ``state`` when L < N). Cost O(L log L + N log N) per channel and sequence; a
+    stream processed in chunks equals one pass and equals a loop of :func:`rtf_step` (up to rounding).
+
+    Args:
+        b: (H, N+1), a: (H, N).
+        u: (B, H, L) input chunk, L >= 1.
+        state: (B, H, N) state before the chunk, or None for zeros.
+
+    Returns:
+        y: (B, H, L) and next_state: (B, H, N), in the promoted dtype (float32 at least).
+    """
+    b, a = _check_rtf_coeffs(b, a)
+    H, N = a.shape
+    check_tensor("u", u, ndim=3)
+    if u.shape[1] != H or u.shape[2] < 1:
+        raise ValueError(f"u must have shape (B, H, L) with H = {H} and L >= 1; got {tuple(u.shape)}")
+    Bsz, _, L = u.shape
+    dtype = _run_dtype(b, a, u, *(() if state is None else (state,)))
+    if state is None:
+        state = torch.zeros(Bsz, H, N, dtype=dtype, device=u.device)
+    else:
+        _check_state(state, Bsz, H, N)
+    b, a, u, state = b.to(dtype), a.to(dtype), u.to(dtype), state.to(dtype)
+
+    unit = torch.zeros_like(b)
+    unit[:, 0] = 1
+    taps = _rtf_taps(torch.stack([b, unit], dim=1), _monic(a), L)  # (H, 2, L): h and g
+    v, q = u, None
+    if N:
+        pq = _prehistory(torch.stack([-a, b[:, 1:]], dim=0), state.unsqueeze(1))  # (B, 2, H, N)
+        n = min(N, L)
+        v = u + torch.nn.functional.pad(pq[:, 0, :, :n], (0, L - n))
+        q = torch.nn.functional.pad(pq[:, 1, :, :n], (0, L - n))
+    M = next_fast_len(2 * L - 1)
+    out = _ifft_any(_fft_any(taps, M).unsqueeze(0) * _fft_any(v, M).unsqueeze(2), M, dtype.is_complex)
+    y, w = out[..., 0, :L], out[..., 1, :L]  # (B, H, L) each
+    if q is not None:
+        y = y + q
+    history = torch.cat([state.flip(-1), w], dim=-1)  # w_(-N), ..., w_(-1), w_0, ..., w_(L-1)
+    next_state = history[..., history.shape[-1] - N :].flip(-1)
+    return y, next_state
+
+
+# ---------------------------------------------------------------------------------------------------------
+# initialization and stability
+
+
+def rtf_init(
+    H: int,
+    N: int,
+    *,
+    scale: float | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Initial RTF coefficients: a = 0 (all poles at the origin, an FIR filter) and a small random b.
+
+    The paper initializes the denominator at zero so that training starts from a trivially stable system
+    (with a and b both zero); a random numerator b ~ N(0, scale^2) makes the initial kernel the FIR filter
+    h = b (so the gradient with respect to a, proportional to b, is nonzero from the first step). The
+    default scale 1 / sqrt(N + 1) gives the kernel unit expected energy sum_k h_k^2 = 1.
+
+    Returns:
+        b: (H, N+1) and a: (H, N).
+    """
+    H = check_int("H", H, minimum=1)
+    N = check_int("N", N, minimum=0)
+    scale = 1.0 / math.sqrt(N + 1) if scale is None else float(check_positive("scale", scale))
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64; got {dtype}")
+    b = scale * torch.randn(H, N + 1, dtype=dtype, device=device, generator=generator)
+    return b, torch.zeros(H, N, dtype=dtype, device=device)
+
+
+def stable_denominator(a_raw: torch.Tensor, method: str = "reflection") -> torch.Tensor:
+    """Map unconstrained parameters (..., N) to denominator coefficients with all poles inside |z| < 1.
+
+    ``"reflection"`` (complete): k_m = tanh(a_raw_m) are reflection (PARCOR) coefficients in (-1, 1) and
+    the Levinson step-up recursion
+
+        a^(m)_i = a^(m-1)_i + k_m a^(m-1)_(m-i)  (i < m),    a^(m)_m = k_m,
+
+    builds 1 + a_1 z^-1 + ... + a_N z^-N; by the Schur-Cohn criterion its roots are inside the unit disc
+    if and only if every |k_m| < 1, so the map reaches every (and only) stable denominator, and a_raw = 0
+    gives a = 0 (poles at the origin, the initialization of :func:`rtf_init`). Numerically the guarantee
+    is exact only as long as the rounded coefficients stay away from the stability boundary: the poles
+    crowd towards the unit circle as prod_m (1 - k_m^2) shrinks, and the monomial coefficients of such
+    polynomials are ill-conditioned. Measured with an extended-precision Schur-Cohn test on the float64
+    output (tests/test_transfer.py): every draw stable for a_raw ~ N(0, 1) up to N = 20; for N = 50 all
+    draws stable at N(0, 0.5^2) but only a quarter at N(0, 1); for N = 100, 93% at N(0, 0.5^2). Start
+    from a_raw = 0 and keep it moderate for large N. In float32, tanh rounds to +-1 for |a_raw| > ~9
+    (poles on the circle).
+
+    ``"montel"`` (sufficient, restrictive): a = a_raw / (1 + sum_i |a_raw_i|), so sum_i |a_i| < 1; then
+    for |z| >= 1, |sum_i a_i z^(N-i)| <= |z|^(N-1) sum_i |a_i| < |z|^N and z^N + a_1 z^(N-1) + ... has no
+    root there (Montel's bound). This is the constraint the paper compares against (its code normalizes
+    by sum |a_i| plus a learned scalar); the region excludes most stable filters with several poles near
+    the unit circle, e.g. a double pole at 0.99 (sum |a_i| = 2.96), which is why the paper prefers the
+    zero initialization without a constraint.
+
+    Args:
+        a_raw: (..., N) real parameters.
+        method: "reflection" or "montel".
+
+    Returns:
+        a: (..., N), same dtype.
+    """
+    check_tensor("a_raw", a_raw)
+    check_choice("method", method, STABLE_METHODS)
+    if a_raw.ndim < 1 or not a_raw.is_floating_point():
+        raise ValueError(
+            f"a_raw must be a real floating-point tensor of shape (..., N); "
+            f"got {a_raw.dtype} {tuple(a_raw.shape)}"
+        )
+    if method == "montel":
+        return a_raw / (1 + a_raw.abs().sum(-1, keepdim=True))
+    k = torch.tanh(a_raw)
+    a = k[..., :0]
+    for m in range(a_raw.shape[-1]):
+        km = k[..., m : m + 1]
+        a = torch.cat([a + km * a.flip(-1), km], dim=-1)
+    return a

@@ -1,0 +1,173 @@
+"""ssm.kernels.rtf_kernel: the state-free RTF kernel against a plain recurrence (scipy.signal.lfilter)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.signal
+import torch
+from conftest import rel_err
+
+from ssm.kernels import rtf_kernel
+
+
+def _benign(N: int, rng: np.random.Generator) -> np.ndarray:
+    """A stable random denominator for any N: sum |a_i| = 0.9 < 1 (Montel), so all poles are inside."""
+    v = rng.standard_normal(N)
+    return 0.9 * v / np.abs(v).sum() if N else v
+
+
+def _aggressive(N: int, rng: np.random.Generator, radius: float = 0.999) -> np.ndarray:
+    """A pole pair (one real pole for N = 1) at ``radius`` near the unit circle, times a benign rest."""
+    if N == 1:
+        return np.array([-radius])
+    theta = rng.uniform(0.2, 3.0)
+    pair = np.array([1.0, -2 * radius * np.cos(theta), radius**2])
+    return np.convolve(pair, np.r_[1.0, _benign(N - 2, rng)])[1:]
+
+
+def _filters(kind: str, H: int, N: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    make = _benign if kind == "stable" else _aggressive
+    return rng.standard_normal((H, N + 1)), np.stack([make(N, rng) for _ in range(H)])
+
+
+def _lfilter_taps(b: np.ndarray, a: np.ndarray, L: int) -> torch.Tensor:
+    """Impulse response by the plain recurrence, float64 (complex128 for complex coefficients)."""
+    impulse = np.zeros(L)
+    impulse[0] = 1.0
+    taps = [scipy.signal.lfilter(bb, np.r_[1.0, aa], impulse) for bb, aa in zip(b, a)]
+    return torch.from_numpy(np.stack(taps))
+
+
+CASES = [(L, N) for L in (1, 7, 97, 300) for N in sorted({1, 2, L // 2 + 1, L - 1, L}) if 1 <= N <= L]
+
+
+@pytest.mark.parametrize("kind", ["stable", "aggressive"])
+@pytest.mark.parametrize("L,N", CASES)
+def test_rtf_kernel_matches_recurrence_float64(L, N, kind):
+    b, a = _filters(kind, 3, N, seed=L * 1000 + N)
+    h = rtf_kernel(torch.from_numpy(b), torch.from_numpy(a), L)
+    assert h.shape == (3, L) and h.dtype == torch.float64
+    assert rel_err(h, _lfilter_taps(b, a, L)) < 1e-8
+
+
+@pytest.mark.parametrize("kind", ["stable", "aggressive"])
+@pytest.mark.parametrize("L,N", [(97, 1), (97, 49), (97, 97), (300, 2), (300, 151), (300, 300)])
+def test_rtf_kernel_matches_recurrence_float32(L, N, kind):
+    b, a = _filters(kind, 3, N, seed=7 * L + N)
+    b32, a32 = torch.from_numpy(b).float(), torch.from_numpy(a).float()
+    h = rtf_kernel(b32, a32, L)
+    assert h.dtype == torch.float32
+    # reference: the exact response of the float32-rounded coefficients
+    assert rel_err(h, _lfilter_taps(b32.double().numpy(), a32.double().numpy(), L)) < 1e-4
+
+
+def test_single_division_is_aliased_but_rtf_kernel_is_exact():
+    """The paper's one L-point division returns sum_m h[k + mL]; the truncation must be handled."""
+    L, N = 300, 6
+    b, a = _filters("aggressive", 2, N, seed=3)
+    bt, at = torch.from_numpy(b), torch.from_numpy(a)
+    ref = _lfilter_taps(b, a, 40 * L)  # 0.999^(40 L) ~ 6e-6: the tail beyond is negligible
+    den = torch.cat([torch.ones(2, 1, dtype=torch.float64), at], dim=-1)
+    aliased = torch.fft.irfft(torch.fft.rfft(bt, L) / torch.fft.rfft(den, L), L)
+    periodized = ref.reshape(2, 40, L).sum(1)
+    assert rel_err(aliased, periodized) < 1e-4
+    assert rel_err(aliased, ref[:, :L]) > 0.1
+    assert rel_err(rtf_kernel(bt, at, L), ref[:, :L]) < 1e-10
+
+
+@pytest.mark.parametrize("radius", [1.0, 1.0 + 2.0 / 500])
+def test_poles_on_and_just_outside_the_unit_circle(radius):
+    """Exact for poles on the circle and up to the documented margin ~ 1 + ln(1/eps) / (5 L) outside it."""
+    L = 500
+    theta = torch.tensor([0.3, 1.7, 3.0], dtype=torch.float64)
+    a = torch.stack([-2 * radius * torch.cos(theta), torch.full_like(theta, radius**2)], dim=-1)
+    b = torch.randn(3, 3, dtype=torch.float64)
+    assert rel_err(rtf_kernel(b, a, L), _lfilter_taps(b.numpy(), a.numpy(), L)) < 1e-8
+
+
+def test_more_coefficients_than_taps():
+    """N > L: only the first L coefficients matter; the longer vectors are folded, not truncated."""
+    L, N = 20, 75
+    b, a = _filters("stable", 2, N, seed=11)
+    h = rtf_kernel(torch.from_numpy(b), torch.from_numpy(a), L)
+    assert rel_err(h, _lfilter_taps(b, a, L)) < 1e-10
+
+
+def test_zero_order_is_a_gain():
+    b = torch.tensor([[2.5], [-1.0]], dtype=torch.float64)
+    h = rtf_kernel(b, torch.zeros(2, 0, dtype=torch.float64), 6)
+    expected = torch.zeros(2, 6, dtype=torch.float64)
+    expected[:, 0] = b[:, 0]
+    torch.testing.assert_close(h, expected, rtol=0, atol=1e-14)
+
+
+def test_fir_when_denominator_is_zero():
+    """a = 0 (the initialization): the kernel is the numerator itself, zero-padded."""
+    b = torch.randn(4, 9, dtype=torch.float64)
+    h = rtf_kernel(b, torch.zeros(4, 8, dtype=torch.float64), 13)
+    torch.testing.assert_close(h, torch.nn.functional.pad(b, (0, 4)), rtol=0, atol=1e-13)
+
+
+def test_complex_coefficients():
+    rng = np.random.default_rng(5)
+    L, N = 61, 4
+    poles = 0.95 * np.exp(1j * rng.uniform(0, 2 * np.pi, (2, N)))
+    a = np.stack([np.poly(p)[1:] for p in poles])
+    b = rng.standard_normal((2, N + 1)) + 1j * rng.standard_normal((2, N + 1))
+    h = rtf_kernel(torch.from_numpy(b), torch.from_numpy(a), L)
+    assert h.dtype == torch.complex128
+    assert rel_err(h, _lfilter_taps(b, a, L)) < 1e-10
+
+
+def test_dtype_promotion():
+    b = torch.randn(2, 3)
+    a = 0.1 * torch.randn(2, 2, dtype=torch.float64)
+    assert rtf_kernel(b, a, 5).dtype == torch.float64
+    h16 = rtf_kernel(b.to(torch.bfloat16), a.to(torch.bfloat16), 5)  # computed in float32
+    assert h16.dtype == torch.float32
+    assert rel_err(h16, rtf_kernel(b.to(torch.bfloat16).float(), a.to(torch.bfloat16).float(), 5)) < 1e-6
+
+
+def test_gradcheck():
+    b = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    a = (0.2 * torch.randn(2, 3, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda b, a: rtf_kernel(b, a, 11), (b, a))
+
+
+def test_gradient_matches_finite_difference_of_the_recurrence():
+    """dh/da from autograd equals the derivative of the recurrence's impulse response (no aliasing bias)."""
+    L = 200
+    b, a = _filters("aggressive", 1, 3, seed=2)
+    a_t = torch.from_numpy(a).requires_grad_()
+    w = torch.randn(1, L, dtype=torch.float64)
+    (rtf_kernel(torch.from_numpy(b), a_t, L) * w).sum().backward()
+    eps = 1e-6
+    for i in range(3):
+        da = np.zeros_like(a)
+        da[0, i] = eps
+        plus = (_lfilter_taps(b, a + da, L) * w).sum()
+        minus = (_lfilter_taps(b, a - da, L) * w).sum()
+        fd = float((plus - minus) / (2 * eps))
+        assert abs(a_t.grad[0, i].item() - fd) < 1e-5 * max(1.0, abs(fd))
+
+
+@pytest.mark.parametrize(
+    "b,a,L,match",
+    [
+        (torch.randn(5), torch.randn(1, 4), 8, "b"),
+        (torch.randn(1, 5), torch.randn(4), 8, "a"),
+        (torch.randn(2, 5), torch.randn(3, 4), 8, "b and a"),
+        (torch.randn(2, 4), torch.randn(2, 4), 8, "b and a"),
+        (torch.randn(2, 6), torch.randn(2, 4), 8, "b and a"),
+        (torch.ones(2, 5, dtype=torch.int64), torch.randn(2, 4), 8, "b"),
+        (torch.randn(2, 5), torch.ones(2, 4, dtype=torch.int64), 8, "a"),
+        (torch.randn(2, 5), torch.randn(2, 4), 0, "L"),
+        (torch.randn(2, 5), torch.randn(2, 4), 2.5, "L"),
+        ([[1.0, 2.0]], torch.randn(1, 1), 8, "b"),
+    ],
+)
+def test_bad_input(b, a, L, match):
+    with pytest.raises(ValueError, match=match):
+        rtf_kernel(b, a, L)
