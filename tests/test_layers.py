@@ -246,3 +246,13 @@ def test_double_precision_layer(name):
         y_rec, _ = run_steps(layer, x)
     assert y.dtype == torch.float64
     assert rel_err(y_rec, y) <= 1e-9
+
+
+@pytest.mark.parametrize("name", ["s4", "s4d", "rtf"])
+def test_bidirectional_kernel_reaches_lag_minus_one(name):
+    """The anti-causal kernel's first tap (lag -1, the next input) is free, as for the causal lag 0."""
+    layer = make(name, bidirectional=True)
+    with torch.no_grad():
+        K = layer.kernel(16)
+    assert K.shape == (2, H, 16)
+    assert K[1, :, 0].abs().min() > 1e-6

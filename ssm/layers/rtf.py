@@ -67,14 +67,22 @@ class RTF(SSMLayer):
         b, a = rtf_init(C_out * H, N, dtype=real_dtype)  # b (C'H, N+1), a (C'H, N)
         self.register_ssm("a", a[:H].clone().to(device))
         self.b = torch.nn.Parameter(b[:, 1:].reshape(C_out, H, N).clone().to(device))
+        if self.bidirectional:
+            # The anti-causal kernel starts at lag -1, which the direct term D does not cover: the reverse
+            # channels keep their own b_0.
+            self.b0_rev = torch.nn.Parameter(b[self.channels * H :, 0].reshape(self.channels, H).clone().to(device))
 
     def _coefficients(self, channels: int) -> tuple[Tensor, Tensor]:
-        """b (channels*H, N+1) with b_0 = 0 and a (channels*H, N), channels flattened into the feature dim."""
+        """b (channels*H, N+1) and a (channels*H, N), channels flattened into the feature dim; b_0 = 0 for the
+        causal channels (D is their direct term), ``b0_rev`` for the anti-causal ones of a bidirectional layer."""
 
         def compute():
             a = stable_denominator(self.a) if self.constraint == "stable" else self.a
             b = self.b[:channels]
-            b = torch.cat([torch.zeros_like(b[..., :1]), b], dim=-1).reshape(channels * self.d_model, -1)
+            b0 = torch.zeros_like(b[..., :1])
+            if channels > self.channels:
+                b0 = torch.cat([b0[: self.channels], self.b0_rev[..., None]], dim=0)
+            b = torch.cat([b0, b], dim=-1).reshape(channels * self.d_model, -1)
             return b, a.repeat(channels, 1)
 
         return self.memo(f"coefficients{channels}", (), compute)
