@@ -16,12 +16,14 @@ STEPS, BATCH, L = 3, 8, 32
 
 def _model() -> ssm.SSMModel:
     torch.manual_seed(0)
-    return ssm.SSMModel(2, 3, d_model=8, n_layers=2, layer="s4", d_state=8)
+    # float64: the comparison tests the algorithm, not float32 reduction order (which Adam amplifies for
+    # near-zero gradient entries)
+    return ssm.SSMModel(2, 3, d_model=8, n_layers=2, layer="s4", d_state=8, dtype=torch.float64)
 
 
 def _data():
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(STEPS, BATCH, L, 2, generator=g)
+    x = torch.randn(STEPS, BATCH, L, 2, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (STEPS, BATCH), generator=g)
     return x, y
 
@@ -57,6 +59,6 @@ def test_ddp_matches_single_process(tmp_path):
     _train(model, *_data())
     moved = 0
     for name, p in model.state_dict().items():
-        torch.testing.assert_close(ddp_state[name], p, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(ddp_state[name], p, rtol=1e-9, atol=1e-11, msg=name)
         moved += int(not torch.equal(p, _model().state_dict()[name]))
     assert moved > 0
