@@ -9,7 +9,7 @@ from torch.autograd import gradcheck
 
 from ssm.ops import cauchy as cauchy_mod
 from ssm.ops.cauchy import _CauchyChunked, cauchy, cauchy_ref, resolve_backend
-from ssm.ops.vandermonde import _VandermondeChunked, vandermonde, vandermonde_ref
+from ssm.ops.vandermonde import _VandermondeBlocked, vandermonde, vandermonde_ref
 
 CPU_BACKENDS = ["naive", "chunked", "auto"]
 C128 = torch.complex128
@@ -83,8 +83,8 @@ def test_vandermonde_ref_is_the_plain_sum():
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 16])
-def test_chunked_functions_any_chunk(chunk):
-    """The chunked autograd.Functions give the same values and gradients whatever the chunk length."""
+def test_chunked_cauchy_any_chunk(chunk):
+    """The chunked Cauchy Function gives the same values and gradients whatever the chunk length."""
     v = _crandn(2, 3, 5).requires_grad_()
     w = _poles(2, 5).requires_grad_()
     z = (1j * torch.randn(11, dtype=torch.float64)).to(C128).requires_grad_()
@@ -97,10 +97,17 @@ def test_chunked_functions_any_chunk(chunk):
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, **tol(C128))
 
+
+@pytest.mark.parametrize("L", [1, 2, 11, 16, 17])
+def test_blocked_vandermonde_any_length(L):
+    """The blocked Vandermonde Function (l = s i + j) matches the plain powers, values and gradients,
+    for lengths that are and are not perfect squares."""
+    v = _crandn(2, 3, 5).requires_grad_()
     a = torch.log(_nodes(2, 5)).requires_grad_()
-    out = _VandermondeChunked.apply(v, a, 11, chunk)
+    out = _VandermondeBlocked.apply(v, a, L)
+    g = _crandn(*out.shape)
     grads = torch.autograd.grad(out, (v, a), g)
-    ref = torch.bmm(v, torch.exp(a.unsqueeze(-1) * torch.arange(11, dtype=torch.float64)))
+    ref = torch.bmm(v, torch.exp(a.unsqueeze(-1) * torch.arange(L, dtype=torch.float64)))
     ref_grads = torch.autograd.grad(ref, (v, a), g)
     torch.testing.assert_close(out, ref, **tol(C128))
     for a_, b_ in zip(grads, ref_grads):

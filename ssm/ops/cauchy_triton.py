@@ -13,7 +13,7 @@ materializing the (W, N, L) matrix:
 with f = 1 / (z_l - w_n)^p (Cauchy, p = 1 or 2) or exp(a_n l) (Vandermonde, times l for its gradient;
 formed in float64 and rounded once, like the torch backends, so float32 keeps its accuracy at long L).
 The backward passes are expressed with the same kernels on conjugated operands (formulas in the docstrings
-of ``ssm.ops.cauchy._CauchyChunked`` and ``ssm.ops.vandermonde._VandermondeChunked``). Indices are int32:
+of ``ssm.ops.cauchy._CauchyChunked`` and ``ssm.ops.vandermonde._VandermondeBlocked``). Indices are int32:
 W * E * max(N, L) must stay below 2^31.
 """
 

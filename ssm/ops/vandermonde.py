@@ -4,12 +4,18 @@
 
 computed in log space, x^l = exp(l log x), as S4D does; with ``log=True`` the caller passes log x directly
 (for ZOH that is dt * Lambda, which avoids an exp followed by a log). ``v`` and ``x`` (..., N) broadcast
-against each other; batch dimensions along which ``x`` is broadcast share one (W, N, L) power matrix.
+against each other; batch dimensions along which ``x`` is broadcast share the powers of x.
 
-Backends are the ones of ``ssm.ops.cauchy`` (resolved by the same ``resolve_backend``): ``"naive"``
-materializes the (W, N, L) power matrix, ``"chunked"`` walks over chunks of l with a recomputing backward
-(peak memory O(output)), ``"triton"`` is the optional fused CUDA kernel, ``"auto"`` picks naive or chunked by
-the size of the temporary.
+Every backend splits l = s i + j with s ~ sqrt(L) and forms x^l = x^(s i) x^j from O(sqrt(L)) exponentials
+per node, taken in float64 and rounded once, so float32 results keep float32 accuracy at long L (the
+direct float32 exp(l log x) loses ~|Im log x| l 2^-24). Backends, resolved by ``ssm.ops.cauchy``'s
+``resolve_backend``:
+
+- ``"naive"`` materializes the (W, N, L) power matrix (plain autograd keeps it for the backward);
+- ``"chunked"`` never forms it: out[s i + j] = sum_n (v_n x_n^(s i)) x_n^j is one batched matrix product
+  per block row, with O(W E N sqrt(L)) temporaries besides the output and a recomputing backward;
+- ``"triton"`` is the optional fused CUDA kernel (``ssm.ops.cauchy_triton``);
+- ``"auto"`` picks naive or chunked by the size of the (W, N, L) temporary.
 """
 
 from __future__ import annotations
@@ -20,74 +26,86 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .._checks import check_int
-from .cauchy import _chunk_len, _group, _promote, check_operands, resolve_backend
+from .cauchy import _group, _promote, check_operands, resolve_backend
 
 __all__ = ["vandermonde", "vandermonde_ref"]
 
 
-def _exp_powers(a: torch.Tensor, start: int, length: int, *, transposed: bool = False) -> torch.Tensor:
-    """exp(a l) for l = start, ..., start + length - 1: a (W, N) -> (W, N, length), or (W, length, N).
+def _powers(a: torch.Tensor, step: int, count: int) -> torch.Tensor:
+    """exp(a step i) for i = 0, ..., count - 1: a (W, N) -> (W, N, count).
 
-    With s = ceil(sqrt(length)), exp(a (start + s i + j)) = exp(a (start + s i)) exp(a j): about
-    2 sqrt(length) complex exponentials per node and one complex product per entry (a complex exp costs
-    ~10 products on CPU). Both factors are formed in float64 and rounded once: in float32 the rounding of
-    a * l alone costs a phase error |Im a| l 2^-24 (~1e-4 at l ~ 1e4); the price is q + s double
-    exponentials per node. ``transposed`` returns the contiguous (W, length, N) layout (for the backward).
+    Formed in float64 and rounded once: in float32 the rounding of the exponent a * l alone would cost a
+    phase error |Im a| l 2^-24 (~1e-4 at l ~ 1e4); only O(sqrt(L)) such exponentials are needed per node.
     """
+    ell = step * torch.arange(count, device=a.device, dtype=torch.float64)
+    return torch.exp(a.to(torch.complex128).unsqueeze(-1) * ell).to(a.dtype)
+
+
+def _blocks(length: int) -> tuple[int, int]:
+    """Block length s = ceil(sqrt(L)) and block count q = ceil(L / s), so that l = s i + j, i < q, j < s."""
     s = max(1, math.isqrt(length - 1) + 1)
-    q = -(-length // s)
-    wide = a.to(torch.complex128).unsqueeze(-1)
-    ell = torch.arange(max(q, s), device=a.device, dtype=torch.float64)
-    outer = torch.exp(wide * (start + s * ell[:q])).to(a.dtype)  # (W, N, q)
-    inner = torch.exp(wide * ell[:s]).to(a.dtype)  # (W, N, s)
-    if transposed:
-        E = outer.transpose(-1, -2).unsqueeze(-2) * inner.transpose(-1, -2).unsqueeze(-3)  # (W, q, s, N)
-        return E.reshape(*a.shape[:-1], q * s, a.shape[-1])[..., :length, :]
-    E = outer.unsqueeze(-1) * inner.unsqueeze(-2)  # (W, N, q, s)
-    return E.reshape(*a.shape, q * s)[..., :length]
+    return s, -(-length // s)
 
 
 def _vandermonde_naive(v: torch.Tensor, a: torch.Tensor, length: int) -> torch.Tensor:
-    """v (W, E, N), a = log x (W, N) -> (W, E, L), materializing exp(a l) (W, N, L)."""
-    return torch.bmm(v, _exp_powers(a, 0, length))
+    """v (W, E, N), a = log x (W, N) -> (W, E, L), materializing exp(a l) (W, N, L).
+
+    The powers are built as exp(a s i) exp(a j) (``_blocks``): one complex product per entry instead of a
+    complex exponential (~10x dearer on CPU).
+    """
+    s, q = _blocks(length)
+    E = _powers(a, s, q).unsqueeze(-1) * _powers(a, 1, s).unsqueeze(-2)  # (W, N, q, s)
+    return torch.bmm(v, E.reshape(*a.shape, q * s)[..., :length])
 
 
-class _VandermondeChunked(torch.autograd.Function):
-    """Chunked log-Vandermonde product with a recomputing backward.
+class _VandermondeBlocked(torch.autograd.Function):
+    """Blocked log-Vandermonde product that never forms the (W, N, L) power matrix.
 
-    With E[w, n, l] = exp(a[w, n] l) and incoming gradient g (W, E, L):
+    With l = s i + j (s ~ sqrt(L), ``_blocks``), X[w, n, i] = exp(a s i) and Y[w, n, j] = exp(a j):
 
-        grad_v[w, e, n] = sum_l g[w, e, l] conj(E[w, n, l])
-        grad_a[w, n]    = sum_e conj(v[w, e, n]) sum_l g[w, e, l] l conj(E[w, n, l])
+        out[w, e, s i + j] = sum_n (v[w, e, n] X[w, n, i]) Y[w, n, j],
+
+    one batched matrix product (E q, N) x (N, s) per w, with temporaries of size O(W E N sqrt(L)) besides the
+    output. The backward recomputes X and Y (incoming gradient g (W, E, L), G its (W, E, q, s) view):
+
+        grad_v[w, e, n] = sum_i conj(X[w, n, i]) sum_j G[w, e, i, j] conj(Y[w, n, j])
+        grad_a[w, n]    = sum_e conj(v[w, e, n]) (the same sum with G[w, e, i, j] times l = s i + j)
     """
 
     @staticmethod
-    def forward(ctx, v: torch.Tensor, a: torch.Tensor, length: int, chunk: int) -> torch.Tensor:
+    def forward(ctx, v: torch.Tensor, a: torch.Tensor, length: int) -> torch.Tensor:
         ctx.save_for_backward(v, a)
-        ctx.length, ctx.chunk = length, chunk
-        out = v.new_empty(v.shape[0], v.shape[1], length)
-        for s in range(0, length, chunk):
-            out[:, :, s : s + chunk] = torch.bmm(v, _exp_powers(a, s, min(chunk, length - s)))
-        return out
+        ctx.length = length
+        W, E, N = v.shape
+        s, q = _blocks(length)
+        X = _powers(a, s, q)  # (W, N, q)
+        Y = _powers(a, 1, s)  # (W, N, s)
+        vx = v.unsqueeze(2) * X.transpose(1, 2).unsqueeze(1)  # (W, E, q, N)
+        out = torch.bmm(vx.reshape(W, E * q, N), Y)  # (W, E q, s)
+        return out.reshape(W, E, q * s)[..., :length]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g: torch.Tensor):
         v, a = ctx.saved_tensors
         need_v, need_a = ctx.needs_input_grad[:2]
-        gv = torch.zeros_like(v) if need_v else None
-        ta = torch.zeros_like(v) if need_a else None
-        for s in range(0, ctx.length, ctx.chunk):
-            c = min(ctx.chunk, ctx.length - s)
-            ec = _exp_powers(a.conj(), s, c, transposed=True)  # (W, c, N): conj(E)^T
-            gc = g[:, :, s : s + c]  # (W, E, c)
-            if need_v:
-                gv += torch.bmm(gc, ec)
-            if need_a:
-                ell = torch.arange(s, s + c, device=a.device, dtype=a.real.dtype)
-                ta += torch.bmm(gc * ell, ec)
-        ga = (v.conj() * ta).sum(1) if need_a else None
-        return gv, ga, None, None
+        W, E, N = v.shape
+        s, q = _blocks(ctx.length)
+        ac = a.conj()
+        Xc = _powers(ac, s, q).transpose(1, 2).unsqueeze(1)  # (W, 1, q, N): conj(X)
+        Yc_t = _powers(ac, 1, s).transpose(1, 2).contiguous()  # (W, s, N): conj(Y)^T
+        G = torch.nn.functional.pad(g, (0, q * s - ctx.length)).reshape(W, E, q, s)
+
+        def contract(G: torch.Tensor) -> torch.Tensor:  # (W, E, q, s) -> (W, E, N)
+            T = torch.bmm(G.reshape(W, E * q, s), Yc_t).reshape(W, E, q, N)
+            return (T * Xc).sum(2)
+
+        gv = contract(G) if need_v else None
+        ga = None
+        if need_a:
+            ell = torch.arange(q * s, device=a.device, dtype=a.real.dtype).reshape(q, s)
+            ga = (v.conj() * contract(G * ell)).sum(1)
+        return gv, ga, None
 
 
 def vandermonde(
@@ -116,7 +134,7 @@ def vandermonde(
     if name == "naive":
         out = _vandermonde_naive(vg, ag, length)
     elif name == "chunked":
-        out = _VandermondeChunked.apply(vg, ag, length, _chunk_len(wsize, n, length, itemsize))
+        out = _VandermondeBlocked.apply(vg, ag, length)
     else:
         from .cauchy_triton import vandermonde_triton
 
