@@ -1,0 +1,148 @@
+"""benchmarks/: the plain-S4 yardstick is correct, the memory measurement is honest, every script runs.
+
+The scripts run in-process with --quick (tiny sizes) into a temporary folder; the verdicts of goals.py
+mean nothing at those sizes, only the JSON layout is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import rel_err
+
+import ssm
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPTS = ("common", "plain_s4", "layers", "generation", "goals")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """The benchmark scripts as modules (they import each other by plain name from benchmarks/)."""
+    saved = {name: sys.modules.pop(name) for name in SCRIPTS if name in sys.modules}
+    sys.path.insert(0, str(BENCH))
+    try:
+        import common
+        import generation
+        import goals
+        import layers
+        import plain_s4
+
+        yield {"common": common, "plain_s4": plain_s4, "layers": layers, "generation": generation, "goals": goals}
+    finally:
+        sys.path.remove(str(BENCH))
+        for name in SCRIPTS:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
+
+
+@pytest.mark.parametrize("L", [64, 75])
+def test_plain_s4_matches_ssm_s4(bench, L):
+    layer = ssm.S4(8, 16, channels=2)
+    plain = bench["plain_s4"].PlainS4.from_layer(layer)
+    x = torch.randn(2, L, 8)
+    assert rel_err(plain.kernel(L), layer.kernel(L)) < 1e-4
+    y_ref, y = layer(x), plain(x)
+    assert rel_err(y, y_ref) < 1e-4
+    y_ref.square().sum().backward()
+    y.square().sum().backward()
+    for name in ("log_neg_real", "Lambda_imag", "P", "B", "log_dt", "C", "D"):
+        assert rel_err(getattr(plain, name).grad, getattr(layer, name).grad) < 1e-3, name
+
+
+def test_plain_s4_own_init_is_legs_nplr(bench):
+    Lambda, P, B = bench["plain_s4"].legs_nplr_half(16)
+    Lambda_ref, P_ref, B_ref, _ = ssm.hippo.nplr("legs", 16, 1, half=True)
+    assert rel_err(Lambda, Lambda_ref) < 1e-12
+    # eigenvectors are defined up to a phase: compare the phase-free products
+    assert rel_err(P.conj() * B, P_ref[0].conj() * B_ref) < 1e-12
+    assert rel_err(P.abs(), P_ref[0].abs()) < 1e-12
+    assert bench["plain_s4"].PlainS4(4, 16)(torch.randn(1, 32, 4)).shape == (1, 32, 4)
+
+
+@pytest.mark.parametrize("kwargs, word", [({"disc": "zoh"}, "disc"), ({"init": "legt"}, "rank"),
+                                          ({"bidirectional": True}, "bidirectional")])
+def test_plain_s4_from_layer_rejects(bench, kwargs, word):
+    with pytest.raises(ValueError, match=f"layer.*{word}"):
+        bench["plain_s4"].PlainS4.from_layer(ssm.S4(4, 8, **kwargs))
+
+
+def test_memory_probe_sees_known_allocations(bench, tmp_path):
+    script = tmp_path / "alloc.py"
+    script.write_text(
+        "import torch\n"
+        "def build(mib, copies):\n"
+        "    def run():\n"
+        "        xs = [torch.ones(mib * 2**18) for _ in range(copies)]\n"
+        "        for _ in range(3):\n"
+        "            t = torch.ones(mib * 2**18)\n"
+        "            del t\n"
+        "        return xs[0].sum()\n"
+        "    return run\n"
+    )
+    got = bench["common"].measure_memory(script, "build", [dict(mib=32, copies=1), dict(mib=16, copies=3)])
+    MiB = 2**20
+    assert all(r.get("method", "").startswith("VmHWM") for r in got), got
+    # one live 32 MiB tensor plus one 32 MiB temporary at a time; three 16 MiB tensors plus one temporary
+    assert 63 * MiB <= got[0]["peak_bytes"] <= 70 * MiB
+    assert 63 * MiB <= got[1]["peak_bytes"] <= 70 * MiB
+
+
+def test_common_helpers(bench):
+    common = bench["common"]
+    calls = []
+    r = common.timeit(lambda: calls.append(1), warmup=2, repeats=3)
+    assert len(calls) == 5 and len(r["samples_s"]) == 3 and r["min_s"] <= r["median_s"]
+    many = common.timeit_many({"a": lambda: None, "b": lambda: None}, repeats=2)
+    assert set(many) == {"a", "b"} and len(many["a"]["samples_s"]) == 2
+    assert common.ratio(1.0, 4.0) == 0.25 and common.ratio(1.0, None) is None
+    assert common.fmt_bytes(3 * 2**30) == "3.00 GiB" and common.fmt_time(2e-3) == "2.00 ms"
+    table = common.format_table(["a", "b"], [["x", 1], ["yy", 22]]).splitlines()
+    assert table[0].split() == ["a", "b"] and table[3].split() == ["yy", "22"]
+    info = common.machine_info()
+    assert {"torch", "threads", "cpu", "cpu_count"} <= set(info)
+
+
+def _check_json(path: Path, keys: set[str]) -> dict:
+    data = json.loads(path.read_text())
+    assert keys <= set(data), set(data)
+    assert {"torch", "threads", "cpu"} <= set(data["machine"])
+    assert path.with_suffix(".png").exists()
+    return data
+
+
+def test_plain_s4_script(bench, tmp_path):
+    bench["plain_s4"].main(["--quick", "--threads", "1", "--out", str(tmp_path), "--no-memory"])
+    data = _check_json(tmp_path / "plain_s4.json", {"machine", "config", "rows", "table"})
+    assert {r["model"] for r in data["rows"]} == {"ssm.S4", "PlainS4"}
+    assert all(r["median_s"] > 0 for r in data["rows"])
+
+
+def test_layers_script(bench, tmp_path):
+    bench["layers"].main(["--quick", "--threads", "1", "--out", str(tmp_path), "--no-memory"])
+    data = _check_json(tmp_path / "layers.json", {"machine", "config", "rows", "n_rows", "tables"})
+    assert {r["model"] for r in data["rows"]} == {"S4", "S4D", "RTF", "attention"}
+    assert all(r["median_s"] > 0 for r in data["rows"] + data["n_rows"])
+    assert {r["N"] for r in data["n_rows"]} == set(data["config"]["N_sweep"])
+
+
+def test_generation_script(bench, tmp_path):
+    bench["generation"].main(["--quick", "--threads", "1", "--out", str(tmp_path)])
+    data = _check_json(tmp_path / "generation.json", {"machine", "config", "rows", "tables"})
+    rows = {(r["model"], r["prefix"]): r for r in data["rows"]}
+    # the KV cache grows with the prefix, the SSM state does not
+    assert rows[("attention", 64)]["carried_bytes"] > rows[("attention", 16)]["carried_bytes"]
+    assert rows[("S4", 64)]["carried_bytes"] == rows[("S4", 16)]["carried_bytes"]
+
+
+def test_goals_script(bench, tmp_path):
+    bench["goals"].main(["--quick", "--threads", "1", "--out", str(tmp_path)])
+    data = _check_json(tmp_path / "goals.json", {"machine", "config", "goals", "table", "profile"})
+    assert [g["goal"] for g in data["goals"]] == [1, 2, 3, 4]
+    assert all({"measured", "target", "pass"} <= set(g) for g in data["goals"])
+    assert data["goals"][0]["output_rel_err"] < 1e-4
+    assert data["machine"]["threads"] == 1 and data["profile"]["top"]
