@@ -186,13 +186,14 @@ def profile_table(fn: Callable[[], Any], *, device: str | torch.device = "cpu", 
     from torch.profiler import ProfilerActivity, profile
 
     fn()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
+    cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for _ in range(calls):
             fn()
         sync(device)
     events = prof.key_averages()
-    sort = "self_cuda_time_total" if torch.device(device).type == "cuda" else "self_cpu_time_total"
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     table = events.table(sort_by=sort, row_limit=row_limit, max_name_column_width=40)
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:row_limit]
     rows = [{"name": e.key, "calls": e.count, "self_cpu_s": e.self_cpu_time_total / 1e6 / calls,
@@ -298,7 +299,8 @@ class MemoryProbe:
             build = getattr(_load_script(self.script), self.builder)
             fn = build(**case)
             fn()
-            out = {"peak_bytes": cuda_peak_bytes(fn, self.device), "method": "torch.cuda.max_memory_allocated"}
+            peak = cuda_peak_bytes(fn, self.device)
+            out = {"peak_bytes": peak, "method": "torch.cuda.max_memory_allocated"}
             del fn
             torch.cuda.empty_cache()
             return out
@@ -399,7 +401,9 @@ def write_json(path: Path, payload: dict) -> Path:
     return path
 
 
-def save_plot(path: Path, draw: Callable[[Any], None], *, ncols: int = 1, size: tuple = (6, 4)) -> Path | None:
+def save_plot(
+    path: Path, draw: Callable[[Any], None], *, ncols: int = 1, size: tuple = (6, 4)
+) -> Path | None:
     """Draw with ``draw(axes)`` on a 1 x ncols figure and save it as PNG; None if matplotlib is missing."""
     try:
         import matplotlib
@@ -418,7 +422,9 @@ def save_plot(path: Path, draw: Callable[[Any], None], *, ncols: int = 1, size: 
     return path
 
 
-def style_axes(ax, *, xlabel: str, ylabel: str, title: str = "", logx: bool = True, logy: bool = True) -> None:
+def style_axes(
+    ax, *, xlabel: str, ylabel: str, title: str = "", logx: bool = True, logy: bool = True
+) -> None:
     """Log-log axes (x in powers of two) with labels, grid, and a legend when something is labelled."""
     if logx:
         ax.set_xscale("log", base=2)
@@ -433,7 +439,9 @@ def style_axes(ax, *, xlabel: str, ylabel: str, title: str = "", logx: bool = Tr
         ax.legend(fontsize=7)
 
 
-def add_common_args(parser: argparse.ArgumentParser, *, threads: int | None = None) -> argparse.ArgumentParser:
+def add_common_args(
+    parser: argparse.ArgumentParser, *, threads: int | None = None
+) -> argparse.ArgumentParser:
     """--quick, --out, --threads, --device, --repeats, --no-memory."""
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test), seconds in total")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and PNG")

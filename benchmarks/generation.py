@@ -35,7 +35,9 @@ from layers import Attention, heads_for, make_layer  # noqa: E402
 MODELS = ("S4", "S4D", "RTF", "attention")
 
 
-def build_decoder(model: str, B: int, H: int, N: int, T: int, tokens: int, device: str = "cpu", seed: int = 0):
+def build_decoder(
+    model: str, B: int, H: int, N: int, T: int, tokens: int, device: str = "cpu", seed: int = 0
+):
     """(a zero-argument callable decoding ``tokens`` tokens after a prefix of T, bytes carried per step)."""
     torch.manual_seed(seed)
     layer = make_layer(model, H, N, device).eval()
@@ -91,8 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
         for T in args.prefix:
             fn, carried = build_decoder(model, args.batch, args.H, args.N, T, args.tokens, args.device)
             r = common.timeit(fn, device=args.device, repeats=args.repeats)
-            row = {"model": model, "prefix": T, "B": args.batch, "H": args.H, "N": args.N, "tokens": args.tokens,
-                   "per_token_s": r["median_s"] / args.tokens, "carried_bytes": carried, **r}
+            row = {"model": model, "prefix": T, "B": args.batch, "H": args.H, "N": args.N,
+                   "tokens": args.tokens, "per_token_s": r["median_s"] / args.tokens,
+                   "carried_bytes": carried, **r}
             rows.append(row)
             print(f"  {model:9s} prefix={T:<6d} {common.fmt_time(row['per_token_s']):>10s} per token  "
                   f"carries {common.fmt_bytes(carried)}", flush=True)
@@ -114,15 +117,17 @@ def main(argv: list[str] | None = None) -> dict:
         for T in args.prefix:
             cells = [fmt(get(m, T, key)) for m in models]
             if ref:
-                cells += [common.fmt_ratio(common.ratio(get(m, T, key), get(ref, T, key))) for m in ssm_models]
+                cells += [common.fmt_ratio(common.ratio(get(m, T, key), get(ref, T, key)))
+                          for m in ssm_models]
             out.append([T] + cells)
         tables[title] = common.format_table(headers, out)
     for title, text in tables.items():
         print(f"\n{title}, B={args.batch} H={args.H} N={args.N}")
         print(text)
     payload = {"benchmark": "generation", "machine": info,
-               "config": {"B": args.batch, "H": args.H, "N": args.N, "prefix": args.prefix, "tokens": args.tokens,
-                          "heads": heads_for(args.H), "repeats": args.repeats, "quick": args.quick},
+               "config": {"B": args.batch, "H": args.H, "N": args.N, "prefix": args.prefix,
+                          "tokens": args.tokens, "heads": heads_for(args.H), "repeats": args.repeats,
+                          "quick": args.quick},
                "rows": rows, "tables": tables}
     path = common.write_json(args.out / "generation.json", payload)
 

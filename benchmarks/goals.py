@@ -184,7 +184,8 @@ def goal4(args) -> dict:
     return {"goal": 4, "name": f"S4 kernel peak memory, bytes per H*L at L={Ls[-1]}",
             "measured": last, "target": f"flat (<= 1.5x of L={base_L}) and < {BYTES_CAUCHY_PER_HL:.0f} B",
             "pass": bool(ok), "growth_vs_base": growth, "sizes": dict(H=H, N=N, L=list(Ls)), "rows": rows,
-            "detail": "bytes/(H*L) by L: " + ", ".join(f"{L}: {v:.1f}" for L, v in fwd.items() if v is not None)}
+            "detail": "bytes/(H*L) by L: "
+                      + ", ".join(f"{L}: {v:.1f}" for L, v in fwd.items() if v is not None)}
 
 
 SIZES = {
@@ -206,7 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.sizes = SIZES["quick" if args.quick else "full"]
     common.setup(args)
     info = common.machine_info(args.device)
-    print(f"goals: torch {info['torch']}, {info['threads']} threads, {info['cpu']}, load {info.get('load_avg_1m')}")
+    print(f"goals: torch {info['torch']}, {info['threads']} threads, {info['cpu']}, "
+          f"load {info.get('load_avg_1m')}")
     runners = {1: goal1, 2: goal2, 3: goal3, 4: goal4}
     results = []
     for g in args.goals:
@@ -217,7 +219,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     def fmt_measured(r):
         if r["goal"] == 4:
-            return "-" if r["measured"] is None else f"{r['measured']:.1f} B/(H*L) ({common.fmt_ratio(r['growth_vs_base'])})"
+            if r["measured"] is None:
+                return "-"
+            return f"{r['measured']:.1f} B/(H*L) ({common.fmt_ratio(r['growth_vs_base'])})"
         return common.fmt_ratio(r["measured"])
 
     def fmt_target(r):
@@ -225,7 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     table = common.format_table(
         ["goal", "what", "measured", "target", "verdict"],
-        [[r["goal"], r["name"], fmt_measured(r), fmt_target(r), "PASS" if r["pass"] else "MISS"] for r in results],
+        [[r["goal"], r["name"], fmt_measured(r), fmt_target(r), "PASS" if r["pass"] else "MISS"]
+         for r in results],
         left=2)
     print()
     print(table)
@@ -238,7 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
         layer, _, x = s4_pair(B, L, H, N, args.device)
         text, top = common.profile_table(common.backward_fn(lambda: layer(x), list(layer.parameters())),
                                          device=args.device, row_limit=20)
-        print(f"\nprofile of goal 1, ssm.S4 forward+backward (B={B} L={L} H={H} N={N}), top ops by self CPU time:")
+        print(f"\nprofile of goal 1, ssm.S4 forward+backward (B={B} L={L} H={H} N={N}), "
+              "top ops by self CPU time:")
         print(text)
         profile = {"table": text, "top": top}
 
@@ -262,7 +268,8 @@ def main(argv: list[str] | None = None) -> dict:
                 if pts:
                     axes[1].plot(*zip(*pts), "o-", label=label)
             axes[1].axhline(BYTES_CAUCHY_PER_HL, color="k", ls="--", label="materialized Cauchy")
-            common.style_axes(axes[1], xlabel="L", ylabel="peak bytes / (H*L)", title="goal 4: S4 kernel memory")
+            common.style_axes(axes[1], xlabel="L", ylabel="peak bytes / (H*L)",
+                              title="goal 4: S4 kernel memory")
 
     common.save_plot(args.out / "goals.png", draw, ncols=2)
     print(f"\nwrote {path} and {args.out / 'goals.png'}")

@@ -67,7 +67,8 @@ class Attention(nn.Module):
         d = self.d_model // self.n_heads
         w = self.out.weight
         shape = (batch_size, self.n_heads, max_len, d)
-        return torch.zeros(shape, device=w.device, dtype=w.dtype), torch.zeros(shape, device=w.device, dtype=w.dtype)
+        return (torch.zeros(shape, device=w.device, dtype=w.dtype),
+                torch.zeros(shape, device=w.device, dtype=w.dtype))
 
     def step(self, x: Tensor, cache: tuple[Tensor, Tensor], t: int) -> Tensor:
         """One token x (B, H) at position t: writes its key and value into the cache, attends to 0..t."""
@@ -117,7 +118,9 @@ def attention_matrix_bytes(B: int, H: int, L: int, mode: str) -> float:
     return B * heads_for(H) * L * L * 4 * (3 if mode == "fwd+bwd" else 1)
 
 
-def run_sweep(cases: list[dict], key: str, args, probe: common.MemoryProbe | None, growth: dict) -> list[dict]:
+def run_sweep(
+    cases: list[dict], key: str, args, probe: common.MemoryProbe | None, growth: dict
+) -> list[dict]:
     """Time (and measure) each case in order; skip cases predicted to exceed the limits.
 
     ``key`` is the swept size ("L" or "N"); predictions extrapolate from the last measured case of the same
@@ -140,7 +143,8 @@ def run_sweep(cases: list[dict], key: str, args, probe: common.MemoryProbe | Non
                 slope = 2.0 if case["model"] == "attention" else 1.0
                 if len(prev) > 1 and prev[-2].get("peak_bytes"):
                     q = prev[-2]
-                    slope = math.log(max(p["peak_bytes"], 1) / max(q["peak_bytes"], 1)) / math.log(p[key] / q[key])
+                    grew = max(p["peak_bytes"], 1) / max(q["peak_bytes"], 1)
+                    slope = math.log(grew) / math.log(p[key] / q[key])
                     slope = min(max(slope, 1.0), 3.0)
                 m_pred = p["peak_bytes"] * scale**slope
                 if m_pred > mem_limit:
@@ -151,7 +155,8 @@ def run_sweep(cases: list[dict], key: str, args, probe: common.MemoryProbe | Non
                 reason = f"needs {need / common.GiB:.1f} GiB"
         if reason is not None:
             row["skipped"] = reason
-            print(f"  {case['model']:9s} {case['mode']:8s} {key}={case[key]:<6d} skipped ({reason})", flush=True)
+            print(f"  {case['model']:9s} {case['mode']:8s} {key}={case[key]:<6d} skipped ({reason})",
+                  flush=True)
             rows.append(row)
             continue
         fn = build_case(**case)
@@ -159,7 +164,8 @@ def run_sweep(cases: list[dict], key: str, args, probe: common.MemoryProbe | Non
         del fn
         if probe is not None:
             row.update(probe.measure(case))
-        print(f"  {case['model']:9s} {case['mode']:8s} {key}={case[key]:<6d} {common.fmt_time(row['median_s']):>10s}"
+        print(f"  {case['model']:9s} {case['mode']:8s} {key}={case[key]:<6d} "
+              f"{common.fmt_time(row['median_s']):>10s}"
               f"  peak {common.fmt_bytes(row.get('peak_bytes'))}", flush=True)
         last.setdefault(tag, []).append(row)
         rows.append(row)
@@ -183,7 +189,10 @@ def grid(rows: list[dict], key: str, values: list, models: tuple, mode: str, fie
         cells = []
         for m in models:
             r = get(m, v)
-            cells.append(fmt(r[field]) if r.get(field) is not None else ("skipped" if "skipped" in r else "-"))
+            if r.get(field) is not None:
+                cells.append(fmt(r[field]))
+            else:
+                cells.append("skipped" if "skipped" in r else "-")
         for m in others:
             cells.append(common.fmt_ratio(common.ratio(get(m, v).get(field), get(ref, v).get(field))))
         out.append([v] + cells)
@@ -213,8 +222,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"layers: B={args.batch} H={args.H} N={args.N} heads={heads_for(args.H)}  torch {info['torch']}, "
           f"{info['threads']} threads, {info['cpu']}")
     base = dict(B=args.batch, H=args.H, device=args.device)
-    l_cases = [dict(base, model=m, mode=mode, N=args.N, L=L) for m in models for mode in MODES for L in args.L]
-    n_cases = [dict(base, model=m, mode="fwd+bwd", N=N, L=args.L_for_N) for m in ssm_models for N in args.N_sweep]
+    l_cases = [dict(base, model=m, mode=mode, N=args.N, L=L)
+               for m in models for mode in MODES for L in args.L]
+    n_cases = [dict(base, model=m, mode="fwd+bwd", N=N, L=args.L_for_N)
+               for m in ssm_models for N in args.N_sweep]
     probe = None if args.no_memory else common.MemoryProbe(__file__, "build_case", device=args.device)
     try:
         print("L sweep:")
@@ -229,12 +240,13 @@ def main(argv: list[str] | None = None) -> dict:
     ref = "attention" if "attention" in models else None
     tables = {}
     for mode in MODES:
-        tables[f"time {mode} (median)"] = grid(l_rows, "L", args.L, models, mode, "median_s", common.fmt_time, ref)
+        tables[f"time {mode} (median)"] = grid(l_rows, "L", args.L, models, mode, "median_s",
+                                               common.fmt_time, ref)
         if not args.no_memory:
             tables[f"peak memory {mode}"] = grid(l_rows, "L", args.L, models, mode, "peak_bytes",
                                                  common.fmt_bytes, ref)
-    tables[f"time fwd+bwd against N (L={args.L_for_N})"] = grid(n_rows, "N", args.N_sweep, ssm_models, "fwd+bwd",
-                                                                 "median_s", common.fmt_time)
+    tables[f"time fwd+bwd against N (L={args.L_for_N})"] = grid(
+        n_rows, "N", args.N_sweep, ssm_models, "fwd+bwd", "median_s", common.fmt_time)
     if not args.no_memory:
         tables[f"peak memory fwd+bwd against N (L={args.L_for_N})"] = grid(
             n_rows, "N", args.N_sweep, ssm_models, "fwd+bwd", "peak_bytes", common.fmt_bytes)
@@ -251,21 +263,24 @@ def main(argv: list[str] | None = None) -> dict:
 
     def draw(axes):
         styles = {"fwd": "--", "fwd+bwd": "-"}
-        for model in models:
+        for i, model in enumerate(models):
+            color = f"C{i}"
             for mode in MODES:
                 pts = [(r["L"], r.get("median_s")) for r in l_rows
                        if r["model"] == model and r["mode"] == mode and r.get("median_s")]
                 if pts:
-                    axes[0].plot(*zip(*pts), styles[mode], marker="o", label=f"{model} {mode}")
+                    axes[0].plot(*zip(*pts), styles[mode], color=color, marker="o", label=f"{model} {mode}")
                 pts = [(r["L"], r.get("peak_bytes")) for r in l_rows
                        if r["model"] == model and r["mode"] == mode and r.get("peak_bytes")]
                 if pts:
-                    axes[1].plot(*zip(*pts), styles[mode], marker="o", label=f"{model} {mode}")
+                    axes[1].plot(*zip(*pts), styles[mode], color=color, marker="o", label=f"{model} {mode}")
             pts = [(r["N"], r.get("median_s")) for r in n_rows if r["model"] == model and r.get("median_s")]
             if pts:
-                axes[2].plot(*zip(*pts), "-", marker="o", label=f"{model} fwd+bwd")
-        titles = (f"time, B={args.batch} H={args.H} N={args.N}", "peak memory", f"time against N, L={args.L_for_N}")
-        for ax, xl, yl, t in zip(axes, ("L", "L", "N"), ("seconds (median)", "bytes", "seconds (median)"), titles):
+                axes[2].plot(*zip(*pts), "-", color=color, marker="o", label=f"{model} fwd+bwd")
+        titles = (f"time, B={args.batch} H={args.H} N={args.N}", "peak memory",
+                  f"time against N, L={args.L_for_N}")
+        ylabels = ("seconds (median)", "bytes", "seconds (median)")
+        for ax, xl, yl, t in zip(axes, ("L", "L", "N"), ylabels, titles):
             common.style_axes(ax, xlabel=xl, ylabel=yl, title=t)
 
     common.save_plot(args.out / "layers.png", draw, ncols=3, size=(5, 4))

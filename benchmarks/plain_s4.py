@@ -97,7 +97,7 @@ class PlainS4(nn.Module):
 
     @classmethod
     def from_layer(cls, layer) -> PlainS4:
-        """A PlainS4 with a copy of the parameters of an ``ssm.S4`` layer (float32, bilinear, rank 1, GELU)."""
+        """A PlainS4 holding a copy of the parameters of an ``ssm.S4`` layer (float32, bilinear, rank 1)."""
         problems = []
         if getattr(layer, "disc", None) != "bilinear":
             problems.append(f"disc='bilinear' (got {getattr(layer, 'disc', None)!r})")
@@ -155,7 +155,8 @@ class PlainS4(nn.Module):
         L = x.shape[1]
         u = x.transpose(1, 2)  # (B, H, L)
         K = self.kernel(L)  # (C, H, L)
-        y = torch.fft.irfft(torch.fft.rfft(u, n=2 * L)[:, None] * torch.fft.rfft(K, n=2 * L), n=2 * L)[..., :L]
+        u_f = torch.fft.rfft(u, n=2 * L)[:, None]  # (B, 1, H, L+1)
+        y = torch.fft.irfft(u_f * torch.fft.rfft(K, n=2 * L), n=2 * L)[..., :L]  # (B, C, H, L)
         y = y + self.D[..., None] * u[:, None]  # (B, C, H, L)
         y = F.gelu(y.permute(0, 3, 1, 2).reshape(x.shape[0], L, -1))  # (B, L, C*H)
         return self.out_proj(y)
@@ -255,13 +256,14 @@ def main(argv: list[str] | None = None) -> dict:
     path = common.write_json(args.out / "plain_s4.json", payload)
 
     def draw(axes):
-        for ax, key, label in zip(axes, ("median_s", "peak_bytes"), ("time (s, median)", "peak memory (bytes)")):
-            for model in MODELS:
+        labels = ("time (s, median)", "peak memory (bytes)")
+        for ax, key, label in zip(axes, ("median_s", "peak_bytes"), labels):
+            for i, model in enumerate(MODELS):
                 for mode, style in zip(MODES, ("--", "-")):
                     pts = [(L, get(model, mode, L, key)) for L in args.L]
                     pts = [(a, b) for a, b in pts if b]
                     if pts:
-                        ax.plot(*zip(*pts), style, marker="o", label=f"{model} {mode}")
+                        ax.plot(*zip(*pts), style, color=f"C{i}", marker="o", label=f"{model} {mode}")
             common.style_axes(ax, xlabel="L", ylabel=label)
         axes[0].set_title(f"S4 layer, B={args.batch} H={args.H} N={args.N}")
 

@@ -32,7 +32,8 @@ def bench():
         import layers
         import plain_s4
 
-        yield {"common": common, "plain_s4": plain_s4, "layers": layers, "generation": generation, "goals": goals}
+        yield {"common": common, "plain_s4": plain_s4, "layers": layers, "generation": generation,
+               "goals": goals}
     finally:
         sys.path.remove(str(BENCH))
         for name in SCRIPTS:
