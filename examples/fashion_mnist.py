@@ -17,7 +17,7 @@ curves.png, summary.json. Running the same command again resumes from last.pt (`
 
 Configs:
     quick: a CPU run (2 cores, about 15 minutes) meant to reach >= 80% test accuracy on the full
-        10,000-image test set: a small, shallow S4D model, one pass over 32,000 training images (the
+        10,000-image test set: a small, shallow S4D model, one pass over 48,000 training images (the
         sequences stay 784 pixels long: no downsampling), 2,000 validation images.
     full: GPU settings in the spirit of the S4 paper's sequential-image (sMNIST/sCIFAR) runs: wider and
         deeper, dropout, 100 epochs.
@@ -95,7 +95,7 @@ PRESETS: dict[str, Config] = {
 }
 # Data options per preset (not Config fields); --train-subset / --val-size override them.
 PRESET_DATA: dict[str, dict[str, Any]] = {
-    "quick": {"train_subset": 32000, "val_size": 2000},
+    "quick": {"train_subset": 48000, "val_size": 2000},
     "full": {"train_subset": None, "val_size": 5000},
 }
 
