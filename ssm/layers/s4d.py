@@ -15,7 +15,8 @@ from .._checks import check_choice, check_int
 from ..discretize import discretize_diag
 from ..hippo import diag_init, nplr
 from ..kernels import diag_kernel
-from ..ops.scan import final_state, krylov
+from ..ops.scan import final_state
+from ..ops.vandermonde import vandermonde
 from .base import SSMLayer, as_complex, init_log_dt
 
 S4D_INITS = ("diag-lin", "diag-inv", "diag-legs", "diag-real", "lin", "inv", "legs", "real")
@@ -127,9 +128,8 @@ class S4D(SSMLayer):
 
     def _zero_input_response(self, state: Tensor, L: int, rate: float) -> Tensor:
         Ab, _, C = self._discrete(rate)
-        C = C[: self.channels]
-        powers = krylov(Ab, Ab, L)  # (H, N/2, L): Ab^{k+1}
-        return 2 * torch.einsum("chn,bhn,hnl->bchl", C, state.to(C.dtype), powers).real
+        v = C[: self.channels, None] * (Ab * state.to(C.dtype))  # (C, B, H, N/2): C_n Ab_n x_n
+        return 2 * vandermonde(v, Ab, L).real.transpose(0, 1)  # sum_n v_n Ab_n^k
 
     def _chunk_state(self, u: Tensor, state, rate: float) -> Tensor:
         Ab, Bb, _ = self._discrete(rate)
