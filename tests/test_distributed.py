@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -39,7 +39,8 @@ def _train(model, x, y):
 
 def _worker(rank: int, world: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
     try:
         model = torch.nn.parallel.DistributedDataParallel(_model())
         x, y = _data()
@@ -47,6 +48,8 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         _train(model, x[:, rank * per:(rank + 1) * per], y[:, rank * per:(rank + 1) * per])
         if rank == 0:
             torch.save(model.module.state_dict(), out)
+        # Both ranks leave together: a rank tearing gloo down while its peer still talks to it can abort.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
