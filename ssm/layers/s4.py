@@ -26,7 +26,7 @@ from ..kernels import dplr_kernel
 from ..ops.scan import final_state
 from ..reference import conj_expand, dplr_to_dense
 from .base import SSMLayer, as_complex, init_log_dt
-from .s4d import diagonal_init, real_part_param
+from .s4d import check_pair_d_state, diagonal_init, lambda_from_params, pair_state, real_part_param
 
 S4_INITS = ("legs", "legt", "lagt", "fout", "diag-lin", "diag-inv", "diag-legs", "diag-real")
 DPLR_DISCS = ("bilinear", "zoh")
@@ -73,10 +73,7 @@ class S4(SSMLayer):
         super().__init__(d_model, channels=channels, bidirectional=bidirectional, transposed=transposed,
                          activation=activation, glu=glu, dropout=dropout, ssm_lr=ssm_lr,
                          ssm_weight_decay=ssm_weight_decay, device=device, dtype=dtype)
-        N = check_int("d_state", d_state, minimum=2)
-        if N % 2:
-            raise ValueError(f"d_state must be even (N/2 conjugate pairs are stored); got {N}")
-        self.d_state = N
+        self.d_state = N = check_pair_d_state(d_state)
         self.init = check_choice("init", init, S4_INITS)
         self.disc = check_choice("disc", disc, DPLR_DISCS)
         if rank is None:
@@ -101,7 +98,7 @@ class S4(SSMLayer):
 
     # ---- parameters -> system --------------------------------------------------------------------------------
     def _system(self, rate: float):
-        Lambda = torch.complex(-torch.exp(self.log_neg_real), self.Lambda_imag)  # (H, N/2)
+        Lambda = lambda_from_params(self.log_neg_real, self.Lambda_imag)  # (H, N/2)
         P = as_complex(self.P)  # (R, H, N/2)
         return Lambda, P, as_complex(self.B), as_complex(self.C), torch.exp(self.log_dt) * rate
 
@@ -122,10 +119,7 @@ class S4(SSMLayer):
 
     # ---- recurrent path -----------------------------------------------------------------------------------
     def default_state(self, batch_size: int, *, device=None) -> Tensor:
-        check_int("batch_size", batch_size, minimum=1)
-        dtype = torch.complex128 if self.log_dt.dtype == torch.float64 else torch.complex64
-        return torch.zeros(batch_size, self.d_model, self.d_state // 2, dtype=dtype,
-                           device=device if device is not None else self.log_dt.device)
+        return pair_state(self, batch_size, device)
 
     @staticmethod
     def _pair_inner(a: Tensor, x: Tensor) -> Tensor:

@@ -38,6 +38,27 @@ def real_part_param(Lambda: Tensor) -> Tensor:
     return torch.log(-Lambda.real.clamp(max=-1e-4))
 
 
+def lambda_from_params(log_neg_real: Tensor, Lambda_imag: Tensor) -> Tensor:
+    """Lambda = -exp(log_neg_real) + i Lambda_imag: the inverse of ``real_part_param`` (real part < 0)."""
+    return torch.complex(-torch.exp(log_neg_real), Lambda_imag)
+
+
+def check_pair_d_state(d_state: int) -> int:
+    """d_state N of a conjugate-pair layer (S4, S4D): an even integer >= 2, N/2 modes stored."""
+    N = check_int("d_state", d_state, minimum=2)
+    if N % 2:
+        raise ValueError(f"d_state must be even (N/2 conjugate pairs are stored); got {N}")
+    return N
+
+
+def pair_state(layer: SSMLayer, batch_size: int, device=None) -> Tensor:
+    """The zero state (B, H, N/2) of a conjugate-pair layer, complex64 (complex128 for a float64 layer)."""
+    check_int("batch_size", batch_size, minimum=1)
+    dtype = torch.complex128 if layer.log_dt.dtype == torch.float64 else torch.complex64
+    return torch.zeros(batch_size, layer.d_model, layer.d_state // 2, dtype=dtype,
+                       device=device if device is not None else layer.log_dt.device)
+
+
 class S4D(SSMLayer):
     """Diagonal SSM layer.
 
@@ -75,10 +96,7 @@ class S4D(SSMLayer):
         super().__init__(d_model, channels=channels, bidirectional=bidirectional, transposed=transposed,
                          activation=activation, glu=glu, dropout=dropout, ssm_lr=ssm_lr,
                          ssm_weight_decay=ssm_weight_decay, device=device, dtype=dtype)
-        N = check_int("d_state", d_state, minimum=2)
-        if N % 2:
-            raise ValueError(f"d_state must be even (N/2 conjugate pairs are stored); got {N}")
-        self.d_state = N
+        self.d_state = N = check_pair_d_state(d_state)
         self.init = check_choice("init", init, S4D_INITS)
         self.disc = check_choice("disc", disc, DIAG_DISCS)
         H, N2 = self.d_model, N // 2
@@ -96,7 +114,7 @@ class S4D(SSMLayer):
 
     # ---- parameters -> system --------------------------------------------------------------------------------
     def _system(self, rate: float):
-        Lambda = torch.complex(-torch.exp(self.log_neg_real), self.Lambda_imag)  # (H, N/2)
+        Lambda = lambda_from_params(self.log_neg_real, self.Lambda_imag)  # (H, N/2)
         return Lambda, as_complex(self.B), as_complex(self.C), torch.exp(self.log_dt) * rate
 
     def _discrete(self, rate: float):
@@ -115,10 +133,7 @@ class S4D(SSMLayer):
 
     # ---- recurrent path -----------------------------------------------------------------------------------
     def default_state(self, batch_size: int, *, device=None) -> Tensor:
-        check_int("batch_size", batch_size, minimum=1)
-        dtype = torch.complex128 if self.log_dt.dtype == torch.float64 else torch.complex64
-        return torch.zeros(batch_size, self.d_model, self.d_state // 2, dtype=dtype,
-                           device=device if device is not None else self.log_dt.device)
+        return pair_state(self, batch_size, device)
 
     def _step(self, u: Tensor, state: Tensor, rate: float):
         Ab, Bb, C = self._discrete(rate)
