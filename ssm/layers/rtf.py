@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from .._checks import check_choice, check_int
-from ..kernels import rtf_kernel
-from ..transfer import rtf_filter, rtf_init, rtf_step, stable_denominator
+from ..systems.rtf import rtf_kernel
+from ..systems.rtf import rtf_filter, rtf_init, rtf_step, stable_denominator
 from .base import SSMLayer
 
 RTF_CONSTRAINTS = ("none", "stable")

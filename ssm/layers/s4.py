@@ -22,7 +22,7 @@ from torch import Tensor
 from .._checks import check_choice, check_int
 from ..discretize import discretize
 from ..hippo import _RANKS, nplr
-from ..kernels import dplr_kernel
+from ..systems.dplr import dplr_kernel
 from ..ops.scan import final_state
 from ..reference import conj_expand, dplr_to_dense
 from .base import SSMLayer, as_complex, init_log_dt

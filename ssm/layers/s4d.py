@@ -14,7 +14,7 @@ from torch import Tensor
 from .._checks import check_choice, check_int
 from ..discretize import discretize_diag
 from ..hippo import diag_init, nplr
-from ..kernels import diag_kernel
+from ..systems.diag import diag_kernel
 from ..ops.scan import final_state
 from ..ops.vandermonde import vandermonde
 from .base import SSMLayer, as_complex, init_log_dt

@@ -1,0 +1,239 @@
+"""The DPLR family (S4): A = diag(Lambda) - P Q^*, in conjugate-pair half storage or in full.
+
+Pure functions of the structured parameters; ``ssm.layers.S4`` owns the parameters and calls these.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._checks import check_shape, check_tensor
+from ..discretize import discretize
+from ..ops.cauchy import cauchy
+from .common import check_kernel_args, complex_dtype, small_solve
+
+
+def dplr_dense(Lambda: torch.Tensor, P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """A = diag(Lambda) - sum_r P_r Q_r^*: Lambda (H, N), P, Q (R, H, N) -> (H, N, N)."""
+    return torch.diag_embed(Lambda) - torch.einsum("rhn,rhm->hnm", P, Q.conj())
+
+
+def bilinear_dense(
+    Lambda: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, dt: torch.Tensor
+) -> torch.Tensor:
+    """Dense bilinear Ab = (I - dt/2 A)^{-1} (I + dt/2 A) = 2 (I - dt/2 A)^{-1} - I of a DPLR matrix.
+
+    I - dt/2 A = diag(D) + Pt Q^* with D = 1 - dt/2 Lambda and Pt = dt/2 P, so by the Woodbury identity
+
+        (I - dt/2 A)^{-1} = diag(1/D) - (Pt / D) (I_R + Q^* (Pt / D))^{-1} (Q^* / D),
+
+    O(H N^2 R) instead of a dense O(H N^3) solve. Lambda (H, N), P, Q (R, H, N), dt (H,) -> (H, N, N).
+    """
+    half_dt = (dt / 2).to(Lambda.dtype).unsqueeze(-1)  # (H, 1)
+    Dinv = 1 / (1 - half_dt * Lambda)  # (H, N)
+    Pt = (half_dt * P).permute(1, 2, 0)  # (H, N, R)
+    U = Pt * Dinv.unsqueeze(-1)  # (H, N, R): Pt / D
+    V = (Q.conj() * Dinv).permute(1, 0, 2)  # (H, R, N): Q^* / D
+    eye_r = torch.eye(P.shape[0], dtype=Lambda.dtype, device=Lambda.device)
+    K = eye_r + V @ Pt  # (H, R, R): I + Q^* D^{-1} Pt
+    Minv = torch.diag_embed(Dinv) - U @ small_solve(K, V)
+    return 2 * Minv - torch.eye(Lambda.shape[-1], dtype=Lambda.dtype, device=Lambda.device)
+
+
+def _row_power(C: torch.Tensor, Ab: torch.Tensor, L: int) -> torch.Tensor:
+    """C Ab^L by binary powering on row vectors: C (Ch, H, N), Ab (H, N, N) -> (Ch, H, N).
+
+    Costs floor(log2 L) batched squarings of Ab plus vector-matrix products.
+    """
+    out = C
+    G = Ab
+    while True:
+        if L & 1:
+            out = torch.einsum("chn,hnm->chm", out, G)
+        L >>= 1
+        if not L:
+            return out
+        G = G @ G
+
+
+def krylov_taps(Ab: torch.Tensor, Bb: torch.Tensor, C: torch.Tensor, L: int) -> torch.Tensor:
+    """K[c, h, k] = C[c, h] Ab[h]^k Bb[h] for k < L, by two-level Krylov doubling.
+
+    With a block length b (a power of two >= sqrt(L)) and q = ceil(L / b) blocks,
+    K_{i b + j} = (C Ab^{i b}) (Ab^j Bb): both factors are built by doubling (one squaring of the matrix per
+    step) and the taps are one batched product (Ch q, N) x (N, b). Cost O(H N^3 log L + H N^2 (b + q Ch)
+    + Ch H N L), memory O(Ch H L + H N (b + q Ch)); no eigendecomposition, so it is as stable as the
+    matrix products themselves (non-normal Ab are fine).
+
+    Ab (H, N, N), Bb (H, N), C (Ch, H, N) -> (Ch, H, L).
+    """
+    H, N, _ = Ab.shape
+    Ch = C.shape[0]
+    b = 1 << max(0, math.ceil(math.log2(math.sqrt(L))))
+    q = -(-L // b)
+    U = Bb.unsqueeze(-1)  # (H, N, 1): columns Ab^j Bb
+    G = Ab
+    while U.shape[-1] < b:
+        U = torch.cat([U, G @ U], dim=-1)
+        G = G @ G  # G = Ab^(number of columns of U)
+    W = C.permute(1, 0, 2).unsqueeze(2)  # (H, Ch, 1, N): rows C Ab^(i b)
+    while W.shape[2] < q:
+        m = W.shape[2]
+        W = torch.cat([W, (W.reshape(H, Ch * m, N) @ G).reshape(H, Ch, m, N)], dim=2)
+        if 2 * m < q:
+            G = G @ G
+    W = W[:, :, :q].reshape(H, Ch * q, N)
+    K = torch.bmm(W, U).reshape(H, Ch, q * b)[..., :L]  # (H, Ch, L)
+    return K.permute(1, 0, 2)
+
+
+def _bilinear_freqs(
+    L: int, M: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear images of the roots of unity z_k = exp(-2 pi i k / L), k < M, skipping z = -1 (k = L/2).
+
+    With t = tan(pi k / L):  s_k = 2 (1 - z_k) / (1 + z_k) = 2 i t  and  2 / (1 + z_k) = 1 + i t,
+    computed in float64 from t to avoid the cancellation in 1 - z_k and 1 + z_k.
+    """
+    k = torch.arange(M, dtype=torch.float64, device=device)
+    if L % 2 == 0:
+        k = k[k != L // 2]
+    t = torch.tan(math.pi * k / L)
+    s = torch.complex(torch.zeros_like(t), 2 * t)
+    factor = torch.complex(torch.ones_like(t), t)
+    return s.to(dtype), factor.to(dtype)
+
+
+def _woodbury(r: torch.Tensor, Ch: int) -> torch.Tensor:
+    """C~ (D + P Q^*)^{-1} B from the Cauchy products r (Ch+R, 1+R, H, M) (rows: C~, Q^*; columns: B, P).
+
+        k00 - k01 (I + k11)^{-1} k10,
+        k00 = C~ D^{-1} B,  k01 = C~ D^{-1} P,  k10 = Q^* D^{-1} B,  k11 = Q^* D^{-1} P
+    """
+    R = r.shape[0] - Ch
+    k00 = r[:Ch, 0]  # (Ch, H, M)
+    if R == 0:
+        return k00
+    k01, k10, k11 = r[:Ch, 1:], r[Ch:, 0], r[Ch:, 1:]  # (Ch, R, H, M), (R, H, M), (R, R, H, M)
+    eye = torch.eye(R, dtype=r.dtype, device=r.device)
+    lhs = eye + k11.permute(2, 3, 0, 1)  # (H, M, R, R)
+    sol = small_solve(lhs, k10.permute(1, 2, 0).unsqueeze(-1)).squeeze(-1)  # (H, M, R)
+    return k00 - torch.einsum("crhm,hmr->chm", k01, sol)
+
+
+def dplr_kernel(
+    Lambda: torch.Tensor,
+    P: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    dt: torch.Tensor,
+    L: int,
+    Q: torch.Tensor | None = None,
+    disc: str = "zoh",
+    *,
+    conj_pairs: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Convolution kernel of a diagonal-plus-low-rank (DPLR) SSM: the S4 kernel.
+
+    The state matrix of feature h is A_h = diag(Lambda_h) - sum_r P[r, h] Q[r, h]^*, discretized with step
+    dt_h into (Ab_h, Bb_h) (``ssm.discretize``), and
+
+        K[h, k] = Re(sum_n C[h, n] (Ab_h^k Bb_h)[n]),        k = 0, ..., L - 1.
+
+    ``disc="bilinear"`` is the S4 algorithm (S4 paper, Alg. 1 and Sec. 3.3). ``C`` is the true C; the
+    function forms C~ = C (I - Ab^L) (dense Ab^L by repeated squaring, O(H N^3 log L)) so that the
+    truncated generating function is exact,
+
+        sum_{k<L} C Ab^k Bb z^k = C~ (I - Ab z)^{-1} Bb = 2 / (1 + z) C~ (g(z) - A)^{-1} B,
+        g(z) = 2 / dt (1 - z) / (1 + z),
+
+    evaluates it at the L-th roots of unity z = exp(-2 pi i k / L) (at z = -1 directly: dt/2 C~ B) through
+    the Woodbury identity with D = g(z) - diag(Lambda):
+
+        (D + P Q^*)^{-1} = D^{-1} - D^{-1} P (I + Q^* D^{-1} P)^{-1} Q^* D^{-1},
+
+    where every term u^T D^{-1} v is one Cauchy product ``cauchy(dt u v, dt g(z), dt Lambda)``, and takes
+    an inverse FFT. Cost O(H N L) for the Cauchy products (``backend``) plus the dense O(H N^3 log L).
+
+    ``disc="zoh"`` (Ab = exp(dt A)): exp of a DPLR matrix is dense, so no Cauchy form exists (S4's own
+    DPLR kernel ignores ``disc`` and always uses the bilinear transform). This path discretizes the dense
+    matrix with a matrix exponential and builds the taps K_k = C Ab^k Bb directly by two-level Krylov
+    doubling, O(H N^3 log L + H N L) time and O(H L + H N sqrt(L)) memory, exact up to rounding and, as it
+    never diagonalizes, accurate for the non-normal HiPPO matrices too; ``backend`` is not used.
+
+    Conjugate pairs: with ``conj_pairs=True`` the N given states stand for 2N, the system with the
+    conjugates of Lambda, P, Q, B, C appended along the last dimension (``ssm.reference.conj_expand``);
+    the result is the (real) kernel of that expanded system. The low-rank term couples both halves, so
+    the Cauchy sums run over both; as the kernel is real only the L//2 + 1 non-negative frequencies are
+    evaluated and ``irfft`` is used. This is how layers store S4 parameters (N/2 complex states for an
+    N-dimensional real system).
+
+    Args:
+        Lambda: (H, N) complex diagonal part.
+        P: (R, H, N) complex low-rank factor (R >= 0).
+        B: (H, N) complex.
+        C: (H, N) or (Ch, H, N) complex; Ch output channels.
+        dt: (H,) positive real step per feature.
+        L: kernel length, any integer >= 1.
+        Q: (R, H, N) complex, or None for Q = P.
+        disc: ``"zoh"`` or ``"bilinear"``.
+        conj_pairs: the inputs hold one state per conjugate pair (see above).
+        backend: Cauchy backend for the bilinear path (``ssm.ops.cauchy``): ``"auto"``, ``"naive"``,
+            ``"chunked"`` or ``"triton"``.
+
+    Returns:
+        K: (H, L), or (Ch, H, L) for a 3-d C; real, float32 for complex64 inputs and float64 for
+        complex128. Differentiable in Lambda, P, Q, B, C and dt.
+    """
+    H, N, L = check_kernel_args(Lambda, B, C, dt, L, disc, backend)
+    check_tensor("P", P, ndim=3)
+    check_shape("P", P, (None, H, N), "(R, H, N) with (H, N) like Lambda")
+    if Q is None:
+        Q = P
+    check_tensor("Q", Q, ndim=3)
+    check_shape("Q", Q, tuple(P.shape), "(R, H, N) like P")
+    if not isinstance(conj_pairs, bool):
+        raise ValueError(f"conj_pairs must be a bool; got {conj_pairs!r}")
+
+    cdtype = complex_dtype(Lambda, P, Q, B, C, dt)
+    Lambda, P, Q, B, C = (t.to(cdtype) for t in (Lambda, P, Q, B, C))
+    rdtype = dt.new_empty(0, dtype=cdtype).real.dtype
+    dt = dt.to(rdtype)
+    squeeze = C.ndim == 2
+    C = C.unsqueeze(0) if squeeze else C  # (Ch, H, N)
+    Ch = C.shape[0]
+
+    full = (lambda t: torch.cat([t, t.conj()], dim=-1)) if conj_pairs else (lambda t: t)
+
+    if disc == "zoh":
+        Af = dplr_dense(full(Lambda), full(P), full(Q))  # (H, Nf, Nf)
+        # The exponential is taken in complex128: in complex64, matrix_exp of a stiff non-normal matrix
+        # (HiPPO-LegS, |dt A| ~ 1e2) loses ~1e-4 relative accuracy, 100x the rest of the computation.
+        wide = torch.complex128
+        Ab, Bb = discretize(Af.to(wide), full(B).to(wide), dt.to(torch.float64), "zoh")
+        K = krylov_taps(Ab.to(cdtype), Bb.to(cdtype), full(C), L).real
+        return K[0] if squeeze else K
+
+    Ab = bilinear_dense(full(Lambda), full(P), full(Q), dt)  # (H, Nf, Nf)
+    Cf = full(C)
+    Ct = Cf - _row_power(Cf, Ab, L)  # C~ = C (I - Ab^L), (Ch, H, Nf)
+    M = L // 2 + 1 if conj_pairs else L
+    s, factor = _bilinear_freqs(L, M, cdtype, Lambda.device)
+    left = torch.cat([Ct[..., :N], Q.conj()], dim=0)  # (Ch+R, H, N)
+    right = torch.cat([B.unsqueeze(0), P], dim=0)  # (1+R, H, N)
+    dtc = dt.to(cdtype).unsqueeze(-1)  # (H, 1)
+    v = left.unsqueeze(1) * right.unsqueeze(0) * dtc  # (Ch+R, 1+R, H, N)
+    w = dtc * Lambda  # (H, N)
+    r = cauchy(full(v), s, full(w), backend=backend)  # (Ch+R, 1+R, H, M')
+    khat = _woodbury(r, Ch) * factor  # (Ch, H, M')
+    if L % 2 == 0:
+        # z = -1: (I + Ab)^{-1} Bb = dt/2 B for any A, so the generating function there is dt/2 C~ B.
+        nyq = (Ct * full(B)).sum(-1) * dtc.squeeze(-1) / 2  # (Ch, H)
+        if conj_pairs:
+            nyq = nyq.real.to(cdtype)
+        khat = torch.cat([khat[..., : L // 2], nyq.unsqueeze(-1), khat[..., L // 2 :]], dim=-1)
+    K = torch.fft.irfft(khat, n=L) if conj_pairs else torch.fft.ifft(khat, n=L).real
+    return K[0] if squeeze else K
