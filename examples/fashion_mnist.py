@@ -26,33 +26,16 @@ Configs:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
-from pathlib import Path
 from typing import Any
 
+import harness  # before ssm: from a checkout it makes the repository's ssm importable
 import torch
+from harness import Config
 from torch.utils.data import Subset
 
-_HERE = Path(__file__).resolve().parent
-
-
-def _load_common():
-    """examples/common.py, loaded by path (examples/ is not a package) under one shared module name."""
-    name = "ssm_examples_common"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, _HERE / "common.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-common = _load_common()
-Config = common.Config
-
-from ssm._checks import check_int  # noqa: E402  (after common, which makes ssm importable)
-from ssm.data.mnist import DEFAULT_ROOT, SequentialMNIST  # noqa: E402
+from ssm._checks import check_int
+from ssm.data.mnist import DEFAULT_ROOT, SequentialMNIST
 
 PRESETS: dict[str, Config] = {
     "quick": Config(
@@ -129,9 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--test-subset", type=int, default=None, help="evaluate on this many test images (smoke tests only)"
     )
-    common.add_run_args(parser, default_out="runs/fashion_mnist/<model>-<config>")
+    harness.add_run_args(parser, default_out="runs/fashion_mnist/<model>-<config>")
     title = "training configuration: overrides of the --config preset (defaults shown: quick)"
-    common.add_config_args(parser, PRESETS["quick"], title=title)
+    harness.add_config_args(parser, PRESETS["quick"], title=title)
     return parser
 
 
@@ -146,9 +129,9 @@ def _subset(dataset, n: int | None, seed: int, name: str):
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse ``argv`` (default ``sys.argv[1:]``), train, and return the summary dict of ``common.train``."""
+    """Parse ``argv`` (default ``sys.argv[1:]``), train, and return the summary dict of ``harness.train``."""
     args = build_parser().parse_args(argv)
-    cfg = common.config_from_args(args, PRESETS[args.config])
+    cfg = harness.config_from_args(args, PRESETS[args.config])
     out = args.out
     if out == "runs/fashion_mnist/<model>-<config>":
         out = f"runs/fashion_mnist/{cfg.model}-{args.config}{'-permuted' if args.permuted else ''}"
@@ -163,17 +146,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     test_ds = SequentialMNIST(args.data, "test", **data_kwargs)
     test_ds = _subset(test_ds, args.test_subset, cfg.seed, "test_subset")
 
-    common.seed_everything(cfg.seed)
-    model = common.build_model(cfg, SequentialMNIST.d_input, SequentialMNIST.num_classes)
+    harness.seed_everything(cfg.seed)
+    model = harness.build_model(cfg, SequentialMNIST.d_input, SequentialMNIST.num_classes)
     print(
         f"sequential Fashion-MNIST{' (permuted)' if args.permuted else ''}: train {len(train_ds)}, "
         f"val {len(val_ds) if val_ds is not None else 0}, test {len(test_ds)}; model {cfg.model} "
         f"d_model {cfg.d_model} x {cfg.n_layers} layers, N {cfg.d_state}: "
-        f"{common.count_parameters(model):,} parameters; device {common.resolve_device(cfg.device)}; "
+        f"{harness.count_parameters(model):,} parameters; device {harness.resolve_device(cfg.device)}; "
         f"out {out}",
         flush=True,
     )
-    return common.train(model, train_ds, val_ds, test_ds, cfg, out, resume=args.resume)
+    return harness.train(model, train_ds, val_ds, test_ds, cfg, out, resume=args.resume)
 
 
 if __name__ == "__main__":

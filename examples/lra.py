@@ -16,7 +16,7 @@ only when every file is written (an interrupted generation is redone); the other
 Retrieval is a pair task: one shared SSM encoder reads both documents (stacked along the batch) and an MLP
 classifies ``[e1, e2, e1 * e2, e1 - e2]`` (LRA's and S4's head), see :class:`PairClassifier`.
 
-Outputs in ``--out`` (default runs/lra/<task>-<model>-<config>), all from the harness in common.py:
+Outputs in ``--out`` (default runs/lra/<task>-<model>-<config>), all from the harness in harness.py:
 metrics.jsonl, last.pt, best.pt, curves.png, summary.json; the summary here adds the task, the data folder
 and the majority-class accuracy of the test split. Running the same command again resumes from last.pt.
 
@@ -34,7 +34,6 @@ Configs:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -45,32 +44,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import harness  # before ssm: from a checkout it makes the repository's ssm importable
 import torch
+from harness import Config
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
-_HERE = Path(__file__).resolve().parent
-
-
-def _load_common():
-    """examples/common.py, loaded by path (examples/ is not a package) under one shared module name."""
-    name = "ssm_examples_common"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, _HERE / "common.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-common = _load_common()
-Config = common.Config
-
-from ssm._checks import check_choice, check_int  # noqa: E402  (after common, which makes ssm importable)
-from ssm.data.listops import write_listops  # noqa: E402
-from ssm.data.lra import LRA_TASKS, load_lra  # noqa: E402
-from ssm.data.pathfinder import DIFFICULTY_DIRS, write_pathfinder  # noqa: E402
-from ssm.data.text import collate_pair  # noqa: E402
+from ssm._checks import check_choice, check_int
+from ssm.data.listops import write_listops
+from ssm.data.lra import LRA_TASKS, load_lra
+from ssm.data.pathfinder import DIFFICULTY_DIRS, write_pathfinder
+from ssm.data.text import collate_pair
 
 TASKS = ("listops", "text", "retrieval", "image", "pathfinder32", "pathfinder64", "pathfinder128", "pathx")
 PATHFINDER_TASKS = ("pathfinder32", "pathfinder64", "pathfinder128", "pathx")
@@ -310,18 +294,18 @@ def build_classifier(
     bidirectional: bool = False,
     layer_kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
-    """``common.build_model``, with ``cfg.pool == "first"`` the output at position 0 (:class:`FirstPosition`).
+    """``harness.build_model``; for ``cfg.pool == "first"`` its output at position 0 (:class:`FirstPosition`).
 
     Raises ValueError for ``pool="first"`` without ``bidirectional`` (position 0 would see one token).
     """
     kwargs = dict(embedding=embedding, bidirectional=bidirectional, layer_kwargs=layer_kwargs)
     if cfg.pool != "first":
-        return common.build_model(cfg, d_input, d_output, **kwargs)
+        return harness.build_model(cfg, d_input, d_output, **kwargs)
     if not bidirectional:
         raise ValueError(
             "pool='first' needs bidirectional layers (a causal position 0 sees only the first token)"
         )
-    return FirstPosition(common.build_model(replace(cfg, pool="none"), d_input, d_output, **kwargs))
+    return FirstPosition(harness.build_model(replace(cfg, pool="none"), d_input, d_output, **kwargs))
 
 
 def build_pair_model(
@@ -511,25 +495,25 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data: overrides of the preset (see EXTRAS in examples/lra.py)")
     data.add_argument(
         "--train-subset",
-        type=common._optional_int,
+        type=harness.optional_int,
         default=argparse.SUPPRESS,
         help="train on a seeded subset of this many examples ('none': all)",
     )
     data.add_argument(
         "--val-subset",
-        type=common._optional_int,
+        type=harness.optional_int,
         default=argparse.SUPPRESS,
         help="validate on a seeded subset ('none': all)",
     )
     data.add_argument(
         "--test-subset",
-        type=common._optional_int,
+        type=harness.optional_int,
         default=argparse.SUPPRESS,
         help="test on a seeded subset ('none': all)",
     )
     data.add_argument(
         "--truncate",
-        type=common._optional_int,
+        type=harness.optional_int,
         default=argparse.SUPPRESS,
         help="token tasks: ids kept per document, end-of-sequence included ('none': LRA's)",
     )
@@ -553,9 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--gen-max-length", type=int, default=None, help="ListOps: length < this (default 2000)")
     gen.add_argument("--gen-n", type=int, default=None, help="Pathfinder: images (split 80/10/10)")
     gen.add_argument("--gen-seed", type=int, default=0, help="generator seed (default: 0)")
-    common.add_run_args(parser, default_out="runs/lra/<task>-<model>-<config>")
+    harness.add_run_args(parser, default_out="runs/lra/<task>-<model>-<config>")
     title = "training configuration: overrides of the --config preset (defaults shown: quick ListOps)"
-    common.add_config_args(parser, QUICK_PRESETS["listops"], title=title)
+    harness.add_config_args(parser, QUICK_PRESETS["listops"], title=title)
     return parser
 
 
@@ -583,12 +567,12 @@ def _layer_kwargs(cfg: Config, extra: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse ``argv`` (default ``sys.argv[1:]``), train, and return the summary dict (also summary.json).
 
-    The summary is that of ``common.train`` plus ``task``, ``config_name``, ``data_dir``, ``n_train``,
+    The summary is that of ``harness.train`` plus ``task``, ``config_name``, ``data_dir``, ``n_train``,
     ``n_val``, ``n_test``, ``majority_label`` and ``majority_test_acc``.
     """
     args = build_parser().parse_args(argv)
     task = args.task
-    cfg = common.config_from_args(args, PRESETS[args.config][task])
+    cfg = harness.config_from_args(args, PRESETS[args.config][task])
     extra = _extra_from_args(args)
     info = LRA_TASKS[task]
     out = args.out
@@ -608,7 +592,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     test_ds = subset(splits["test"], extra["test_subset"], cfg.seed, "test_subset")
     majority_label, majority_acc = majority_class(test_ds)
 
-    common.seed_everything(cfg.seed)
+    harness.seed_everything(cfg.seed)
     model_kwargs = dict(bidirectional=bool(extra["bidirectional"]), layer_kwargs=_layer_kwargs(cfg, extra))
     collate = info["collate"]
     if info["pair"]:
@@ -621,13 +605,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"LRA {task} ({args.config}): data {root}; train {len(train_ds)}, val {len(val_ds)}, test "
         f"{len(test_ds)}; model {cfg.model} d_model {cfg.d_model} x {cfg.n_layers} layers, N {cfg.d_state}"
-        f"{', bidirectional' if extra['bidirectional'] else ''}: {common.count_parameters(model):,} "
-        f"parameters; device {common.resolve_device(cfg.device)}; out {out}",
+        f"{', bidirectional' if extra['bidirectional'] else ''}: {harness.count_parameters(model):,} "
+        f"parameters; device {harness.resolve_device(cfg.device)}; out {out}",
         flush=True,
     )
     print(f"majority class of the test split: {majority_label} ({100 * majority_acc:.2f}%)", flush=True)
     t0 = time.perf_counter()
-    summary = common.train(model, train_ds, val_ds, test_ds, cfg, out, collate_fn=collate, resume=args.resume)
+    summary = harness.train(
+        model, train_ds, val_ds, test_ds, cfg, out, collate_fn=collate, resume=args.resume
+    )
     summary.update(
         task=task,
         config_name=args.config,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from ._checks import check_choice, check_int
@@ -11,7 +10,7 @@ from .layers import LAYERS, SSMLayer
 NORMS = ("layer", "batch", "none")
 
 
-class _Norm(nn.Module):
+class Norm(nn.Module):
     """LayerNorm or BatchNorm over the feature dim of (B, L, H) or (B, H) tensors.
 
     BatchNorm uses batch statistics in training and running statistics in eval; ``step`` therefore matches
@@ -72,20 +71,20 @@ class SSMBlock(nn.Module):
         factory = {"device": device, "dtype": dtype}
         if isinstance(layer, SSMLayer):
             if layer.d_model != H or layer.transposed:
-                raise ValueError(f"layer must have d_model={H} and transposed=False; got d_model={layer.d_model}, "
-                                 f"transposed={layer.transposed}")
+                raise ValueError(f"layer must have d_model={H} and transposed=False; got "
+                                 f"d_model={layer.d_model}, transposed={layer.transposed}")
             self.layer = layer
         else:
             name = check_choice("layer", layer, tuple(LAYERS))
             self.layer = LAYERS[name](H, d_state, **(layer_kwargs or {}), **factory)
         self.prenorm = bool(prenorm)
-        self.norm = _Norm(norm, H, **factory)
+        self.norm = Norm(norm, H, **factory)
         self.drop = nn.Dropout(dropout)
         self.ff = None
         if ff:
             self.ff = nn.Sequential(nn.Linear(H, ff * H, **factory), nn.GELU(), nn.Dropout(dropout),
                                     nn.Linear(ff * H, H, **factory))
-            self.ff_norm = _Norm(norm, H, **factory)
+            self.ff_norm = Norm(norm, H, **factory)
 
     def default_state(self, batch_size: int, *, device=None) -> Tensor:
         return self.layer.default_state(batch_size, device=device)

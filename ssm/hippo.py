@@ -54,7 +54,8 @@ DIAG_INITS = ("lin", "inv", "legs", "real")
 
 # Rank of the correction P P^T that makes each measure's A_hat normal, and the constant diagonal c of the
 # normal part A_hat + P^T P = c I + skew.
-_RANKS = {"legt": 2, "legs": 1, "lagt": 1, "fout": 1}
+#: The rank of the low-rank correction of each measure (``rank_correction``).
+RANKS = {"legt": 2, "legs": 1, "lagt": 1, "fout": 1}
 _SHIFTS = {"legt": 0.0, "legs": -0.5, "lagt": 0.0, "fout": 0.0}
 
 
@@ -143,7 +144,7 @@ def rank_correction(measure: str, N: int, rank: int = 1, dtype: torch.dtype = to
     _check_real_dtype(dtype)
     if measure == "fout" and N % 2:
         raise ValueError(f"N must be even for measure 'fout' (cos/sin pairs); got {N}")
-    need = _RANKS[measure]
+    need = RANKS[measure]
     if rank < need:
         raise ValueError(f"rank must be >= {need} for measure {measure!r}; got {rank}")
     n = torch.arange(N, dtype=torch.float64)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_choice, check_int
-from .blocks import NORMS, SSMBlock, _Norm
+from .blocks import NORMS, Norm, SSMBlock
 
 POOLS = ("mean", "last", "none")
 
@@ -67,12 +67,12 @@ class SSMModel(nn.Module):
         if bidirectional:
             kwargs["bidirectional"] = True
         self.blocks = nn.ModuleList(
-            SSMBlock(d_model, layer=layer, d_state=d_state, norm=norm, prenorm=prenorm, dropout=dropout, ff=ff,
-                     layer_kwargs=kwargs, **factory)
+            SSMBlock(d_model, layer=layer, d_state=d_state, norm=norm, prenorm=prenorm, dropout=dropout,
+                     ff=ff, layer_kwargs=kwargs, **factory)
             for _ in range(n_layers)
         )
         self.prenorm = bool(prenorm)
-        self.final_norm = _Norm(norm if prenorm else "none", d_model, **factory)
+        self.final_norm = Norm(norm if prenorm else "none", d_model, **factory)
         self.decoder = nn.Linear(d_model, self.d_output, **factory)
 
     def _encode(self, x: Tensor, *, step: bool) -> Tensor:

@@ -39,7 +39,9 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float = 0.0) -> l
         groups.append({"params": default, "lr": lr, "weight_decay": weight_decay})
     for key, params in hinted.items():
         hint = dict(key)
-        groups.append({"params": params, "lr": hint.get("lr", lr), "weight_decay": hint.get("weight_decay", 0.0)})
+        groups.append(
+            {"params": params, "lr": hint.get("lr", lr), "weight_decay": hint.get("weight_decay", 0.0)}
+        )
     return groups
 
 

@@ -43,8 +43,8 @@ def test_dense_matches_scipy_batched_per_index_dt(method, complex_):
     assert Ab.shape == (H, N, N) and Bb.shape == (H, N) and Ab.dtype == dtype
     for h in range(H):
         ref_A, ref_B = _scipy_ref(A[h].numpy(), B[h].numpy(), dt[h].item(), method)
-        np.testing.assert_allclose(Ab[h].numpy(), ref_A, rtol=1e-10, atol=1e-12)
-        np.testing.assert_allclose(Bb[h].numpy(), ref_B, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(Ab[h].numpy(), ref_A, **tol(dtype))
+        np.testing.assert_allclose(Bb[h].numpy(), ref_B, **tol(dtype))
 
 
 @pytest.mark.parametrize(
@@ -59,8 +59,8 @@ def test_dense_matches_cont2discrete(method, scipy_method):
     Ad, Bd, *_ = scipy.signal.cont2discrete(
         (A.numpy(), B.numpy()[:, None], np.eye(N), np.zeros((N, 1))), dt, method=scipy_method
     )
-    np.testing.assert_allclose(Ab.numpy(), Ad, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(Bb.numpy(), Bd[:, 0], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(Ab.numpy(), Ad, **F64)
+    np.testing.assert_allclose(Bb.numpy(), Bd[:, 0], **F64)
 
 
 def test_zoh_singular_A():
@@ -82,7 +82,7 @@ def test_zoh_singular_A():
     s, w = np.polynomial.legendre.leggauss(30)
     s = dt / 2 * (s + 1)
     integral = sum(wi * scipy.linalg.expm(si * A.numpy()) for si, wi in zip(s, w)) * dt / 2
-    np.testing.assert_allclose(Bb.numpy(), integral @ B2.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(Bb.numpy(), integral @ B2.numpy(), **F64)
 
 
 def test_diag_zoh_stable_near_zero():

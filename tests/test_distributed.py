@@ -7,11 +7,14 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import tol
 
 import ssm
 from ssm.optim import make_optimizer
 
 STEPS, BATCH, L = 3, 8, 32
+# 10x the float64 table: the all-reduce sums the gradients in another order, and STEPS Adam steps amplify it
+DDP_TOL = {key: 10 * value for key, value in tol(torch.float64).items()}
 
 
 def _model() -> ssm.SSMModel:
@@ -62,6 +65,6 @@ def test_ddp_matches_single_process(tmp_path):
     _train(model, *_data())
     moved = 0
     for name, p in model.state_dict().items():
-        torch.testing.assert_close(ddp_state[name], p, rtol=1e-9, atol=1e-11, msg=name)
+        torch.testing.assert_close(ddp_state[name], p, **DDP_TOL, msg=name)
         moved += int(not torch.equal(p, _model().state_dict()[name]))
     assert moved > 0

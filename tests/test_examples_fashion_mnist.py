@@ -2,45 +2,33 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
+import fashion_mnist
 import pytest
 from test_data_mnist import make_set
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fashion_mnist.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("ssm_example_fashion_mnist", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("model", ["s4", "s4d", "rtf"])
 def test_fashion_mnist_example_runs(tmp_path, model):
-    example = _load()
     (tmp_path / "data").mkdir()
     make_set(tmp_path / "data", n_train=40, n_test=16)
     out = tmp_path / "run"
     argv = ["--model", model, "--data", str(tmp_path / "data"), "--val-size", "8", "--epochs", "2",
             "--batch-size", "8", "--d-model", "8", "--n-layers", "1", "--d-state", "8", "--out", str(out),
             "--no-progress"]
-    summary = example.main(argv)
+    summary = fashion_mnist.main(argv)
     assert summary["finished"] and summary["epochs_completed"] == 2
     assert 0.0 <= summary["test_acc"] <= 1.0
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
     assert (out / "last.pt").exists() and (out / "summary.json").exists()
-    again = example.main(argv)  # a finished run resumes and only evaluates
+    again = fashion_mnist.main(argv)  # a finished run resumes and only evaluates
     assert again["test_acc"] == pytest.approx(summary["test_acc"])
 
 
 def test_fashion_mnist_example_missing_data(tmp_path):
-    example = _load()
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
-        example.main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"), "--no-progress"])
+        fashion_mnist.main(
+            ["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"), "--no-progress"]
+        )

@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
+import lra
 import pytest
 import torch
 from conftest import tol
 from test_data_lra import PAIRS, release, write_aan, write_cifar, write_imdb
-
-_PATH = Path(__file__).resolve().parents[1] / "examples" / "lra.py"
-
-
-def _load_lra():
-    name = "ssm_examples_lra"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, _PATH)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-lra = _load_lra()
 
 TINY = [
     "--d-model",

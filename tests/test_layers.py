@@ -13,7 +13,8 @@ from ssm.layers.s4d import S4D_INITS
 H, N = 4, 16
 CONFIGS = (
     [("s4", {"init": i, "disc": d}) for i in S4_INITS for d in ("bilinear", "zoh")]
-    + [("s4d", {"init": i, "disc": d}) for i in S4D_INITS if i.startswith("diag-") for d in ("zoh", "bilinear")]
+    + [("s4d", {"init": i, "disc": d})
+       for i in S4D_INITS if i.startswith("diag-") for d in ("zoh", "bilinear")]
     + [("rtf", {}), ("rtf", {"constraint": "stable"})]
 )
 IDS = [f"{name}-{'-'.join(str(v) for v in kw.values()) or 'default'}" for name, kw in CONFIGS]

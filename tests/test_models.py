@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import rel_err, tol
 
 import ssm
 from ssm.optim import make_optimizer, param_groups
 
 H = 8
+# step == forward in float32: the recurrence and the FFT convolution against each other
+RTOL = tol(torch.float32)["rtol"]
 
 
 @pytest.mark.parametrize("layer", ["s4", "s4d", "rtf"])
@@ -26,14 +28,16 @@ def test_block_step_equals_forward(layer, prenorm, norm, ff):
             ys.append(yt)
         y1, s1 = block(x[:, :20], return_state=True)
         y2 = block(x[:, 20:], s1)
-    assert rel_err(torch.stack(ys, 1), y) <= 1e-4
-    assert rel_err(state, s) <= 1e-4
-    assert rel_err(torch.cat([y1, y2], 1), y) <= 1e-4
+    assert rel_err(torch.stack(ys, 1), y) <= RTOL
+    assert rel_err(state, s) <= RTOL
+    assert rel_err(torch.cat([y1, y2], 1), y) <= RTOL
 
 
 @pytest.mark.parametrize("layer", ["s4", "s4d", "rtf"])
 def test_model_generation_by_step(layer):
-    model = ssm.SSMModel(11, 11, d_model=H, n_layers=2, layer=layer, d_state=16, pool="none", embedding=True).eval()
+    model = ssm.SSMModel(
+        11, 11, d_model=H, n_layers=2, layer=layer, d_state=16, pool="none", embedding=True
+    ).eval()
     tokens = torch.randint(0, 11, (3, 40))
     with torch.no_grad():
         logits = model(tokens)
@@ -44,9 +48,9 @@ def test_model_generation_by_step(layer):
             out.append(o)
         _, s_full = model(tokens, return_state=True)
     assert logits.shape == (3, 40, 11)
-    assert rel_err(torch.stack(out, 1), logits) <= 1e-4
+    assert rel_err(torch.stack(out, 1), logits) <= RTOL
     for a, b in zip(state, s_full):
-        assert rel_err(a, b) <= 1e-4
+        assert rel_err(a, b) <= RTOL
 
 
 def test_model_pooling_with_lengths():
@@ -59,10 +63,10 @@ def test_model_pooling_with_lengths():
         y, y2 = model(x, lengths), model(x2, lengths)
         alone = model(x[1:2, :12])
     torch.testing.assert_close(y, y2)
-    torch.testing.assert_close(y[1], alone[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y[1], alone[0], **tol(torch.float32))
     last = ssm.SSMModel(3, 5, d_model=H, n_layers=1, layer="s4", d_state=16, pool="last").eval()
     with torch.no_grad():
-        torch.testing.assert_close(last(x, lengths)[1], last(x[1:2, :12])[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(last(x, lengths)[1], last(x[1:2, :12])[0], **tol(torch.float32))
 
 
 def test_model_bad_inputs():

@@ -413,6 +413,23 @@ def test_reflection_reaches_every_stable_denominator():
 
 
 @pytest.mark.parametrize("method", ["reflection", "montel"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_stable_denominator_margin_survives_saturation(method, dtype):
+    """Huge a_raw: tanh rounds to +-1 in float32 and sum |a_raw| / (1 + sum |a_raw|) to 1; the margin keeps
+    every (rounded) pole strictly inside the circle."""
+    if method == "reflection":
+        a_raw = 1e6 * torch.tensor([[1.0], [-1.0]], dtype=dtype)
+    else:
+        a_raw = 1e12 * torch.randn(50, 6, dtype=dtype)
+    a = stable_denominator(a_raw, method)
+    if method == "reflection":
+        assert bool((a.abs() < 1).all())
+    else:
+        assert bool((a.abs().sum(-1) < 1).all())
+    assert _schur_cohn_stable(a)
+
+
+@pytest.mark.parametrize("method", ["reflection", "montel"])
 def test_stable_denominator_gradient(method):
     a_raw = torch.randn(2, 5, dtype=F64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: stable_denominator(x, method), (a_raw,))

@@ -8,13 +8,17 @@ A layer maps u (B, L, H) to y (B, L, H) in two equivalent ways:
   pointwise post-processing.
 
 ``forward(x, state)`` continues from a recurrent state, so a stream processed in chunks equals one pass.
-Subclasses implement the SSM-specific hooks: ``_kernel``, ``_zero_input_response``, ``_chunk_state``,
-``_step`` and ``default_state``.
+A subclass owns the parameters and provides ``family`` (its module in ``ssm.systems``), ``discrete_system``
+and ``default_state``; every path here calls the family's verbs (kernel, step, free_response or
+state_input, final_state) on that system and nothing else.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from types import ModuleType
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +26,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_int, check_positive
+from ..ops.cauchy_triton import works as triton_works
 from ..ops.fftconv import fftconv
 
 ACTIVATIONS = ("gelu", "silu", "relu", "tanh", "identity")
@@ -98,75 +103,198 @@ class SSMLayer(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.glu = bool(glu)
         self.out_proj = nn.Linear(self.channels * H, (2 if glu else 1) * H, **factory)
+        self._ssm_names: list[str] = []
+        self._backend_cache: dict[str, str] = {}
         self._memo_store: dict[str, tuple] = {}
+        self._memo_snapshot: list[Tensor] | None = None
 
-    # ---- hooks for subclasses ------------------------------------------------------------------------------
-    def _kernel(self, L: int, rate: float) -> Tensor:
-        """Convolution kernel (C', H, L), C' = 2C when bidirectional (forward channels first)."""
-        raise NotImplementedError
+    # ---- what a subclass provides ------------------------------------------------------------------------
+    #: The family module in ``ssm.systems`` whose verbs (kernel, step, free_response, final_state) run the
+    #: system that ``discrete_system`` builds.
+    family: ClassVar[ModuleType]
 
-    def _zero_input_response(self, state, L: int, rate: float) -> Tensor:
-        """Outputs (B, C, H, L) caused by the initial state alone: y_k = C Ab^{k+1} x_{-1}."""
-        raise NotImplementedError
-
-    def _chunk_state(self, u: Tensor, state, rate: float):
-        """State after the chunk u (B, H, L), starting from ``state`` (None means zero)."""
-        raise NotImplementedError
-
-    def _step(self, u: Tensor, state, rate: float) -> tuple[Tensor, object]:
-        """One step without the D skip: u (B, H) -> (C x_k (B, C, H), next state)."""
+    def discrete_system(self, rate: float = 1.0) -> NamedTuple:
+        """The layer's discrete system in its family's structured form (differentiable; see the subclass)."""
         raise NotImplementedError
 
     def default_state(self, batch_size: int, *, device=None) -> Tensor:
         """The zero state for a batch: the starting point of ``step`` and ``forward(x, state=...)``."""
         raise NotImplementedError
 
+    def kernel_options(self) -> dict:
+        """Keyword arguments of the family's ``kernel`` verb (the Cauchy / Vandermonde backend)."""
+        return {}
+
+    def resolved_backend(self, device: torch.device) -> str:
+        """``self.backend`` resolved once per device type: ``"auto"`` becomes ``"triton"`` on CUDA when the
+        package is installed and its kernel agrees with the torch path on a probe, else ``"auto"`` of
+        ``ssm.ops.cauchy`` (the torch path: materialized below 16 MiB, bounded-memory chunks above)."""
+        if self.backend != "auto":
+            return self.backend
+        hit = self._backend_cache.get(device.type)
+        if hit is None:
+            hit = "triton" if device.type == "cuda" and triton_works(device) else "auto"
+            self._backend_cache[device.type] = hit
+        return hit
+
     def ssm_parameters(self) -> list[nn.Parameter]:
-        """Parameters whose change invalidates the kernel cache."""
-        return [p for n, p in self.named_parameters() if not n.startswith(("out_proj", "D"))]
+        """The parameters ``register_ssm`` marked (the system's): a change of any of them invalidates the
+        cached system and kernel. Looked up by name, so a replaced Parameter object counts too."""
+        return [p for p in (getattr(self, n, None) for n in self._ssm_names) if p is not None]
 
     # ---- helpers ------------------------------------------------------------------------------------------
-    def register_ssm(self, name: str, value: Tensor, *, complex_: bool = False) -> nn.Parameter:
-        """Register an SSM parameter with this layer's optimizer hints (lr, weight_decay)."""
+    def register_ssm(
+        self, name: str, value: Tensor, *, complex_: bool = False, hint: bool = True
+    ) -> nn.Parameter:
+        """Register a parameter of the SSM system. With ``hint`` (Lambda, P, B, dt, the denominator) it
+        carries this layer's optimizer hints (lr, weight_decay; read by ``ssm.optim``); without (C, the
+        numerators) it follows the global optimizer settings. Either way it keys the cache."""
         param = complex_param(value) if complex_ else nn.Parameter(value)
-        param._optim = dict(self._hint)  # read by ssm.optim.param_groups
+        if hint:
+            param._optim = dict(self._hint)  # read by ssm.optim.param_groups
         self.register_parameter(name, param)
+        if name not in self._ssm_names:
+            self._ssm_names.append(name)
         return param
 
     def _check_rate(self, rate: float) -> float:
         check_positive("rate", rate)
         return float(rate)
 
+    def _params_unchanged(self) -> bool:
+        snap = self._memo_snapshot
+        params = self.ssm_parameters()
+        if snap is None or len(snap) != len(params):
+            return False
+        for p, q in zip(params, snap):
+            if p.shape != q.shape or p.dtype != q.dtype or p.device != q.device or not torch.equal(p, q):
+                return False
+        return True
+
     def memo(self, name: str, key: tuple, fn):
-        """``fn()``, cached under ``name`` in eval mode without autograd while the SSM parameters (tracked by
-        their version counters) and ``key`` are unchanged; recomputed whenever a graph may be needed."""
+        """``fn()``, cached under ``name`` in eval mode without autograd while ``key`` and the values of the
+        SSM parameters are unchanged; recomputed whenever a graph may be needed.
+
+        The values are compared with a stored copy (O(H N), beside the O(H N L) kernel), so every route
+        that changes a parameter counts: in-place on ``.data``, ``p.data = t``, a new Parameter object,
+        ``vector_to_parameters``, ``load_state_dict``, optimizer steps, ``.to()``, ``.half().float()``.
+        """
         if self.training or torch.is_grad_enabled():
-            self._memo_store.pop(name, None)
+            self._memo_store.clear()
+            self._memo_snapshot = None
             return fn()
-        full_key = (key, tuple((id(p), p._version, p.device, p.dtype) for p in self.ssm_parameters()))
+        if not self._params_unchanged():
+            self._memo_store.clear()
+            self._memo_snapshot = [p.detach().clone() for p in self.ssm_parameters()]
         hit = self._memo_store.get(name)
-        if hit is not None and hit[0] == full_key:
+        if hit is not None and hit[0] == key:
             return hit[1]
         value = fn()
-        self._memo_store[name] = (full_key, value)
+        self._memo_store[name] = (key, value)
         return value
 
+    def _system(self, rate: float) -> NamedTuple:
+        """``discrete_system(rate)`` in float32 or wider (autocast off), cached for inference."""
+        dev = self.D.device.type
+
+        def compute():
+            with torch.autocast(device_type=dev, enabled=False):
+                return self.discrete_system(rate)
+
+        return self.memo("system", (rate,), compute)
+
+    def _kernel_of(self, system: NamedTuple, L: int, rate: float) -> Tensor:
+        dev = self.D.device.type
+
+        def compute() -> Tensor:
+            with torch.autocast(device_type=dev, enabled=False):
+                return self.family.kernel(system, L, **self.kernel_options())
+
+        return self.memo("kernel", (L, rate), compute)
+
     def kernel(self, L: int, rate: float = 1.0) -> Tensor:
-        """The convolution kernel (C', H, L) in float32 or wider, even under autocast.
+        """The convolution kernel (C', H, L) in float32 or wider, even under autocast; C' = 2C when
+        bidirectional (forward channels first).
 
         In eval mode without autograd the kernel is cached (``memo``) and reused while the SSM parameters,
         L and rate are unchanged, so repeated inference pays only for the convolution.
         """
         L = check_int("L", L, minimum=1)
         rate = self._check_rate(rate)
-        params = self.ssm_parameters()
-        dev = params[0].device.type if params else "cpu"
+        return self._kernel_of(self._system(rate), L, rate)
 
-        def compute() -> Tensor:
-            with torch.autocast(device_type=dev, enabled=False):
-                return self._kernel(L, rate)
+    def to_rtf(
+        self, rate: float = 1.0, *, dtype: torch.dtype | None = None, check_length: int = 1024
+    ) -> SSMLayer:
+        """An ``ssm.RTF`` layer with the same outputs: the exact transfer function of this layer's system.
 
-        return self.memo("kernel", (L, rate), compute)
+        An RTF layer returns a copy of itself. Otherwise the family's ``transfer_function`` gives (b, a) in
+        float64 (b_0, the lag-0 tap, goes into the RTF layer's D, which keeps a strictly proper numerator);
+        D, the output projection, activation and GLU are copied. The result is built with
+        ``constraint="none"`` (the denominator is set, not mapped), in ``dtype`` (default: this layer's;
+        float64 coefficients survive conditioning that float32 ones do not).
+
+        Raises:
+            ValueError: the layer is bidirectional; or the conversion is ill-conditioned, which happens when
+                many poles cluster near z = 1 (small dt, large d_state: docs/convert_to_rtf.md): a
+                denominator root on or outside the unit circle, or a kernel of the converted coefficients
+                (in float64 and rounded to ``dtype``) that differs from this layer's over ``check_length``
+                taps by more than the tolerance of the dtype (1e-6 in float64, 1e-4 in float32).
+        """
+        from ..systems.rtf import rtf_kernel
+        from .rtf import RTF
+
+        if isinstance(self, RTF):
+            return copy.deepcopy(self) if dtype is None else copy.deepcopy(self).to(dtype)
+        if self.bidirectional:
+            raise ValueError("to_rtf converts causal layers; got a bidirectional layer")
+        if not hasattr(self.family, "transfer_function"):
+            raise ValueError(f"{type(self).__name__} has no transfer-function conversion")
+        rate = self._check_rate(rate)
+        L = check_int("check_length", check_length, minimum=1)
+        device = self.D.device
+        dtype = self.D.dtype if dtype is None else dtype
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64; got {dtype}")
+        wide = copy.deepcopy(self).double()
+        with torch.no_grad():
+            system = wide.discrete_system(rate)
+            b, a = self.family.transfer_function(system)  # (C, H, N+1), (H, N)
+            K = self.family.kernel(system, L, **wide.kernel_options())[: self.channels]  # (C, H, L)
+            C, H, N = b.shape[0], self.d_model, a.shape[-1]
+            if N:
+                companion = torch.zeros(H, N, N, dtype=a.dtype)
+                companion[:, 0] = -a
+                companion[:, 1:, :-1] = torch.eye(N - 1, dtype=a.dtype)
+                radius = torch.linalg.eigvals(companion).abs().max().item()
+                if not radius < 1:
+                    raise ValueError(
+                        f"the transfer function of this layer is ill-conditioned (clustered poles): its "
+                        f"denominator has a root of modulus {radius:.6g} >= 1 although the system is stable; "
+                        "a larger dt or a smaller d_state converts well"
+                    )
+            rtol = 1e-6 if dtype == torch.float64 else 1e-4
+            rounded = (b.to(dtype).double(), a.to(dtype).double())
+            for what, (bb, aa) in (("float64", (b, a)), (str(dtype), rounded)):
+                K_rtf = rtf_kernel(bb.reshape(C * H, N + 1), aa.repeat(C, 1), L).reshape(C, H, L)
+                err = ((K_rtf - K).norm() / K.norm().clamp_min(1e-300)).item()
+                if not err <= rtol:
+                    raise ValueError(
+                        f"the transfer function of this layer is ill-conditioned (clustered poles): with "
+                        f"{what} coefficients its kernel differs from the layer's by {err:.3g} relative over "
+                        f"{L} taps (tolerance {rtol:g}); a larger dt, a smaller d_state or "
+                        "dtype=torch.float64 converts well"
+                    )
+            out = RTF(H, N, constraint="none", channels=self.channels, transposed=self.transposed,
+                      activation=self.activation, glu=self.glu, dropout=self.drop.p,
+                      ssm_lr=self._hint.get("lr"), ssm_weight_decay=self._hint["weight_decay"],
+                      device=device, dtype=dtype)
+            b0 = b[..., 0]  # (C, H)
+            out.a.copy_(a)
+            out.b.copy_(b[..., 1:] - b0[..., None] * a)
+            out.D.copy_(self.D.double() + b0)
+            out.out_proj.load_state_dict(self.out_proj.state_dict())
+        return out.train(self.training)
 
     def _to_BHL(self, x: Tensor) -> Tensor:
         if not isinstance(x, torch.Tensor) or x.ndim != 3:
@@ -179,7 +307,7 @@ class SSMLayer(nn.Module):
         return x if self.transposed else x.transpose(1, 2)
 
     def _post(self, y: Tensor) -> Tensor:
-        """(B, C, H, L) or (B, C, H) SSM outputs -> activation, dropout, output projection -> (B, L, H)/(B, H)."""
+        """(B, C, H, L) or (B, C, H) SSM outputs -> activation, dropout, projection -> (B, L, H) or (B, H)."""
         if y.ndim == 4:
             y = rearrange(y, "b c h l -> b l (c h)")
         else:
@@ -236,23 +364,34 @@ class SSMLayer(nn.Module):
         if lengths is not None:
             self._check_lengths(lengths, Bsz, L)
             if return_state:
-                raise ValueError("return_state with lengths is not supported: pass equal-length chunks, or use "
-                                 "step for ragged streams")
+                raise ValueError("return_state with lengths is not supported: pass equal-length chunks, or "
+                                 "use step for ragged streams")
             mask = torch.arange(L, device=u.device)[None, :] < lengths.to(u.device)[:, None]  # (B, L)
             u = u * mask[:, None, :].to(u.dtype)
         if state is not None:
             self._check_state_tensor(state, Bsz)
         if u.dtype in (torch.float16, torch.bfloat16):
             u = u.float()
-        K = self.kernel(L, rate)  # (C', H, L)
+        rate = self._check_rate(rate)
+        system = self._system(rate)
+        K = self._kernel_of(system, L, rate)  # (C', H, L)
         K_rev = None
         if self.bidirectional:
             K, K_rev = K[: self.channels], K[self.channels :]
+        u = u.to(K.dtype)
         D = self.D.to(K.dtype)
-        y = fftconv(u.to(K.dtype), K, D, K_rev=K_rev, layout="BHL")  # (B, C, H, L)
-        if state is not None:
-            y = y + self._zero_input_response(state, L, rate).to(y.dtype)
-        next_state = self._chunk_state(u.to(K.dtype), state, rate) if return_state else None
+        if state is None:
+            y = fftconv(u, K, D, K_rev=K_rev, layout="BHL")  # (B, C, H, L)
+        elif hasattr(self.family, "state_input"):
+            # The state folded into the one convolution: conv(K, u + p) + q (+ D u).
+            p, q = self.family.state_input(system, state, L)  # (B, H, n), (B, C, H, n)
+            n = p.shape[-1]
+            y = fftconv(u + F.pad(p.to(u.dtype), (0, L - n)), K, layout="BHL") + D[..., None] * u[:, None]
+            y = y + F.pad(q.to(y.dtype), (0, L - n))
+        else:
+            y = fftconv(u, K, D, K_rev=K_rev, layout="BHL")
+            y = y + self.family.free_response(system, state, L).to(y.dtype)
+        next_state = self.family.final_state(system, u, state) if return_state else None
         y = self._post(y)  # (B, L, H)
         if self.transposed:
             y = y.transpose(1, 2)
@@ -262,7 +401,8 @@ class SSMLayer(nn.Module):
     def step(self, x: Tensor, state: Tensor, *, rate: float = 1.0) -> tuple[Tensor, Tensor]:
         """Recurrent path: one token x (B, H) and the state -> (y (B, H), next_state)."""
         if self.bidirectional:
-            raise ValueError("step is undefined for a bidirectional layer: its output depends on future inputs")
+            raise ValueError("step is undefined for a bidirectional layer: its output depends on future "
+                             "inputs")
         if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != self.d_model:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must have shape (B, d_model={self.d_model}) in step; got {got}")
@@ -270,7 +410,7 @@ class SSMLayer(nn.Module):
         rate = self._check_rate(rate)
         u = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         with torch.autocast(device_type=u.device.type, enabled=False):
-            y, next_state = self._step(u, state, rate)  # (B, C, H)
+            y, next_state = self.family.step(self._system(rate), state, u)  # (B, C, H)
         y = y.real.to(u.dtype) + self.D.to(u.dtype) * u[:, None, :]
         y = self._post(y).to(x.dtype)
         return y, next_state

@@ -1,11 +1,15 @@
 """RTF: the rational-transfer-function layer (Parnichkun et al., "State-Free Inference of State-Space Models:
 The Transfer Function Approach", ICML 2024).
 
-Each feature h filters its input with H_h(z) = (b_1 z^-1 + ... + b_N z^-N) / (1 + a_1 z^-1 + ... + a_N z^-N)
-(the direct term b_0 is the layer's D skip). The kernel comes from FFTs of the coefficients
-(``ssm.kernels.rtf_kernel``), so its cost does not grow with N; the recurrent path is the companion
-recurrence in O(N) per step (``ssm.transfer.rtf_step``). The model is discrete-time: there is no dt, so
-``rate`` other than 1 is refused.
+Each feature h filters its input, per output channel c, with
+
+    H_(c,h)(z) = (b_1 z^-1 + ... + b_N z^-N) / (1 + a_1 z^-1 + ... + a_N z^-N)
+
+(the direct term b_0 is the layer's D skip). The layer owns the parameters and builds its discrete
+system (``discrete_system``); the math is the family ``ssm.systems.rtf``: the kernel comes from FFTs of the
+coefficients, so its cost does not grow with N, and the recurrent path is the companion recurrence in O(N)
+per step, the all-pole part once per feature. The model is discrete-time: there is no dt, so ``rate``
+other than 1 is refused.
 """
 
 from __future__ import annotations
@@ -14,11 +18,11 @@ import torch
 from torch import Tensor
 
 from .._checks import check_choice, check_int
-from ..systems.rtf import rtf_kernel
-from ..systems.rtf import rtf_filter, rtf_init, rtf_step, stable_denominator
+from ..systems import rtf as rtf_family
+from ..systems.rtf import RTFSystem, is_stable, rtf_init, stable_denominator
 from .base import SSMLayer
 
-RTF_CONSTRAINTS = ("none", "stable")
+RTF_CONSTRAINTS = ("montel", "reflection", "stable", "none")
 
 
 class RTF(SSMLayer):
@@ -27,24 +31,41 @@ class RTF(SSMLayer):
     Args:
         d_model: H.
         d_state: N, the order of the denominator (and of the strictly proper numerator).
-        constraint: "none" (the denominator coefficients are free parameters, as in the paper) or "stable"
-            (they are mapped through ``ssm.transfer.stable_denominator`` so every pole stays inside the unit
-            disc).
-        Other keyword arguments: see ``SSMLayer``. The SSM-parameter hints apply to the denominator.
+        constraint: how the denominator parameters ``a`` map to the coefficients a_1..a_N:
+
+            * ``"montel"`` (default): ``stable_denominator(a, "montel")``, sum_i |a_i| < 1. Stable by
+              construction for any parameter values, any N and either precision, with a well-conditioned
+              recurrence, so ``forward`` and ``step`` agree to float32 rounding however training moves
+              the parameters. It excludes some stable filters (e.g. a double pole at 0.99).
+            * ``"reflection"`` (``"stable"`` is its former name): the complete reflection-coefficient map.
+              Every stable denominator is reachable, but for N >~ 8 and large parameters the rounded
+              coefficients can be unstable or so ill-conditioned that ``step`` loses all accuracy; the
+              layer then raises a ValueError (see below) rather than return a wrong kernel.
+            * ``"none"``: the coefficients are free parameters, as in the paper. Poles may leave the unit
+              circle during training, where the FFT kernel is wrong and ``step`` diverges: every
+              ``discrete_system`` runs a Schur-Cohn test and raises a ValueError naming the features
+              whose poles are on or outside the unit circle.
+
+            All three map the initial a = 0 to a = 0 (the paper's initialization). The default was
+            ``"none"``; it changed because a few hundred Adam steps at lr 0.05 moved a pole to 1.7.
+        Other keyword arguments: see ``SSMLayer``. The SSM-parameter hints apply to the denominator; the
+            numerators follow the global optimizer settings.
 
     Initialization (as in the paper): a = 0, i.e. every pole at the origin, so the layer starts as an FIR
     filter of length N + 1.
 
     Shapes: forward x (B, L, H) -> (B, L, H); step x (B, H), state (B, H, N) real (the last N values of the
-    all-pole part w, newest first).
+    all-pole part w, newest first, shared by the channels).
     """
+
+    family = rtf_family
 
     def __init__(
         self,
         d_model: int,
         d_state: int = 64,
         *,
-        constraint: str = "none",
+        constraint: str = "montel",
         channels: int = 1,
         bidirectional: bool = False,
         transposed: bool = False,
@@ -66,59 +87,58 @@ class RTF(SSMLayer):
         real_dtype = dtype or torch.get_default_dtype()
         b, a = rtf_init(C_out * H, N, dtype=real_dtype)  # b (C'H, N+1), a (C'H, N)
         self.register_ssm("a", a[:H].clone().to(device))
-        self.b = torch.nn.Parameter(b[:, 1:].reshape(C_out, H, N).clone().to(device))
+        self.register_ssm("b", b[:, 1:].reshape(C_out, H, N).clone().to(device), hint=False)
         if self.bidirectional:
             # The anti-causal kernel starts at lag -1, which the direct term D does not cover: the reverse
             # channels keep their own b_0.
-            self.b0_rev = torch.nn.Parameter(b[self.channels * H :, 0].reshape(self.channels, H).clone().to(device))
-
-    def _coefficients(self, channels: int) -> tuple[Tensor, Tensor]:
-        """b (channels*H, N+1) and a (channels*H, N), channels flattened into the feature dim; b_0 = 0 for the
-        causal channels (D is their direct term), ``b0_rev`` for the anti-causal ones of a bidirectional layer."""
-
-        def compute():
-            a = stable_denominator(self.a) if self.constraint == "stable" else self.a
-            b = self.b[:channels]
-            b0 = torch.zeros_like(b[..., :1])
-            if channels > self.channels:
-                b0 = torch.cat([b0[: self.channels], self.b0_rev[..., None]], dim=0)
-            b = torch.cat([b0, b], dim=-1).reshape(channels * self.d_model, -1)
-            return b, a.repeat(channels, 1)
-
-        return self.memo(f"coefficients{channels}", (), compute)
+            b0_rev = b[self.channels * H :, 0].reshape(self.channels, H)
+            self.register_ssm("b0_rev", b0_rev.clone().to(device), hint=False)
 
     def _check_rate(self, rate: float) -> float:
         if rate != 1.0:
             raise ValueError(f"rate must be 1.0 for RTF, a discrete-time model without dt; got {rate}")
         return 1.0
 
-    def _kernel(self, L: int, rate: float) -> Tensor:
-        C_out = self.b.shape[0]
-        b, a = self._coefficients(C_out)
-        return rtf_kernel(b, a, L).reshape(C_out, self.d_model, L)
+    def denominator(self) -> Tensor:
+        """a_1..a_N (H, N) after the constraint; for "reflection" and "none", checked to be stable."""
+        if self.constraint == "montel":
+            return stable_denominator(self.a, "montel")
+        a = self.a if self.constraint == "none" else stable_denominator(self.a, "reflection")
+        ok = is_stable(a)
+        if not bool(ok.all()):
+            bad = (~ok).nonzero().flatten().tolist()
+            more = "..." if len(bad) > 10 else ""
+            raise ValueError(
+                f"RTF with constraint={self.constraint!r} has poles on or outside the unit circle in "
+                f"features {bad[:10]}{more}: its kernel and recurrence would be wrong or diverge. Use "
+                "constraint='montel' (the default), which is stable for any parameter values"
+            )
+        return a
 
-    # ---- recurrent path -----------------------------------------------------------------------------------
+    def discrete_system(self, rate: float = 1.0) -> RTFSystem:
+        """The layer's discrete system: b (C', H, N+1) and a (H, N), C' = 2C when bidirectional.
+
+        The causal channels have b_0 = 0 (the D parameter is their direct term); the anti-causal channels
+        of a bidirectional layer follow them, with their own b_0 = ``b0_rev``. Differentiable; the base
+        class caches it for inference.
+
+        Args:
+            rate: must be 1.0 (RTF has no dt); anything else raises a ValueError.
+
+        Raises:
+            ValueError: rate != 1, or (constraints "reflection" and "none") a pole on or outside the unit
+                circle.
+        """
+        self._check_rate(rate)
+        b = self.b  # (C', H, N)
+        b0 = torch.zeros_like(b[..., :1])
+        if self.bidirectional:
+            b0 = torch.cat([b0[: self.channels], self.b0_rev[..., None]], dim=0)
+        return rtf_family.system(torch.cat([b0, b], dim=-1), self.denominator())
+
     def default_state(self, batch_size: int, *, device=None) -> Tensor:
+        """The zero state (B, H, N) (w_(k-1), ..., w_(k-N)), float32 at least."""
         check_int("batch_size", batch_size, minimum=1)
-        return torch.zeros(batch_size, self.d_model, self.d_state, dtype=self.a.dtype,
+        return torch.zeros(batch_size, self.d_model, self.d_state,
+                           dtype=torch.promote_types(self.a.dtype, torch.float32),
                            device=device if device is not None else self.a.device)
-
-    def _per_channel(self, t: Tensor) -> Tensor:
-        """(B, H, ...) -> (B, C*H, ...): the all-pole part w is shared by the channels."""
-        return t.repeat(1, self.channels, *([1] * (t.ndim - 2)))
-
-    def _step(self, u: Tensor, state: Tensor, rate: float):
-        b, a = self._coefficients(self.channels)
-        y, next_state = rtf_step(b, a, self._per_channel(u), self._per_channel(state))
-        return y.reshape(-1, self.channels, self.d_model), next_state[:, : self.d_model]
-
-    def _zero_input_response(self, state: Tensor, L: int, rate: float) -> Tensor:
-        b, a = self._coefficients(self.channels)
-        zeros = torch.zeros(state.shape[0], self.channels * self.d_model, L, dtype=state.dtype, device=state.device)
-        y, _ = rtf_filter(b, a, zeros, self._per_channel(state))
-        return y.reshape(-1, self.channels, self.d_model, L)
-
-    def _chunk_state(self, u: Tensor, state, rate: float) -> Tensor:
-        b, a = self._coefficients(1)
-        _, next_state = rtf_filter(b, a, u, state)
-        return next_state

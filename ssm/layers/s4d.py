@@ -2,8 +2,8 @@
 State Space Models", 2022).
 
 A_h = diag(Lambda_h) with N/2 complex modes, each standing for a conjugate pair, so the kernel is
-K = 2 Re(sum_n C_n Lambda_bar_n^k B_bar_n) (``diag_kernel(..., conj_pairs=True)``). Lambda is stored as
-log(-Re Lambda) and Im Lambda so the real part stays negative.
+K = 2 Re(sum_n C_n Lambda_bar_n^k B_bar_n). Lambda is stored as log(-Re Lambda) and Im Lambda so the real
+part stays negative. The math is ``ssm.systems.diag``; this module owns the parameters.
 """
 
 from __future__ import annotations
@@ -12,11 +12,9 @@ import torch
 from torch import Tensor
 
 from .._checks import check_choice, check_int
-from ..discretize import discretize_diag
 from ..hippo import diag_init, nplr
-from ..systems.diag import diag_kernel
-from ..ops.scan import final_state
-from ..ops.vandermonde import vandermonde
+from ..ops.cauchy import BACKENDS
+from ..systems import diag
 from .base import SSMLayer, as_complex, init_log_dt
 
 S4D_INITS = ("diag-lin", "diag-inv", "diag-legs", "diag-real", "lin", "inv", "legs", "real")
@@ -67,11 +65,15 @@ class S4D(SSMLayer):
         d_state: N; the layer keeps N/2 complex modes (conjugate pairs). Must be even.
         init: "diag-lin" (S4D-Lin), "diag-inv" (S4D-Inv), "diag-legs" (S4D-LegS), "diag-real" (S4D-Real).
         disc: "zoh" or "bilinear".
+        backend: the Vandermonde backend (``ssm.ops.cauchy.BACKENDS``): "auto" (Triton on CUDA when it is
+            installed and works, else the torch path sized by memory), "naive", "chunked" or "triton".
         dt_min, dt_max: range of the log-uniform initialization of dt.
         Other keyword arguments: see ``SSMLayer``.
 
     Shapes: forward x (B, L, H) -> (B, L, H); step x (B, H), state (B, H, N/2) complex.
     """
+
+    family = diag
 
     def __init__(
         self,
@@ -82,6 +84,7 @@ class S4D(SSMLayer):
         disc: str = "zoh",
         dt_min: float = 1e-3,
         dt_max: float = 1e-1,
+        backend: str = "auto",
         channels: int = 1,
         bidirectional: bool = False,
         transposed: bool = False,
@@ -99,6 +102,7 @@ class S4D(SSMLayer):
         self.d_state = N = check_pair_d_state(d_state)
         self.init = check_choice("init", init, S4D_INITS)
         self.disc = check_choice("disc", disc, DIAG_DISCS)
+        self.backend = check_choice("backend", backend, BACKENDS)
         H, N2 = self.d_model, N // 2
         real_dtype = dtype or torch.get_default_dtype()
         cdtype = torch.complex128 if real_dtype == torch.float64 else torch.complex64
@@ -110,42 +114,19 @@ class S4D(SSMLayer):
         self.register_ssm("log_dt", init_log_dt(H, dt_min, dt_max, device=device, dtype=real_dtype))
         C_out = self.channels * (2 if self.bidirectional else 1)
         C = torch.randn(C_out, H, N2, dtype=cdtype, device=device)  # complex normal, E|C|^2 = 1
-        self.C = torch.nn.Parameter(torch.view_as_real(C).clone())
+        self.register_ssm("C", C, complex_=True, hint=False)
 
-    # ---- parameters -> system --------------------------------------------------------------------------------
-    def _system(self, rate: float):
+    # ---- parameters -> system ----------------------------------------------------------------------------
+    def discrete_system(self, rate: float = 1.0) -> diag.DiagSystem:
+        """The discrete diagonal system ``ssm.systems.diag.DiagSystem`` at step dt * rate (differentiable):
+        Lambda (H, N/2), B (H, N/2), C (C', H, N/2), dt (H,), Ab, Bb, log_Ab (H, N/2), in half storage."""
+        rate = self._check_rate(rate)
         Lambda = lambda_from_params(self.log_neg_real, self.Lambda_imag)  # (H, N/2)
-        return Lambda, as_complex(self.B), as_complex(self.C), torch.exp(self.log_dt) * rate
+        dt = torch.exp(self.log_dt) * rate
+        return diag.discretize(Lambda, as_complex(self.B), as_complex(self.C), dt, self.disc)
 
-    def _discrete(self, rate: float):
-        """(Ab (H, N/2), Bb (H, N/2), C (C', H, N/2)), memoized for inference."""
+    def kernel_options(self) -> dict:
+        return {"backend": self.resolved_backend(self.log_dt.device)}
 
-        def compute():
-            Lambda, B, C, dt = self._system(rate)
-            Ab, Bb = discretize_diag(Lambda, B, dt, self.disc)
-            return Ab, Bb, C
-
-        return self.memo("discrete", (rate,), compute)
-
-    def _kernel(self, L: int, rate: float) -> Tensor:
-        Lambda, B, C, dt = self._system(rate)
-        return diag_kernel(Lambda, B, C, dt, L, disc=self.disc, conj_pairs=True)  # (C', H, L)
-
-    # ---- recurrent path -----------------------------------------------------------------------------------
     def default_state(self, batch_size: int, *, device=None) -> Tensor:
         return pair_state(self, batch_size, device)
-
-    def _step(self, u: Tensor, state: Tensor, rate: float):
-        Ab, Bb, C = self._discrete(rate)
-        x = Ab * state + Bb * u[..., None].to(Bb.dtype)  # (B, H, N/2)
-        y = 2 * torch.einsum("chn,bhn->bch", C, x).real
-        return y, x
-
-    def _zero_input_response(self, state: Tensor, L: int, rate: float) -> Tensor:
-        Ab, _, C = self._discrete(rate)
-        v = C[: self.channels, None] * (Ab * state.to(C.dtype))  # (C, B, H, N/2): C_n Ab_n x_n
-        return 2 * vandermonde(v, Ab, L).real.transpose(0, 1)  # sum_n v_n Ab_n^k
-
-    def _chunk_state(self, u: Tensor, state, rate: float) -> Tensor:
-        Ab, Bb, _ = self._discrete(rate)
-        return final_state(Ab, Bb, u, state)

@@ -19,7 +19,8 @@ Backends (chosen by ``resolve_backend``, shared with ``ssm.ops.vandermonde``):
   ``"chunked"``.
 
 Here W is the number of distinct ``w`` rows (``w``'s batch size); batch dimensions of ``v`` along which ``w``
-is broadcast (output channels, the Woodbury B/P x C/Q products) share one 1 / (z - w) matrix.
+is broadcast (output channels, the Woodbury B/P x C/Q products) share one 1 / (z - w) matrix. The operand
+helpers ``check_operands``, ``promote_operands`` and ``group_operands`` serve ``ssm.ops.vandermonde`` too.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def resolve_backend(backend: str, nbytes: int, device: torch.device) -> str:
     return backend
 
 
-def _group(v: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Callable]:
+def group_operands(v: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Callable]:
     """Arrange broadcasting v (..., N), w (..., N) as v (W, E, N), w (W, N).
 
     W collects the batch dimensions along which ``w`` varies, E the ones along which it is broadcast, so
@@ -117,7 +118,7 @@ def check_operands(v: torch.Tensor, w: torch.Tensor, wname: str) -> None:
         raise ValueError(f"{wname}'s batch shape must broadcast against v's; {shapes}") from None
 
 
-def _promote(*tensors: torch.Tensor) -> list[torch.Tensor]:
+def promote_operands(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """Cast all tensors to their common complex dtype."""
     dtype = tensors[0].dtype
     for t in tensors[1:]:
@@ -203,8 +204,8 @@ def cauchy(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor, *, backend: str = 
     """
     check_tensor("z", z, ndim=1)
     check_operands(v, w, "w")
-    v, z, w = _promote(v, z, w)
-    vg, wg, restore = _group(v, w)
+    v, z, w = promote_operands(v, z, w)
+    vg, wg, restore = group_operands(v, w)
     wsize, esize, n = vg.shape
     length = z.shape[0]
     itemsize = z.element_size()
@@ -222,5 +223,5 @@ def cauchy(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor, *, backend: str = 
 
 def cauchy_ref(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Reference twin of ``cauchy``: the plain broadcast sum, materializing (..., N, L)."""
-    v, z, w = _promote(v, z, w)
+    v, z, w = promote_operands(v, z, w)
     return (v.unsqueeze(-1) / (z - w.unsqueeze(-1))).sum(-2)

@@ -24,7 +24,7 @@ import functools
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["available", "cauchy_triton", "vandermonde_triton"]
+__all__ = ["available", "cauchy_triton", "vandermonde_triton", "works"]
 
 BLOCK_N = 32
 BLOCK_L = 128
@@ -253,3 +253,23 @@ def cauchy_triton(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor) -> torch.Te
 def vandermonde_triton(v: torch.Tensor, a: torch.Tensor, L: int) -> torch.Tensor:
     """Grouped log-Vandermonde product v (W, E, N), a = log x (W, N) -> (W, E, L) with Triton kernels."""
     return _VandermondeTriton.apply(v.contiguous(), a.contiguous(), L)
+
+
+@functools.cache
+def works(device: torch.device) -> bool:
+    """Whether the Triton Cauchy kernel runs on ``device`` and agrees with the reference on a small probe
+    (checked once per device). False without CUDA, without triton, or when compilation or launch fails."""
+    if torch.device(device).type != "cuda" or not available():
+        return False
+    from .cauchy import cauchy_ref
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    v = torch.randn(2, 3, 8, dtype=torch.complex64, generator=gen).to(device)
+    w = torch.complex(-torch.rand(2, 8, generator=gen), torch.randn(2, 8, generator=gen)).to(device)
+    z = torch.complex(torch.zeros(16), torch.linspace(-3, 3, 16)).to(device)
+    try:
+        out = cauchy_triton(v, z, w)
+    except Exception:  # noqa: BLE001 - any compile or launch failure means "fall back to torch"
+        return False
+    ref = cauchy_ref(v, z, w.unsqueeze(1))
+    return bool(torch.allclose(out.cpu(), ref.cpu(), rtol=1e-3, atol=1e-4))

@@ -97,7 +97,8 @@ def final_state(Ab: Tensor, Bb: Tensor, u: Tensor, x0: Tensor | None = None, *, 
     r = L % T
     if r:
         # Leading partial block of length r, so every later block is full.
-        x = _matvec(_matrix_power(Ab, r, diag), x, diag) + torch.einsum("hnt,bht->bhn", Kr[..., T - r:], u[..., :r])
+        head = torch.einsum("hnt,bht->bhn", Kr[..., T - r:], u[..., :r])
+        x = _matvec(_matrix_power(Ab, r, diag), x, diag) + head
     nb = (L - r) // T
     if nb:
         ub = u[..., r:].reshape(Bsz, H, nb, T)

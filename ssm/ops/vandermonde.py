@@ -26,7 +26,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .._checks import check_int
-from .cauchy import _group, _promote, check_operands, resolve_backend
+from .cauchy import check_operands, group_operands, promote_operands, resolve_backend
 
 __all__ = ["vandermonde", "vandermonde_ref"]
 
@@ -125,9 +125,9 @@ def vandermonde(
     """
     check_operands(v, x, "x")
     length = check_int("L", L, minimum=1)
-    v, x = _promote(v, x)
+    v, x = promote_operands(v, x)
     a = x if log else torch.log(x)
-    vg, ag, restore = _group(v, a)
+    vg, ag, restore = group_operands(v, a)
     wsize, esize, n = vg.shape
     itemsize = a.element_size()
     name = resolve_backend(backend, wsize * n * length * itemsize, a.device)
@@ -144,7 +144,7 @@ def vandermonde(
 
 def vandermonde_ref(v: torch.Tensor, x: torch.Tensor, L: int, *, log: bool = False) -> torch.Tensor:
     """Reference twin of ``vandermonde``: explicit integer powers, materializing (..., N, L)."""
-    v, x = _promote(v, x)
+    v, x = promote_operands(v, x)
     if log:
         x = torch.exp(x)
     powers = [torch.ones_like(x)]

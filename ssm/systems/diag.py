@@ -5,9 +5,14 @@ Pure functions of the structured parameters; ``ssm.layers.S4D`` owns the paramet
 
 from __future__ import annotations
 
-import torch
+from typing import NamedTuple
 
-from ..discretize import phi1
+import torch
+from torch import Tensor
+
+from .._checks import check_choice, check_shape, check_tensor
+from ..discretize import discretize_diag, phi1
+from ..ops.scan import final_state as scan_final_state
 from ..ops.vandermonde import vandermonde
 from .common import check_kernel_args, complex_dtype
 
@@ -64,3 +69,87 @@ def diag_kernel(
         Bb, log_Ab = dtc * B / den, torch.log((1 + x / 2) / den)
     K = vandermonde(C * Bb, log_Ab, L, log=True, backend=backend).real  # (..., H, L)
     return 2 * K if conj_pairs else K
+
+
+# ---- the family verbs on the layer's storage: one complex mode per conjugate pair ----
+
+
+class DiagSystem(NamedTuple):
+    """A discrete diagonal system in conjugate-pair half storage (what ``ssm.S4D.discrete_system`` returns).
+
+    The real N-state system is the half with its conjugates appended, so every output is 2 Re of the
+    half-storage sum.
+
+    Fields:
+        Lambda: (H, N/2) complex continuous eigenvalues, B: (H, N/2), C: (Ch, H, N/2), dt: (H,),
+            disc: ``"zoh"`` or ``"bilinear"``.
+        Ab: (H, N/2) discrete eigenvalues, Bb: (H, N/2) discrete input vector.
+        log_Ab: (H, N/2) log Ab (dt Lambda for zoh), the nodes of the log-Vandermonde products; its real
+            part is floored at log of the smallest normal number, so Ab = 0 (bilinear at dt Lambda = -2) is
+            finite.
+    """
+
+    Lambda: Tensor
+    B: Tensor
+    C: Tensor
+    dt: Tensor
+    disc: str
+    Ab: Tensor
+    Bb: Tensor
+    log_Ab: Tensor
+
+
+def discretize(Lambda: Tensor, B: Tensor, C: Tensor, dt: Tensor, disc: str = "zoh") -> DiagSystem:
+    """Elementwise zoh / bilinear discretization (``ssm.discretize.discretize_diag``) of the half storage:
+    Lambda, B (H, N/2), C (Ch, H, N/2), dt (H,)."""
+    check_choice("disc", disc, ("zoh", "bilinear"))
+    check_tensor("Lambda", Lambda, ndim=2)
+    H, N2 = Lambda.shape
+    check_tensor("C", C, ndim=3)
+    check_shape("C", C, (None, H, N2), "(Ch, H, N/2) like Lambda")
+    Ab, Bb = discretize_diag(Lambda, B, dt, disc)
+    x = dt[:, None].to(Lambda.dtype) * Lambda
+    if disc == "zoh":
+        log_Ab = x
+    else:
+        num = 1 + x / 2
+        tiny = torch.finfo(dt.dtype).tiny
+        num = torch.where(num.abs() < tiny, torch.full_like(num, tiny), num)
+        log_Ab = torch.log(num) - torch.log(1 - x / 2)
+    return DiagSystem(Lambda, B, C, dt, disc, Ab, Bb, log_Ab)
+
+
+def kernel(sys: DiagSystem, L: int, *, backend: str = "auto") -> Tensor:
+    """The convolution kernel (Ch, H, L) = ``diag_kernel`` of the half storage (one Vandermonde product)."""
+    return diag_kernel(sys.Lambda, sys.B, sys.C, sys.dt, L, sys.disc, conj_pairs=True, backend=backend)
+
+
+def step(sys: DiagSystem, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """x_k = Ab x_{k-1} + Bb u_k elementwise, y_k = 2 Re(C x_k).
+
+    x (B, H, N/2), u (B, H) -> (y (B, Ch, H), x_k (B, H, N/2)).
+    """
+    x = sys.Ab * x.to(sys.Ab.dtype) + sys.Bb * u[..., None].to(sys.Bb.dtype)
+    return 2 * torch.einsum("chn,bhn->bch", sys.C, x).real, x
+
+
+def free_response(sys: DiagSystem, x0: Tensor, L: int, *, backend: str = "auto") -> Tensor:
+    """Zero-input response y_k = 2 Re(sum_n C_n Ab_n^{k+1} x0_n): x0 (B, H, N/2) -> (B, Ch, H, L), one
+    Vandermonde product whose nodes (and powers) are shared by the batch."""
+    v = sys.C[:, None] * (sys.Ab * x0.to(sys.C.dtype))  # (Ch, B, H, N/2)
+    return 2 * vandermonde(v, sys.log_Ab, L, log=True, backend=backend).real.transpose(0, 1)
+
+
+def final_state(sys: DiagSystem, u: Tensor, x0: Tensor | None = None) -> Tensor:
+    """State (B, H, N/2) after the chunk u (B, H, L) from x0 (None: zeros), by blocked Krylov products."""
+    return scan_final_state(sys.Ab, sys.Bb, u, x0)
+
+
+def transfer_function(sys: DiagSystem) -> tuple[Tensor, Tensor]:
+    """Transfer-function coefficients of the real N-state system (``ssm.transfer.ssm_to_rtf``), float64:
+    b (Ch, H, N+1) (b_0 = C Bb included) and a (H, N), shared by the channels."""
+    from ..transfer import ssm_to_rtf  # deferred: ssm.transfer imports the RTF family of this package
+
+    wide = torch.complex128
+    b, a = ssm_to_rtf(sys.Ab.to(wide), sys.Bb.to(wide), sys.C.to(wide), conj_pairs=True, real=True)
+    return b.double(), a[0].double()

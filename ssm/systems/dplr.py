@@ -6,13 +6,21 @@ Pure functions of the structured parameters; ``ssm.layers.S4`` owns the paramete
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
+from torch import Tensor
 
-from .._checks import check_shape, check_tensor
-from ..discretize import discretize
+from .._checks import check_choice, check_shape, check_tensor
+from ..discretize import discretize as _discretize_dense
 from ..ops.cauchy import cauchy
 from .common import check_kernel_args, complex_dtype, small_solve
+from .dense import DenseSystem
+from .dense import final_state as dense_final_state
+from .dense import free_response as dense_free_response
+from .dense import kernel as dense_kernel
+from .dense import step as dense_step
 
 
 def dplr_dense(Lambda: torch.Tensor, P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
@@ -213,27 +221,201 @@ def dplr_kernel(
         # The exponential is taken in complex128: in complex64, matrix_exp of a stiff non-normal matrix
         # (HiPPO-LegS, |dt A| ~ 1e2) loses ~1e-4 relative accuracy, 100x the rest of the computation.
         wide = torch.complex128
-        Ab, Bb = discretize(Af.to(wide), full(B).to(wide), dt.to(torch.float64), "zoh")
+        Ab, Bb = _discretize_dense(Af.to(wide), full(B).to(wide), dt.to(torch.float64), "zoh")
         K = krylov_taps(Ab.to(cdtype), Bb.to(cdtype), full(C), L).real
         return K[0] if squeeze else K
 
-    Ab = bilinear_dense(full(Lambda), full(P), full(Q), dt)  # (H, Nf, Nf)
-    Cf = full(C)
-    Ct = Cf - _row_power(Cf, Ab, L)  # C~ = C (I - Ab^L), (Ch, H, Nf)
+    # Everything but the O(H N L) Cauchy products runs in complex128 and is rounded once (see Precision).
+    wide, rwide = torch.complex128, torch.float64
+    Lw, Pw, Qw, Bw, Cw = (t.to(wide) for t in (Lambda, P, Q, B, C))
+    dtw = dt.to(rwide)
+    Ab = bilinear_dense(full(Lw), full(Pw), full(Qw), dtw)  # (H, Nf, Nf)
+    if conj_pairs:
+        # Ab is conjugate-symmetric, [[A1, A2], [conj A2, conj A1]]: its powers are taken as the real matrix
+        # acting on [Re x, Im x] (float64 at half the cost of complex64), with the row C~ -> [2 Re, -2 Im].
+        A1, A2 = Ab[..., :N, :N], Ab[..., :N, N:]
+        S, Dm = A1 + A2, A1 - A2
+        Ar = torch.cat([torch.cat([S.real, -Dm.imag], -1), torch.cat([S.imag, Dm.real], -1)], -2)
+        Cr = _row_power(torch.cat([2 * Cw.real, -2 * Cw.imag], -1), Ar, L)  # C Ab^L, (Ch, H, 2N)
+        Ctw = full(Cw - torch.complex(Cr[..., :N], -Cr[..., N:]) / 2)  # C~ = C (I - Ab^L), (Ch, H, Nf)
+    else:
+        Cf = full(Cw)
+        Ctw = Cf - _row_power(Cf, Ab, L)  # C~ = C (I - Ab^L), (Ch, H, Nf)
     M = L // 2 + 1 if conj_pairs else L
-    s, factor = _bilinear_freqs(L, M, cdtype, Lambda.device)
-    left = torch.cat([Ct[..., :N], Q.conj()], dim=0)  # (Ch+R, H, N)
-    right = torch.cat([B.unsqueeze(0), P], dim=0)  # (1+R, H, N)
-    dtc = dt.to(cdtype).unsqueeze(-1)  # (H, 1)
-    v = left.unsqueeze(1) * right.unsqueeze(0) * dtc  # (Ch+R, 1+R, H, N)
-    w = dtc * Lambda  # (H, N)
-    r = cauchy(full(v), s, full(w), backend=backend)  # (Ch+R, 1+R, H, M')
-    khat = _woodbury(r, Ch) * factor  # (Ch, H, M')
+    s, factor = _bilinear_freqs(L, M, wide, Lambda.device)
+
+    def products(Ct, Q, B, P, Lambda, dt):
+        left = torch.cat([Ct[..., :N], Q.conj()], dim=0)  # (Ch+R, H, N)
+        right = torch.cat([B.unsqueeze(0), P], dim=0)  # (1+R, H, N)
+        dtc = dt.to(Lambda.dtype).unsqueeze(-1)  # (H, 1)
+        v = left.unsqueeze(1) * right.unsqueeze(0) * dtc  # (Ch+R, 1+R, H, N)
+        return full(v), full(dtc * Lambda)
+
+    # z = 1 (k = 0) in complex128: there s_0 = 0 and the denominators s_0 - dt Lambda vanish with Lambda.
+    v, w = products(Ctw, Qw, Bw, Pw, Lw, dtw)
+    r = cauchy(v, s[:1], w, backend="naive")  # (Ch+R, 1+R, H, 1)
+    if s.shape[0] > 1:
+        v, w = products(Ctw.to(cdtype), Q, B, P, Lambda, dt)
+        rest = cauchy(v, s[1:].to(cdtype), w, backend=backend)  # (Ch+R, 1+R, H, M'-1)
+        r = torch.cat([r, rest.to(wide)], dim=-1)
+    khat = _woodbury(r, Ch) * factor  # (Ch, H, M'), complex128
     if L % 2 == 0:
         # z = -1: (I + Ab)^{-1} Bb = dt/2 B for any A, so the generating function there is dt/2 C~ B.
-        nyq = (Ct * full(B)).sum(-1) * dtc.squeeze(-1) / 2  # (Ch, H)
+        nyq = (Ctw * full(Bw)).sum(-1) * dtw / 2  # (Ch, H)
         if conj_pairs:
-            nyq = nyq.real.to(cdtype)
+            nyq = nyq.real.to(wide)
         khat = torch.cat([khat[..., : L // 2], nyq.unsqueeze(-1), khat[..., L // 2 :]], dim=-1)
+    khat = khat.to(cdtype)
     K = torch.fft.irfft(khat, n=L) if conj_pairs else torch.fft.ifft(khat, n=L).real
     return K[0] if squeeze else K
+
+
+# ---- the family verbs on the layer's storage: conjugate-pair half storage, N/2 complex modes ----
+#
+# The real N-state system is the half (Lambda, P, B, C) with its conjugates appended. Its state in half
+# storage is x (B, H, N/2) complex (the full state is [x, conj(x)]); in real coordinates it is
+# [Re x, Im x] (B, H, N), where the discrete matrices are real: ``real_system``.
+
+
+@dataclass(frozen=True)
+class DPLRSystem:
+    """A discrete DPLR system in conjugate-pair half storage (what ``ssm.S4.discrete_system`` returns).
+
+    Fields:
+        Lambda: (H, N/2) complex, P: (R, H, N/2), B: (H, N/2), C: (Ch, H, N/2): the continuous system
+            A = diag(Lambda) - P P^* with the conjugate modes appended.
+        dt: (H,) step; disc: ``"bilinear"`` or ``"zoh"``.
+        D0: (H, N/2) = 1 - dt/2 Lambda and Ginv: (H, R, R) = (I_R + dt/2 P^* D0^{-1} P)^{-1}, the constants
+            of the Woodbury step (bilinear).
+        dense: (computed on first use, then kept) the same discrete system in real coordinates
+            [Re x, Im x], a ``DenseSystem`` with Ab (H, N, N), Bb (H, N), C (Ch, H, N), real; the free
+            response, the final state, and the zoh step and kernel use it. It is formed in float64 from the
+            dense full A (an O(H N^3) solve or matrix exponential) and rounded once.
+    """
+
+    Lambda: Tensor
+    P: Tensor
+    B: Tensor
+    C: Tensor
+    dt: Tensor
+    disc: str
+    D0: Tensor
+    Ginv: Tensor
+
+    @cached_property
+    def dense(self) -> DenseSystem:
+        full = lambda t: torch.cat([t, t.conj()], dim=-1)  # noqa: E731
+        wide = torch.complex128
+        Af = dplr_dense(full(self.Lambda).to(wide), full(self.P).to(wide), full(self.P).to(wide))  # (H, N, N)
+        Br = real_state(self.B.to(wide))  # (H, N)
+        Ab, Bb = _discretize_dense(to_real_coords(Af), Br, self.dt.to(torch.float64), self.disc)
+        Cr = torch.cat([2 * self.C.real, -2 * self.C.imag], dim=-1)  # y = 2 Re(C x) = Cr [Re x, Im x]
+        real = self.dt.dtype
+        return DenseSystem(Ab.to(real), Bb.to(real), Cr.to(real))
+
+
+def pair_inner(a: Tensor, x: Tensor) -> Tensor:
+    """a_full^* x_full for conjugate-symmetric vectors in half storage: 2 Re(sum_n conj(a_n) x_n)."""
+    return 2 * torch.einsum("...n,...n->...", a.conj(), x).real
+
+
+def to_real_coords(M: Tensor) -> Tensor:
+    """The real (..., N, N) matrix acting on [Re x, Im x] like the conjugate-symmetric complex M (..., N, N)
+    acts on [x, conj(x)] (M = [[M11, M12], [conj(M12), conj(M11)]] in blocks of N/2)."""
+    n = M.shape[-1] // 2
+    S, Dm = M[..., :n, :n] + M[..., :n, n:], M[..., :n, :n] - M[..., :n, n:]
+    top = torch.cat([S.real, -Dm.imag], dim=-1)
+    bottom = torch.cat([S.imag, Dm.real], dim=-1)
+    return torch.cat([top, bottom], dim=-2)
+
+
+def real_state(x: Tensor) -> Tensor:
+    """Half-storage state (..., N/2) complex -> real coordinates [Re x, Im x] (..., N)."""
+    return torch.cat([x.real, x.imag], dim=-1)
+
+
+def complex_state(xr: Tensor) -> Tensor:
+    """Inverse of ``real_state``."""
+    n = xr.shape[-1] // 2
+    return torch.complex(xr[..., :n], xr[..., n:])
+
+
+def discretize(
+    Lambda: Tensor, P: Tensor, B: Tensor, C: Tensor, dt: Tensor, disc: str = "bilinear"
+) -> DPLRSystem:
+    """The discrete system of S4's half storage: Lambda, B (H, N/2), P (R, H, N/2), C (Ch, H, N/2), dt (H,).
+
+    Bilinear: x_k = (I - dt/2 A)^{-1} [(I + dt/2 A) x_{k-1} + dt B u_k]; zoh: Ab = exp(dt A), dense. The
+    real-coordinate dense form (``DPLRSystem.dense``) is formed on first use only.
+    """
+    check_choice("disc", disc, ("bilinear", "zoh"))
+    check_tensor("Lambda", Lambda, ndim=2)
+    H, N2 = Lambda.shape
+    check_tensor("P", P, ndim=3)
+    check_shape("P", P, (None, H, N2), "(R, H, N/2) like Lambda")
+    check_tensor("B", B)
+    check_shape("B", B, (H, N2), "(H, N/2) like Lambda")
+    check_tensor("C", C, ndim=3)
+    check_shape("C", C, (None, H, N2), "(Ch, H, N/2) like Lambda")
+    check_tensor("dt", dt)
+    check_shape("dt", dt, (H,), "(H,)")
+    real = dt.dtype
+    dtc = dt[:, None]
+    D0 = 1 - dtc / 2 * Lambda  # (H, N/2)
+    R = P.shape[0]
+    eye = torch.eye(R, dtype=real, device=dt.device)
+    G = eye + dtc[:, :, None] / 2 * pair_inner(P[:, None], (P / D0)[None]).permute(2, 0, 1)  # (H, R, R)
+    return DPLRSystem(Lambda, P, B, C, dt, disc, D0, torch.linalg.inv(G))
+
+
+def kernel(sys: DPLRSystem, L: int, *, backend: str = "auto") -> Tensor:
+    """The convolution kernel (Ch, H, L): ``dplr_kernel`` (Cauchy + Woodbury) for bilinear; for zoh the
+    two-level Krylov taps of the real-coordinate dense system (``ssm.systems.dense.kernel``)."""
+    if sys.disc == "zoh":
+        return dense_kernel(sys.dense, L)
+    return dplr_kernel(sys.Lambda, sys.P, sys.B, sys.C, sys.dt, L, disc="bilinear", conj_pairs=True,
+                       backend=backend)
+
+
+def step(sys: DPLRSystem, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """One step: x (B, H, N/2) complex, u (B, H) -> (y (B, Ch, H) real, next x).
+
+    Bilinear, O(N R): v = (I + dt/2 A) x + dt B u with A x = Lambda x - P (P^* x), then (I - dt/2 A)^{-1} v
+    by the Woodbury identity D0^{-1} v - D0^{-1} U G^{-1} V^* D0^{-1} v with U = dt/2 P, V = P.
+    Zoh: the real-coordinate dense step, O(N^2) real.
+    """
+    if sys.disc == "zoh":
+        y, xr = dense_step(sys.dense, real_state(x), u)
+        return y, complex_state(xr)
+    Lambda, P, B, C, dt = sys.Lambda, sys.P, sys.B, sys.C, sys.dt[:, None]
+    x = x.to(Lambda.dtype)
+    s = pair_inner(P[:, None], x[None])  # (R, B, H)
+    Ax = Lambda * x - torch.einsum("rhn,rbh->bhn", P, s.to(P.dtype))
+    v = x + dt / 2 * Ax + dt * B * u[..., None].to(B.dtype)
+    w = v / sys.D0
+    coef = torch.einsum("hrs,sbh->hrb", sys.Ginv, pair_inner(P[:, None], w[None]))  # (H, R, B)
+    x = w - dt / 2 * torch.einsum("rhn,hrb->bhn", P / sys.D0, coef.to(P.dtype))
+    return 2 * torch.einsum("chn,bhn->bch", C, x).real, x
+
+
+def free_response(sys: DPLRSystem, x0: Tensor, L: int) -> Tensor:
+    """Zero-input response y_k = C Ab^{k+1} x0 (B, Ch, H, L) of the half-storage state x0 (B, H, N/2): the
+    dense free response in real coordinates (a per-feature basis applied to the batch by one product)."""
+    return dense_free_response(sys.dense, real_state(x0), L)
+
+
+def final_state(sys: DPLRSystem, u: Tensor, x0: Tensor | None = None) -> Tensor:
+    """State (B, H, N/2) complex after the chunk u (B, H, L) from x0 (None: zeros), in real coordinates."""
+    xr = dense_final_state(sys.dense, u.to(sys.dense.Ab.dtype), None if x0 is None else real_state(x0))
+    return complex_state(xr)
+
+
+def transfer_function(sys: DPLRSystem) -> tuple[Tensor, Tensor]:
+    """Transfer-function coefficients of the real N-state system (``ssm.transfer.ssm_to_rtf`` of the
+    real-coordinate dense form), float64: b (Ch, H, N+1) (b_0 = C Bb included) and a (H, N)."""
+    from ..transfer import ssm_to_rtf  # deferred: ssm.transfer imports the RTF family of this package
+
+    Ab, Bb, C = (t.double() for t in sys.dense)
+    Ch = C.shape[0]
+    b, a = ssm_to_rtf(Ab.expand(Ch, *Ab.shape), Bb.expand(Ch, *Bb.shape), C, real=True)
+    return b, a[0]

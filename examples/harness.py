@@ -11,7 +11,10 @@ interrupted after epoch k and resumed ends with the same parameters, bit for bit
 stopped, provided the device and configuration are the same (a changed configuration is reported) and
 the dataset draws its randomness, if any, from those generators.
 
-``examples/`` is not a package: scripts load this file by path (see fashion_mnist.py), tests with importlib.
+``examples/`` is not a package: the scripts ``import harness`` (Python puts a script's folder first on
+``sys.path``, so ``python examples/lra.py`` works from any directory); the tests find it through the
+``pythonpath`` setting of pytest in pyproject.toml. The name is unique on purpose: ``benchmarks/`` has its
+own ``common.py``, and both folders are importable in one pytest process.
 """
 
 from __future__ import annotations
@@ -148,7 +151,8 @@ class Config:
 # Command line
 
 
-def _optional_int(text: str) -> int | None:
+def optional_int(text: str) -> int | None:
+    """An argparse ``type``: an integer, or None for the word "none" (any case)."""
     return None if text.lower() == "none" else int(text)
 
 
@@ -174,7 +178,7 @@ def add_config_args(
         if isinstance(value, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif f.name in _OPTIONAL_INTS:
-            kwargs["type"] = _optional_int
+            kwargs["type"] = optional_int
         elif f.name == "model":
             kwargs["choices"] = MODELS
         elif f.name == "scheduler":

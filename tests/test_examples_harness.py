@@ -1,36 +1,20 @@
-"""examples/common.py: the shared training harness, on tiny plain-torch models and synthetic data (CPU)."""
+"""examples/harness.py: the shared training harness, on tiny plain-torch models and synthetic data (CPU)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import random
 import sys
-from pathlib import Path
 
+import harness
 import numpy as np
 import pytest
 import torch
+from harness import Config
 from torch import nn
 from torch.utils.data import Dataset
-
-_PATH = Path(__file__).resolve().parents[1] / "examples" / "common.py"
-
-
-def _load_common():
-    name = "ssm_examples_common"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, _PATH)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-common = _load_common()
-Config = common.Config
 
 
 @pytest.fixture(autouse=True)
@@ -95,7 +79,7 @@ def test_train_learns_and_writes_every_artifact(tmp_path, capsys):
     torch.manual_seed(0)
     model = MeanPoolNet()
     tr, va, te = data()
-    summary = common.train(model, tr, va, te, tiny_cfg(epochs=4), tmp_path)
+    summary = harness.train(model, tr, va, te, tiny_cfg(epochs=4), tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
     assert [r["step"] for r in records] == [6, 12, 18, 24]
@@ -120,7 +104,7 @@ def test_train_learns_and_writes_every_artifact(tmp_path, capsys):
     assert best["epoch"] == summary["best_epoch"]
     for k, v in model.state_dict().items():
         assert torch.equal(v, best["model"][k])
-    test = common.evaluate(model, te, tiny_cfg())
+    test = harness.evaluate(model, te, tiny_cfg())
     assert test["acc"] == summary["test_acc"] and test["n"] == 64
     assert "test (best epoch" in capsys.readouterr().out
 
@@ -133,14 +117,14 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path):
     cfg = tiny_cfg(epochs=4)
     tr, va, te = data()
     torch.manual_seed(0)
-    full = common.train(MeanPoolNet(), tr, va, te, cfg, tmp_path / "full")
+    full = harness.train(MeanPoolNet(), tr, va, te, cfg, tmp_path / "full")
 
     torch.manual_seed(0)
-    part = common.train(MeanPoolNet(), tr, va, te, cfg, tmp_path / "cut", stop_after_epoch=2)
+    part = harness.train(MeanPoolNet(), tr, va, te, cfg, tmp_path / "cut", stop_after_epoch=2)
     assert not part["finished"] and part["epochs_completed"] == 2 and part["test_acc"] is None
     # a new process would start from other RNG states and another initialization
     torch.manual_seed(99), np.random.seed(99), random.seed(99)
-    resumed = common.train(MeanPoolNet(width=16), tr, va, te, cfg, tmp_path / "cut")
+    resumed = harness.train(MeanPoolNet(width=16), tr, va, te, cfg, tmp_path / "cut")
 
     a, b = _params(tmp_path / "full" / "last.pt"), _params(tmp_path / "cut" / "last.pt")
     for k in a["model"]:
@@ -158,12 +142,12 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path):
 def test_rerun_of_a_finished_run_only_evaluates_and_fresh_start_resets(tmp_path, capsys):
     tr, va, te = data()
     cfg = tiny_cfg(epochs=2)
-    first = common.train(MeanPoolNet(), tr, va, te, cfg, tmp_path)
-    again = common.train(MeanPoolNet(), tr, va, te, cfg, tmp_path)
+    first = harness.train(MeanPoolNet(), tr, va, te, cfg, tmp_path)
+    again = harness.train(MeanPoolNet(), tr, va, te, cfg, tmp_path)
     assert again["test_acc"] == first["test_acc"] and again["steps"] == 4 * 3
     assert "resumed from" in capsys.readouterr().out
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
-    fresh = common.train(
+    fresh = harness.train(
         MeanPoolNet(), tr, va, te, tiny_cfg(epochs=3), tmp_path, resume=False, stop_after_epoch=1
     )
     assert fresh["epochs_completed"] == 1 and not fresh["finished"]
@@ -173,9 +157,9 @@ def test_rerun_of_a_finished_run_only_evaluates_and_fresh_start_resets(tmp_path,
 
 def test_changed_config_on_resume_is_reported(tmp_path, capsys):
     tr, va, te = data()
-    common.train(MeanPoolNet(), tr, va, te, tiny_cfg(epochs=2), tmp_path, stop_after_epoch=1)
+    harness.train(MeanPoolNet(), tr, va, te, tiny_cfg(epochs=2), tmp_path, stop_after_epoch=1)
     capsys.readouterr()
-    common.train(MeanPoolNet(), tr, va, te, tiny_cfg(epochs=2, lr=1e-2), tmp_path)
+    harness.train(MeanPoolNet(), tr, va, te, tiny_cfg(epochs=2, lr=1e-2), tmp_path)
     assert "resuming with changed ['lr']" in capsys.readouterr().out
 
 
@@ -191,7 +175,7 @@ def test_lengths_reach_the_model(tmp_path):
     tr, va, te = data(n_train=32, n_val=16, n_test=16)
     model = MeanPoolNet()
     cfg = tiny_cfg(epochs=1, eval_batch_size=8)
-    summary = common.train(model, tr, va, te, cfg, tmp_path, collate_fn=collate_with_lengths)
+    summary = harness.train(model, tr, va, te, cfg, tmp_path, collate_fn=collate_with_lengths)
     assert summary["finished"]
     sizes = [len(t) for t in model.seen_lengths]
     assert sizes == [16, 16] + [8, 8] + [8, 8]  # two training batches, val, test
@@ -202,41 +186,41 @@ def test_lengths_reach_the_model(tmp_path):
 def test_max_steps_per_epoch_and_max_eval_steps(tmp_path):
     tr, va, te = data()
     cfg = tiny_cfg(epochs=2, max_steps_per_epoch=2, max_eval_steps=1)
-    summary = common.train(MeanPoolNet(), tr, va, te, cfg, tmp_path)
+    summary = harness.train(MeanPoolNet(), tr, va, te, cfg, tmp_path)
     assert summary["steps"] == 4
-    assert common.evaluate(MeanPoolNet(), te, cfg)["n"] == 16
+    assert harness.evaluate(MeanPoolNet(), te, cfg)["n"] == 16
 
 
 def test_optional_val_and_test_sets(tmp_path):
     tr, _, _ = data()
-    summary = common.train(MeanPoolNet(), tr, None, None, tiny_cfg(epochs=2), tmp_path)
+    summary = harness.train(MeanPoolNet(), tr, None, None, tiny_cfg(epochs=2), tmp_path)
     assert summary["finished"] and summary["test_acc"] is None and summary["best_epoch"] == 2
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["val_acc"] is None and (tmp_path / "best.pt").exists()
 
 
 def test_epoch_order_depends_only_on_seed_and_epoch():
-    a = common.epoch_order(50, 3, 1)
+    a = harness.epoch_order(50, 3, 1)
     assert sorted(a.tolist()) == list(range(50))
     torch.manual_seed(123)
-    assert torch.equal(a, common.epoch_order(50, 3, 1))
-    assert not torch.equal(a, common.epoch_order(50, 3, 2))
-    assert not torch.equal(a, common.epoch_order(50, 4, 1))
+    assert torch.equal(a, harness.epoch_order(50, 3, 1))
+    assert not torch.equal(a, harness.epoch_order(50, 3, 2))
+    assert not torch.equal(a, harness.epoch_order(50, 4, 1))
 
 
 def test_lr_factor_warmup_then_cosine():
-    f = [common.lr_factor(s, warmup=4, total=20) for s in range(20)]
+    f = [harness.lr_factor(s, warmup=4, total=20) for s in range(20)]
     assert f[:4] == [0.25, 0.5, 0.75, 1.0]
     assert f[4] == 1.0 and all(x > y for x, y in zip(f[4:], f[5:]))
     assert f[12] == pytest.approx(0.5 * (1 + math.cos(math.pi * 8 / 16)))
-    assert common.lr_factor(20, warmup=4, total=20) == pytest.approx(0.0)
-    assert common.lr_factor(9, warmup=4, total=20, scheduler="constant") == 1.0
+    assert harness.lr_factor(20, warmup=4, total=20) == pytest.approx(0.0)
+    assert harness.lr_factor(9, warmup=4, total=20, scheduler="constant") == 1.0
 
 
 def test_optimizer_uses_ssm_param_groups():
     model = MeanPoolNet()
     model.head.weight._optim = {"lr": 1e-3, "weight_decay": 0.0}
-    opt = common.make_optimizer(model, tiny_cfg(lr=1e-2, weight_decay=0.1))
+    opt = harness.make_optimizer(model, tiny_cfg(lr=1e-2, weight_decay=0.1))
     groups = {(g["lr"], g["weight_decay"]): len(g["params"]) for g in opt.param_groups}
     assert groups == {(1e-2, 0.1): 5, (1e-3, 0.0): 1}
 
@@ -247,7 +231,7 @@ def test_missing_tqdm_and_matplotlib_fall_back(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     tr, va, te = data()
-    common.train(MeanPoolNet(), tr, va, te, tiny_cfg(epochs=2, progress=True), tmp_path)
+    harness.train(MeanPoolNet(), tr, va, te, tiny_cfg(epochs=2, progress=True), tmp_path)
     out = capsys.readouterr().out
     assert "epoch 1/2: 6/6 loss" in out and "val: 3/3 acc" in out
     assert out.count("matplotlib is not installed") == 1
@@ -256,8 +240,8 @@ def test_missing_tqdm_and_matplotlib_fall_back(tmp_path, monkeypatch, capsys):
 
 def test_cli_overrides():
     base = tiny_cfg(max_steps_per_epoch=5)
-    parser = common.add_config_args(argparse.ArgumentParser(), base)
-    common.add_run_args(parser, "runs/x")
+    parser = harness.add_config_args(argparse.ArgumentParser(), base)
+    harness.add_run_args(parser, "runs/x")
     args = parser.parse_args(
         [
             "--d-model",
@@ -272,12 +256,12 @@ def test_cli_overrides():
             "--no-resume",
         ]
     )
-    cfg = common.config_from_args(args, base)
+    cfg = harness.config_from_args(args, base)
     got = (cfg.d_model, cfg.lr, cfg.prenorm, cfg.model, cfg.max_steps_per_epoch)
     assert got == (32, 0.5, False, "rtf", None)
     assert cfg.batch_size == base.batch_size and cfg.seed == base.seed
     assert args.out == "runs/x" and args.resume is False
-    assert common.config_from_args(parser.parse_args([]), base) == base
+    assert harness.config_from_args(parser.parse_args([]), base) == base
     with pytest.raises(SystemExit):
         parser.parse_args(["--model", "lstm"])
 
@@ -320,17 +304,17 @@ def test_config_validation(field, value):
 def test_train_and_device_validation(tmp_path):
     tr, va, te = data()
     with pytest.raises(ValueError, match="cfg"):
-        common.train(MeanPoolNet(), tr, va, te, {"epochs": 1}, tmp_path)
+        harness.train(MeanPoolNet(), tr, va, te, {"epochs": 1}, tmp_path)
     with pytest.raises(ValueError, match="train_ds"):
-        common.train(MeanPoolNet(), Blobs(0, 1), va, te, tiny_cfg(), tmp_path)
+        harness.train(MeanPoolNet(), Blobs(0, 1), va, te, tiny_cfg(), tmp_path)
     with pytest.raises(ValueError, match="stop_after_epoch"):
-        common.train(MeanPoolNet(), tr, va, te, tiny_cfg(), tmp_path, stop_after_epoch=0)
+        harness.train(MeanPoolNet(), tr, va, te, tiny_cfg(), tmp_path, stop_after_epoch=0)
     with pytest.raises(ValueError, match="device"):
-        common.resolve_device("tpu")
+        harness.resolve_device("tpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
-            common.resolve_device("cuda")
-    assert common.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+            harness.resolve_device("cuda")
+    assert harness.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_bad_batches_are_refused(tmp_path):
@@ -340,7 +324,7 @@ def test_bad_batches_are_refused(tmp_path):
         return (torch.stack([it[0] for it in items]),)
 
     with pytest.raises(ValueError, match=r"batch must be \(x, y\) or \(x, y, lengths\)"):
-        common.train(MeanPoolNet(), tr, va, te, tiny_cfg(), tmp_path, collate_fn=collate_one)
+        harness.train(MeanPoolNet(), tr, va, te, tiny_cfg(), tmp_path, collate_fn=collate_one)
 
 
 def test_divergence_is_reported(tmp_path):
@@ -349,11 +333,11 @@ def test_divergence_is_reported(tmp_path):
     with torch.no_grad():
         model.head.bias.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="lower lr"):
-        common.train(model, tr, va, te, tiny_cfg(), tmp_path)
+        harness.train(model, tr, va, te, tiny_cfg(), tmp_path)
 
 
 def test_resuming_into_a_different_model_says_how_to_restart(tmp_path):
     tr, va, te = data()
-    common.train(MeanPoolNet(), tr, va, te, tiny_cfg(epochs=2), tmp_path, stop_after_epoch=1)
+    harness.train(MeanPoolNet(), tr, va, te, tiny_cfg(epochs=2), tmp_path, stop_after_epoch=1)
     with pytest.raises(RuntimeError, match="different model.*--no-resume"):
-        common.train(MeanPoolNet(width=8), tr, va, te, tiny_cfg(epochs=2), tmp_path)
+        harness.train(MeanPoolNet(width=8), tr, va, te, tiny_cfg(epochs=2), tmp_path)
