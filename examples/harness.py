@@ -2,14 +2,23 @@
 
 One configuration dataclass with command-line overrides, a model builder for :class:`ssm.SSMModel`, and
 :func:`train`: AdamW over :func:`ssm.optim.param_groups`, linear warmup then cosine decay, a progress bar,
-per-epoch metrics in ``metrics.jsonl``, ``last.pt``/``best.pt`` checkpoints with exact resume, the final
-test accuracy of the best checkpoint, ``curves.png`` and ``summary.json``.
+per-epoch metrics in ``metrics.jsonl`` (with throughput: tokens per second, peak device memory),
+``last.pt``/``best.pt`` checkpoints with exact resume, the final test accuracy of the best checkpoint,
+``curves.png`` and ``summary.json``.
 
-Exact resume: the data order of epoch ``e`` is a function of ``(seed, e)`` only, and ``last.pt`` holds the
-model, optimizer, scheduler and the torch/CUDA/numpy/python RNG states at the end of each epoch, so a run
-interrupted after epoch k and resumed ends with the same parameters, bit for bit, as one that never
-stopped, provided the device and configuration are the same (a changed configuration is reported) and
-the dataset draws its randomness, if any, from those generators.
+Exact resume: the data order of epoch ``e`` is a function of ``(seed, e)`` only (global batch ``s`` of the
+epoch is items ``s * batch_size`` to ``(s + 1) * batch_size`` of that order), and ``last.pt`` holds the
+model, optimizer, scheduler, gradient scaler and the torch/CUDA/numpy/python RNG states at the end of each
+epoch (and every ``checkpoint_every`` optimizer steps), so a run interrupted and resumed ends with the same
+parameters, bit for bit, as one that never stopped, provided the device, world size and configuration are
+the same (a changed configuration is reported), ``num_workers`` is 0 or the dataset is deterministic, and
+the dataset draws its randomness, if any, from those generators. Resuming with another world size continues
+the same sequence of global batches, but not bit for bit (other reduction orders, other dropout draws).
+
+Scale (see :func:`train`): under ``torchrun`` the harness joins the process group (NCCL on CUDA, gloo on
+CPU) and trains with DistributedDataParallel, each rank on its share of every global batch; ``accumulate``
+splits each rank's share into micro-batches; ``precision`` runs the forward under ``torch.autocast``;
+``compile`` wraps the model in ``torch.compile``.
 
 ``examples/`` is not a package: the scripts ``import harness`` (Python puts a script's folder first on
 ``sys.path``, so ``python examples/lra.py`` works from any directory); the tests find it through the
@@ -20,22 +29,25 @@ own ``common.py``, and both folders are importable in one pytest process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import random
+import resource
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 try:
     import ssm  # noqa: F401
@@ -43,19 +55,27 @@ except ImportError:  # running from a checkout without installing: use the repos
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ssm._checks import check_choice, check_int, check_positive
+from ssm.layers import LAYERS
 
-MODELS = ("s4", "s4d", "rtf")
+MODELS = tuple(LAYERS)  # "s4", "s4d", "rtf", ...: every layer in the registry
 SCHEDULERS = ("cosine", "constant")
+PRECISIONS = ("32", "bf16", "fp16")
+DTYPES = ("float32", "float64")
 
 # Fields whose change between a run and its resumption does not break exact resume.
-_RESUME_NEUTRAL = ("device", "num_workers", "progress", "eval_batch_size", "max_eval_steps")
+_RESUME_NEUTRAL = (
+    "device", "num_workers", "progress", "eval_batch_size", "max_eval_steps", "compile", "checkpoint_every"
+)
+# Optimizer hyperparameters that a checkpoint restores: on resume the configuration's new values replace them.
+_RESUME_HPARAMS = ("lr", "lr_ssm", "weight_decay")
 # Fields that may be None (set from the command line with the word "none").
-_OPTIONAL_INTS = ("max_steps_per_epoch", "max_eval_steps", "eval_batch_size")
+_OPTIONAL_INTS = ("max_steps_per_epoch", "max_eval_steps", "eval_batch_size", "checkpoint_every")
+_CHOICES = {"scheduler": SCHEDULERS, "precision": PRECISIONS, "dtype": DTYPES}
 # curves.png is redrawn after every epoch that took at least this long, and at the end of each call.
 _REPLOT_SECONDS = 30.0
 
 _HELP = {
-    "model": "SSM layer: s4, s4d or rtf",
+    "model": f"SSM layer: {', '.join(MODELS)}",
     "d_model": "model width H",
     "n_layers": "number of residual SSM blocks",
     "d_state": "state size N of each SSM",
@@ -68,7 +88,12 @@ _HELP = {
     "lr_ssm": "learning rate of the SSM parameters (no weight decay on them)",
     "weight_decay": "AdamW weight decay of the non-SSM parameters",
     "epochs": "number of training epochs",
-    "batch_size": "training batch size",
+    "batch_size": "global training batch size (all ranks and accumulation steps together)",
+    "accumulate": "micro-batches per optimizer step and rank (same global batch on fewer/smaller devices)",
+    "precision": "32, bf16 or fp16: the forward under torch.autocast (fp16 with a GradScaler)",
+    "dtype": "parameter dtype: float32 or float64 (float64 for exact comparisons; precision must be 32)",
+    "compile": "torch.compile the training forward (evaluation runs eagerly)",
+    "checkpoint_every": "also write last.pt every this many optimizer steps ('none': at epoch ends only)",
     "warmup": "linear learning-rate warmup, in optimizer steps",
     "scheduler": "learning-rate schedule after warmup: cosine (to 0 at the end) or constant",
     "grad_clip": "clip the global gradient norm to this value (0: no clipping)",
@@ -86,13 +111,17 @@ _HELP = {
 class Config:
     """Everything that defines a training run; validated on construction (ValueError naming the field).
 
-    Model: ``model`` ("s4", "s4d", "rtf"), ``d_model`` (H), ``n_layers``, ``d_state`` (N), ``dropout``,
+    Model: ``model`` (a name in ``ssm.layers.LAYERS``: "s4", "s4d", "rtf", ...), ``d_model`` (H),
+    ``n_layers``, ``d_state`` (N), ``dropout``,
     ``norm``, ``prenorm``, ``pool``, ``ff`` (see :class:`ssm.SSMModel`). Optimization: AdamW with ``lr`` and
     ``weight_decay`` for ordinary parameters and ``lr_ssm`` (no weight decay) for SSM parameters;
     ``warmup`` optimizer steps of linear warmup, then ``scheduler`` ("cosine" to 0, or "constant");
-    ``grad_clip`` (0: off). Run: ``epochs``, ``batch_size``, ``seed``, ``num_workers``, ``device``
-    ("auto", "cpu", "cuda[:N]"), ``progress``; smoke-test caps ``max_steps_per_epoch`` and
-    ``max_eval_steps`` and ``eval_batch_size`` (None: no cap / the training batch size).
+    ``grad_clip`` (0: off). Run: ``epochs``, ``batch_size`` (global: per rank it is
+    ``batch_size / world_size``, split into ``accumulate`` micro-batches), ``precision`` ("32", "bf16",
+    "fp16"), ``dtype`` ("float32", "float64"), ``compile``, ``checkpoint_every`` (None: at epoch ends),
+    ``seed``, ``num_workers``, ``device`` ("auto", "cpu", "cuda[:N]"), ``progress``; smoke-test caps
+    ``max_steps_per_epoch`` and ``max_eval_steps`` and ``eval_batch_size`` (None: no cap / the training
+    batch size).
     """
 
     model: str = "s4"
@@ -109,6 +138,11 @@ class Config:
     weight_decay: float = 0.05
     epochs: int = 10
     batch_size: int = 64
+    accumulate: int = 1
+    precision: str = "32"
+    dtype: str = "float32"
+    compile: bool = False
+    checkpoint_every: int | None = None
     warmup: int = 0
     scheduler: str = "cosine"
     grad_clip: float = 0.0
@@ -122,22 +156,25 @@ class Config:
 
     def __post_init__(self) -> None:
         check_choice("model", self.model, MODELS)
-        check_choice("scheduler", self.scheduler, SCHEDULERS)
+        for name, choices in _CHOICES.items():
+            check_choice(name, getattr(self, name), choices)
         for name in ("norm", "pool", "device"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string; got {getattr(self, name)!r}")
-        for name in ("prenorm", "progress"):
+        for name in ("prenorm", "progress", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False; got {getattr(self, name)!r}")
-        for name in ("d_model", "n_layers", "d_state", "epochs", "batch_size"):
+        for name in ("d_model", "n_layers", "d_state", "epochs", "batch_size", "accumulate"):
             check_int(name, getattr(self, name), minimum=1)
         for name in ("ff", "warmup", "seed", "num_workers"):
             check_int(name, getattr(self, name), minimum=0)
         for name in _OPTIONAL_INTS:
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), minimum=1)
-        check_positive("lr", self.lr)
-        check_positive("lr_ssm", self.lr_ssm)
+        for name in ("lr", "lr_ssm"):
+            check_positive(name, getattr(self, name))
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number > 0; got {getattr(self, name)!r}")
         for name in ("weight_decay", "grad_clip"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
@@ -145,6 +182,8 @@ class Config:
         dropout = self.dropout
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"dropout must be a number in [0, 1); got {self.dropout!r}")
+        if self.dtype != "float32" and self.precision != "32":
+            raise ValueError(f"precision {self.precision!r} needs dtype 'float32'; got dtype {self.dtype!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -181,8 +220,8 @@ def add_config_args(
             kwargs["type"] = optional_int
         elif f.name == "model":
             kwargs["choices"] = MODELS
-        elif f.name == "scheduler":
-            kwargs["choices"] = SCHEDULERS
+        elif f.name in _CHOICES:
+            kwargs["choices"] = _CHOICES[f.name]
         else:
             kwargs["type"] = type(value)
         group.add_argument(flag, **kwargs)
@@ -196,7 +235,8 @@ def config_from_args(args: argparse.Namespace, base: Config) -> Config:
 
 
 def add_run_args(parser: argparse.ArgumentParser, default_out: str) -> argparse.ArgumentParser:
-    """Add ``--out DIR`` and ``--resume/--no-resume`` (resume from ``DIR/last.pt`` when present)."""
+    """Add ``--out DIR``, ``--resume/--no-resume`` (resume from ``DIR/last.pt`` when present) and the
+    test-only ``--stop-after-steps N`` (end after N optimizer steps in all, as if killed)."""
     parser.add_argument("--out", default=default_out, help=f"output directory (default: {default_out})")
     parser.add_argument(
         "--resume",
@@ -204,7 +244,25 @@ def add_run_args(parser: argparse.ArgumentParser, default_out: str) -> argparse.
         default=True,
         help="continue from OUT/last.pt when it exists (default: on)",
     )
+    parser.add_argument(
+        "--stop-after-steps",
+        type=int,
+        default=None,
+        help="for tests: end after this many optimizer steps in all, as if killed (no checkpoint is written)",
+    )
     return parser
+
+
+def check_out_dir(out_dir: str | os.PathLike) -> Path:
+    """``out_dir`` as a Path; NotADirectoryError when it names an existing file (or lies below one)."""
+    out = Path(out_dir)
+    for path in (out, *out.parents):
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(
+                f"--out {str(out)!r}: {str(path)!r} is an existing file, not a directory; "
+                "pass a new or existing directory"
+            )
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -218,17 +276,162 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; otherwise ``torch.device(name)`` (which must exist)."""
+def resolve_device(name: str, *, local_rank: int | None = None) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; otherwise ``torch.device(name)`` (which must exist).
+
+    With ``local_rank`` (a torchrun process), "auto" and "cuda" mean ``cuda:<local_rank>``.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError as err:
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {name!r}") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} was requested but CUDA is not available; use --device cpu")
+    if device.type == "cuda" and device.index is None and local_rank is not None:
+        device = torch.device("cuda", local_rank)
     return device
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Distributed training (torchrun)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the process group: ``rank``, ``world_size``, ``local_rank`` (on its node)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that prints and writes files."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def dist_info() -> DistInfo:
+    """The current process group's :class:`DistInfo` (rank 0 of 1 without one)."""
+    if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
+        return DistInfo(rank, dist.get_world_size(), int(os.environ.get("LOCAL_RANK", rank)))
+    return DistInfo()
+
+
+@contextlib.contextmanager
+def distributed(device: str = "auto") -> Iterator[DistInfo]:
+    """Join the process group that ``torchrun`` describes (``WORLD_SIZE`` > 1 in the environment) for the
+    duration: NCCL when ``device`` resolves to CUDA (each process on ``cuda:<LOCAL_RANK>``), else gloo.
+
+    Without torchrun, or when a group is already initialized (it is then left as it is), this does nothing.
+    Yields the :class:`DistInfo`.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or not dist.is_available() or dist.is_initialized():
+        yield dist_info()
+        return
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank=local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    ok = False
+    try:
+        yield dist_info()
+        ok = True
+    finally:
+        if ok:  # leave together: a rank tearing the group down while its peers still talk to it can abort
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def _all_reduce(t: torch.Tensor, d: DistInfo, op: str = "sum") -> torch.Tensor:
+    if d.active:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t
+
+
+def _gather(obj: Any, d: DistInfo) -> list[Any]:
+    """Every rank's ``obj``, in rank order (a list of one without a process group)."""
+    if not d.active:
+        return [obj]
+    got: list[Any] = [None] * d.world_size
+    dist.all_gather_object(got, obj)
+    return got
+
+
+def _broadcast(obj: Any, d: DistInfo) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not d.active:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch normalization whose training statistics span every rank's batch (two-pass mean and variance
+    through differentiable all-reduces): what ``nn.SyncBatchNorm`` does on CUDA, on any device (gloo/CPU).
+
+    Without a process group it is ``F.batch_norm``. Same parameters, buffers and state-dict keys as
+    ``nn.BatchNorm1d``; input (B, C) or (B, C, L).
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() not in (2, 3):
+            raise ValueError(f"expected a (B, C) or (B, C, L) input; got shape {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        synced = self.training and dist.is_available() and dist.is_initialized()
+        if not (synced and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        dims = [0] + list(range(2, x.ndim))
+        shape = [1, -1] + [1] * (x.ndim - 2)
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        count = torch.full((1,), x.numel() // x.shape[1], dtype=xf.dtype, device=x.device)
+        dist.all_reduce(count)
+        mean = all_reduce(xf.sum(dims)) / count  # (C,)
+        centered = xf - mean.reshape(shape)
+        var = all_reduce(centered.square().sum(dims)) / count  # biased, as in the normalization
+        y = centered * torch.rsqrt(var + self.eps).reshape(shape)
+        if self.affine:
+            y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                n = float(count)
+                self.running_mean.mul_(1 - m).add_(m * mean.detach().to(self.running_mean.dtype))
+                unbiased = var.detach() * (n / max(n - 1.0, 1.0))
+                self.running_var.mul_(1 - m).add_(m * unbiased.to(self.running_var.dtype))
+        return y.to(x.dtype)
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Batch norms of ``model`` replaced by ones with statistics over all ranks: ``nn.SyncBatchNorm`` on
+    CUDA, :class:`GlobalBatchNorm` elsewhere (``nn.SyncBatchNorm`` needs a GPU). Parameters are kept."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
+            new = GlobalBatchNorm(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats,
+                device=device, dtype=child.weight.dtype if child.affine else None,
+            )
+            new.load_state_dict(child.state_dict())
+            new.train(child.training)
+            setattr(model, name, new)
+        else:
+            sync_batchnorm(child, device)
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -314,20 +517,60 @@ def _mix(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def _unpack(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _unpack(
+    batch: Any, device: torch.device, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
         raise ValueError(
             "batch must be (x, y) or (x, y, lengths) as the collate_fn returns it; "
             f"got {type(batch).__name__} of length {len(batch) if isinstance(batch, (tuple, list)) else '?'}"
         )
     x = batch[0].to(device, non_blocking=True)
+    if x.is_floating_point() and dtype != torch.float32:
+        x = x.to(dtype)
     y = torch.as_tensor(batch[1]).to(device, non_blocking=True)
     lengths = batch[2].to(device, non_blocking=True) if len(batch) == 3 else None
     return x, y, lengths
 
 
+def _positions(x: torch.Tensor) -> int:
+    """Sequence positions in a batch (padding included): token ids (B, L[, 2]) or features (B, L[, 2], d)."""
+    return x.numel() // x.shape[-1] if x.is_floating_point() else x.numel()
+
+
 def _forward(model: nn.Module, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
     return model(x) if lengths is None else model(x, lengths=lengths)
+
+
+def _autocast(cfg: Config, device: torch.device):
+    if cfg.precision == "32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 logits (autocast) in float32 for the loss; float32 and float64 as they are."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+def _model_dtype(cfg: Config) -> torch.dtype:
+    return torch.float64 if cfg.dtype == "float64" else torch.float32
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    """Peak memory so far: CUDA bytes allocated (since the last reset), or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 class _Progress:
@@ -345,17 +588,22 @@ class _Progress:
             if tqdm is not None:
                 self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
-    def update(self, sums: dict[str, torch.Tensor], n: int) -> None:
-        """One step done; ``sums[k] / n`` are the running means shown (read only when shown)."""
+    def update(
+        self, sums: dict[str, torch.Tensor], n: int, extra: Callable[[], dict[str, str]] | None = None
+    ) -> None:
+        """One step done; ``sums[k] / n`` are the running means shown, ``extra()`` more fields (both read
+        only when shown)."""
         self.count += 1
         if not self.enabled:
             return
         if self.bar is not None:
             self.bar.update(1)
             if self.count % 10 == 0 or self.count == self.total:
-                self.bar.set_postfix({k: f"{v.item() / n:.4g}" for k, v in sums.items()}, refresh=False)
+                post = {k: f"{v.item() / n:.4g}" for k, v in sums.items()}
+                self.bar.set_postfix({**post, **(extra() if extra else {})}, refresh=False)
         elif self.count % self.every == 0 or self.count == self.total:
-            text = " ".join(f"{k} {v.item() / n:.4g}" for k, v in sums.items())
+            fields_ = {k: f"{v.item() / n:.4g}" for k, v in sums.items()} | (extra() if extra else {})
+            text = " ".join(f"{k} {v}" for k, v in fields_.items())
             print(f"{self.desc}: {self.count}/{self.total} {text}", flush=True)
 
     def close(self) -> None:
@@ -365,6 +613,11 @@ class _Progress:
 
 # ----------------------------------------------------------------------------------------------------------
 # Evaluation and training
+
+
+class CheckpointError(RuntimeError):
+    """A file of an earlier run that cannot be used (damaged, or of another model); the message names the file
+    and says how to start afresh."""
 
 
 @torch.no_grad()
@@ -379,74 +632,81 @@ def evaluate(
 ) -> dict[str, float]:
     """Mean cross-entropy ``loss``, accuracy ``acc`` and count ``n`` of ``model`` on ``dataset`` (eval mode).
 
-    Uses at most ``cfg.max_eval_steps`` batches of ``cfg.eval_batch_size`` (default ``cfg.batch_size``).
+    Uses at most ``cfg.max_eval_steps`` batches of ``cfg.eval_batch_size`` (default ``cfg.batch_size``), under
+    ``cfg.precision``. Under a process group every rank evaluates every ``world_size``-th item of those and
+    the sums are reduced, so every rank returns the metrics of the whole (capped) split.
     """
-    device = device if device is not None else resolve_device(cfg.device)
+    d = dist_info()
+    if device is None:
+        device = resolve_device(cfg.device, local_rank=d.local_rank if d.active else None)
     was_training = model.training
     model.eval()
+    batch_size, max_steps = cfg.eval_batch_size or cfg.batch_size, cfg.max_eval_steps
+    if d.active:
+        items = len(dataset) if max_steps is None else min(len(dataset), max_steps * batch_size)
+        dataset = Subset(dataset, list(range(d.rank, items, d.world_size)))
+        batch_size, max_steps = max(1, math.ceil(batch_size / d.world_size)), None
     loader = DataLoader(
         dataset,
-        batch_size=cfg.eval_batch_size or cfg.batch_size,
+        batch_size=batch_size,
         shuffle=False,
         collate_fn=collate_fn,
         num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(cfg.seed),
     )
-    total = len(loader) if cfg.max_eval_steps is None else min(len(loader), cfg.max_eval_steps)
+    total = len(loader) if max_steps is None else min(len(loader), max_steps)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     n = 0
-    bar = _Progress(total, desc, cfg.progress)
+    dtype = _model_dtype(cfg)
+    bar = _Progress(total, desc, cfg.progress and d.main)
     for i, batch in enumerate(loader):
         if i == total:
             break
-        x, y, lengths = _unpack(batch, device)
-        logits = _forward(model, x, lengths)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        x, y, lengths = _unpack(batch, device, dtype)
+        with _autocast(cfg, device):
+            logits = _forward(model, x, lengths)
+        loss_sum += F.cross_entropy(_upcast(logits), y, reduction="sum").double()
         correct += (logits.argmax(-1) == y).sum()
         n += y.shape[0]
         bar.update({"acc": correct}, n)
     bar.close()
     model.train(was_training)
-    return {"loss": loss_sum.item() / max(n, 1), "acc": correct.item() / max(n, 1), "n": n}
+    count = torch.tensor(float(n), dtype=torch.float64, device=device)
+    stats = torch.stack([loss_sum, correct.double(), count])
+    loss, right, count = _all_reduce(stats, d).tolist()
+    count = int(count)
+    return {"loss": loss / max(count, 1), "acc": right / max(count, 1), "n": count}
 
 
-def _train_epoch(model, optimizer, scheduler, train_ds, cfg, device, epoch, collate_fn) -> dict[str, float]:
-    model.train()
-    order = epoch_order(len(train_ds), cfg.seed, epoch)
-    if cfg.max_steps_per_epoch is not None:
-        order = order[: cfg.max_steps_per_epoch * cfg.batch_size]
-    loader = DataLoader(
-        train_ds,
-        batch_size=cfg.batch_size,
-        sampler=order.tolist(),
-        collate_fn=collate_fn,
-        num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(_mix(cfg.seed, epoch)),
-    )
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    n = 0
-    params = [p for p in model.parameters() if p.requires_grad]
-    bar = _Progress(len(loader), f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress)
-    for batch in loader:
-        x, y, lengths = _unpack(batch, device)
-        logits = _forward(model, x, lengths)
-        loss = F.cross_entropy(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        loss_sum += loss.detach().double() * y.shape[0]
-        correct += (logits.detach().argmax(-1) == y).sum()
-        n += y.shape[0]
-        bar.update({"loss": loss_sum, "acc": correct}, n)
-    bar.close()
-    return {"loss": loss_sum.item() / max(n, 1), "acc": correct.item() / max(n, 1), "steps": len(loader)}
+def steps_per_epoch(n: int, cfg: Config, world_size: int = 1) -> int:
+    """Optimizer steps of one epoch over ``n`` items: global batches of ``cfg.batch_size`` (the last one
+    shorter), at most ``cfg.max_steps_per_epoch``; a last batch with fewer items than
+    ``world_size * cfg.accumulate`` (one per micro-batch) is dropped."""
+    used = n if cfg.max_steps_per_epoch is None else min(n, cfg.max_steps_per_epoch * cfg.batch_size)
+    full, tail = divmod(used, cfg.batch_size)
+    return full + int(tail >= world_size * cfg.accumulate)
+
+
+def rank_batches(
+    n: int, cfg: Config, epoch: int, *, rank: int = 0, world_size: int = 1, start_step: int = 0
+) -> tuple[list[list[int]], list[int]]:
+    """This rank's micro-batches of ``epoch`` from step ``start_step`` on, and each step's global batch size.
+
+    Global batch ``s`` is ``epoch_order(n, seed, epoch)[s * B:(s + 1) * B]``, a function of (seed, epoch,
+    step) only; it is cut into ``world_size * accumulate`` near-equal pieces, and rank ``r`` takes pieces
+    ``r * accumulate`` to ``(r + 1) * accumulate - 1``, one per micro-batch.
+    """
+    order = epoch_order(n, cfg.seed, epoch)
+    B, A = cfg.batch_size, cfg.accumulate
+    micro, sizes = [], []
+    for s in range(start_step, steps_per_epoch(n, cfg, world_size)):
+        batch = order[s * B:(s + 1) * B]
+        pieces = torch.tensor_split(batch, world_size * A)
+        micro.extend(pieces[rank * A + m].tolist() for m in range(A))
+        sizes.append(len(batch))
+    return micro, sizes
 
 
 def _rng_state() -> dict[str, Any]:
@@ -475,20 +735,81 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def _save(obj: dict[str, Any], path: Path) -> None:
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not possible on every platform; the file itself is synced
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _replace_synced(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write ``path`` atomically: ``write(fh)`` into a sibling temporary file, fsync it, rename it over
+    ``path``, fsync the folder. A crash leaves the old file or the new one, never a partial one."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    with open(tmp, mode) as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _save(obj: dict[str, Any], path: Path) -> None:
+    _replace_synced(path, lambda fh: torch.save(obj, fh))
+
+
+def _write_text(path: Path, text: str) -> None:
+    _replace_synced(path, lambda fh: fh.write(text), mode="w")
+
+
+def _load_checkpoint(path: Path, keys: Sequence[str]) -> dict[str, Any]:
+    """``torch.load(path)``, holding ``keys``; a CheckpointError naming the file otherwise."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict):
+            raise ValueError(f"it holds a {type(ckpt).__name__}, not a checkpoint dict")
+        missing = [k for k in keys if k not in ckpt]
+        if missing:
+            raise ValueError(f"it lacks {missing}")
+    except Exception as err:  # truncated, empty, random bytes, another file: all end here
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path} cannot be read: {reason}. The file is damaged (truncated, empty or overwritten?) or not "
+            "a checkpoint of this harness: delete it, or pass --no-resume (resume=False) to start afresh"
+        ) from err
+    return ckpt
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl``; a partial last line (a write interrupted by a kill) is dropped."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i == last:
+                print(f"note: {path}: dropping a partial last line (an interrupted write)", flush=True)
+                break
+            raise CheckpointError(
+                f"{path}, line {i + 1}, is not JSON ({err}); repair or delete the file, or pass --no-resume"
+            ) from err
+    return records
 
 
 def _write_metrics(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    _write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def plot_curves(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> bool:
@@ -527,6 +848,312 @@ def _plot(records: Sequence[dict[str, Any]], out: Path, noted: bool) -> bool:
     return noted
 
 
+class _Trainer:
+    """The state of one :func:`train` call: the model as trained (DDP, compiled) and as evaluated, the
+    optimizer, schedule, gradient scaler, counters, and the checkpoint it writes."""
+
+    def __init__(self, model, train_ds, cfg, device, d, collate_fn, last_path, stop_after_steps):
+        self.model, self.train_ds, self.cfg, self.device, self.d = model, train_ds, cfg, device, d
+        self.collate_fn, self.last_path, self.stop_after_steps = collate_fn, last_path, stop_after_steps
+        self.dtype = _model_dtype(cfg)
+        self.steps_per_epoch = steps_per_epoch(len(train_ds), cfg, d.world_size)
+        self.optimizer = make_optimizer(model, cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg, cfg.epochs * self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+        named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+        self.param_names, self.params = [k for k, _ in named], [p for _, p in named]
+        self.state: dict[str, Any] = {
+            "epoch": 0,
+            "step": 0,
+            "best_val_acc": None,
+            "best_val_loss": None,
+            "best_epoch": None,
+            "train_time_s": 0.0,
+        }
+        self._wrap(cfg.compile)
+
+    def _wrap(self, compile_: bool) -> None:
+        """``self.net`` (the training forward: DDP, compiled) and ``self.eval_net`` (evaluation: the plain
+        model, eager; compiling it too would recompile for eval mode, and the layers' eval-mode kernel cache
+        does not trace)."""
+        self.compiled = compile_
+        self.ddp = None
+        net = self.model
+        if self.d.active:
+            ids = [self.device] if self.device.type == "cuda" else None
+            self.ddp = net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if compile_:
+            from torch._dynamo.utils import counters
+
+            self._breaks_before = sum(counters["graph_break"].values())
+            self.net = torch.compile(net)
+        else:
+            self.net = net
+        self.eval_net = self.model
+        self._first_forward = True
+
+    def say(self, text: str) -> None:
+        if self.d.main:
+            print(text, flush=True)
+
+    def _train_forward(self, x, lengths) -> torch.Tensor:
+        try:
+            with _autocast(self.cfg, self.device):
+                out = _forward(self.net, x, lengths)
+        except ValueError as err:
+            if self.state["step"] > 0 and "must be positive" in str(err):
+                raise FloatingPointError(
+                    f"training diverged by step {self.state['step']}: the model refuses its parameters "
+                    f"({err}); lower lr/lr_ssm or set grad_clip"
+                ) from err
+            raise
+        except Exception as err:
+            if not (self.compiled and self._first_forward):
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            self.say(f"note: torch.compile failed ({type(err).__name__}: {first}); training without it")
+            self._wrap(False)
+            return self._train_forward(x, lengths)
+        if self.compiled and self._first_forward:
+            from torch._dynamo.utils import counters
+
+            breaks = sum(counters["graph_break"].values()) - self._breaks_before
+            if breaks > 0:
+                reason = (str(next(iter(counters["graph_break"]), "")).strip().splitlines() or [""])[0][:120]
+                self.say(
+                    f"note: torch.compile fell back to eager at {breaks} graph break(s) (e.g. {reason}); "
+                    "the model runs partly compiled"
+                )
+        self._first_forward = False
+        return out
+
+    def _check_finite(self, step_loss: torch.Tensor, epoch: int) -> None:
+        """Raise FloatingPointError naming the step once the loss or a parameter is not finite (on every
+        rank together), before a layer's own parameter checks refuse the next forward."""
+        norms = torch._foreach_norm(self.params, float("inf")) if self.params else []
+        flags = [v.isfinite() for v in norms]
+        loss_ok = step_loss.isfinite() if self.scaler is None else torch.ones((), dtype=torch.bool)
+        ok = torch.stack([loss_ok.to(self.device), *flags]).all()
+        bad = _all_reduce((~ok).to(torch.int32), self.d)
+        if not bad.item():
+            return
+        if not bool(loss_ok):
+            what = f"the loss is {step_loss.item():g}"
+        else:
+            names = [k for k, v in zip(self.param_names, flags) if not bool(v)]
+            what = f"parameter {names[0]} is not finite" if names else "the loss is not finite on a rank"
+        hint = "lower lr/lr_ssm or set grad_clip"
+        if self.cfg.precision != "32":
+            hint += ", or use --precision 32"
+        raise FloatingPointError(
+            f"training diverged at step {self.state['step']} (epoch {epoch + 1}): {what}; {hint}"
+        )
+
+    def run_epoch(self, epoch: int, start_step: int, partial: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Train ``epoch`` from ``start_step`` on; the epoch's metrics reduced over ranks, or None when
+        ``stop_after_steps`` ended the run inside it."""
+        cfg, d, device = self.cfg, self.d, self.device
+        partial = partial or {"loss_sum": 0.0, "correct": 0, "n": 0, "tokens": 0, "time_s": 0.0}
+        self.model.train()
+        micro, sizes = rank_batches(
+            len(self.train_ds), cfg, epoch, rank=d.rank, world_size=d.world_size, start_step=start_step
+        )
+        loader = DataLoader(
+            self.train_ds,
+            batch_sampler=micro,
+            collate_fn=self.collate_fn,
+            num_workers=cfg.num_workers,
+            pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(_mix(cfg.seed, epoch)),
+        )
+        sums = {
+            "loss": torch.tensor(partial["loss_sum"], dtype=torch.float64, device=device),
+            "acc": torch.tensor(partial["correct"], dtype=torch.int64, device=device),
+        }
+        n, tokens = partial["n"], partial["tokens"]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+
+        def shown() -> dict[str, str]:
+            rate = (tokens - partial["tokens"]) * d.world_size / max(time.perf_counter() - t0, 1e-9)
+            return {"tok/s": f"{rate:.3g}", "mem": _fmt_bytes(_peak_memory(device)[0])}
+
+        bar = _Progress(self.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and d.main)
+        bar.count = start_step
+        batches = iter(loader)
+        A, W = cfg.accumulate, d.world_size
+        for s in range(start_step, self.steps_per_epoch):
+            n_global = sizes[s - start_step]
+            step_loss = torch.zeros((), dtype=torch.float64, device=device)
+            for m in range(A):
+                x, y, lengths = _unpack(next(batches), device, self.dtype)
+                sync = self.ddp is None or m == A - 1  # DDP all-reduces in the last micro-batch's backward
+                with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                    logits = self._train_forward(x, lengths)
+                    loss = F.cross_entropy(_upcast(logits), y)
+                    # DDP averages over ranks: this weighting makes the gradient that of the global batch mean
+                    scaled = loss * (y.shape[0] * W / n_global)
+                    (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
+                step_loss += loss.detach().double() * y.shape[0]
+                sums["acc"] += (logits.detach().argmax(-1) == y).sum()
+                n += y.shape[0]
+                tokens += _positions(x)
+            sums["loss"] += step_loss
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.state["step"] += 1
+            self._check_finite(step_loss, epoch)
+            bar.update(sums, n, shown)
+            mid_epoch = s + 1 < self.steps_per_epoch
+            if cfg.checkpoint_every and self.state["step"] % cfg.checkpoint_every == 0 and mid_epoch:
+                now = {
+                    "loss_sum": sums["loss"].item(),
+                    "correct": int(sums["acc"].item()),
+                    "n": n,
+                    "tokens": tokens,
+                    "time_s": partial["time_s"] + time.perf_counter() - t0,
+                }
+                self.save_last(epoch_step=s + 1, partial=now)
+            if self.stop_after_steps is not None and self.state["step"] >= self.stop_after_steps:
+                bar.close()
+                return None
+        bar.close()
+        stats = torch.tensor([float(n), float(tokens)], dtype=torch.float64, device=device)
+        stats = _all_reduce(torch.cat([sums["loss"][None], sums["acc"].double()[None], stats]), d)
+        loss_sum, correct, n_all, tokens_all = stats.tolist()
+        peak, kind = _peak_memory(device)
+        peak = torch.tensor(float(peak), dtype=torch.float64, device=device)
+        peak = int(_all_reduce(peak, d, "max").item())
+        loop_s = partial["time_s"] + time.perf_counter() - t0
+        return {
+            "loss": loss_sum / max(n_all, 1),
+            "acc": correct / max(n_all, 1),
+            "tokens": int(tokens_all),
+            "tokens_per_s": tokens_all / max(loop_s, 1e-9),
+            "peak_mem_bytes": peak,
+            "peak_mem_kind": kind,
+            "time_s": loop_s,
+        }
+
+    def save_last(self, *, epoch_step: int = 0, partial: dict[str, Any] | None = None) -> None:
+        """Write last.pt (rank 0; every rank contributes its RNG states and partial sums)."""
+        ranks = _gather({"rng": _rng_state(), "partial": partial}, self.d)
+        if not self.d.main:
+            return
+        _save(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                **self.state,
+                "epoch_step": epoch_step,
+                "partial": partial,
+                "steps_per_epoch": self.steps_per_epoch,
+                "world_size": self.d.world_size,
+                "rng": ranks[0]["rng"],
+                "ranks": ranks if self.d.active else None,
+                "data_order": {
+                    "seed": self.cfg.seed, "next_epoch": self.state["epoch"], "next_step": epoch_step
+                },
+                "config": asdict(self.cfg),
+            },
+            self.last_path,
+        )
+
+    def resume(self, records_path: Path) -> tuple[int, dict[str, Any] | None, list[dict[str, Any]]]:
+        """Load last.pt on every rank; returns (step within the epoch, this rank's partial sums, records)."""
+        cfg, d, path = self.cfg, self.d, self.last_path
+        ckpt = _load_checkpoint(path, ("model", "optimizer", "scheduler", "rng", "config", "steps_per_epoch",
+                                       *self.state))
+        try:
+            self.model.load_state_dict(ckpt["model"])
+        except RuntimeError as err:
+            raise CheckpointError(
+                f"{path} holds a different model; use another output directory or resume=False "
+                f"(--no-resume) to start afresh. {err}"
+            ) from err
+        new_base = list(self.scheduler.base_lrs)
+        new_wd = [g["weight_decay"] for g in self.optimizer.param_groups]
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise CheckpointError(
+                f"{path}: its optimizer state does not fit this model's parameter groups ({err}); use "
+                "another output directory or --no-resume"
+            ) from err
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        old_base = list(self.scheduler.base_lrs)
+        old_wd = [g["weight_decay"] for g in self.optimizer.param_groups]
+        if old_base != new_base or old_wd != new_wd:  # the configuration's rates, not the checkpoint's
+            self.scheduler.base_lrs = new_base
+            for i, g in enumerate(self.optimizer.param_groups):
+                g["initial_lr"], g["weight_decay"] = new_base[i], new_wd[i]
+                g["lr"] = new_base[i] * self.scheduler.lr_lambdas[i](self.scheduler.last_epoch)
+            self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        self.state.update({k: ckpt[k] for k in self.state})
+        old_world = ckpt.get("world_size", 1)
+        ranks = ckpt.get("ranks")
+        if old_world == d.world_size and ranks:
+            rng, partial = ranks[d.rank]["rng"], ranks[d.rank]["partial"]
+        elif d.main:
+            rng = ckpt["rng"]
+            parts = [r["partial"] for r in ranks] if ranks else [ckpt.get("partial")]
+            partial = None if parts[0] is None else {k: sum(p[k] for p in parts) for k in parts[0]}
+            if partial is not None:
+                partial["time_s"] /= len(parts)
+        else:
+            rng = None
+            seed_everything(_mix(cfg.seed, 2**31 + d.rank + self.state["step"]))
+            partial = None if ckpt.get("partial") is None and not ranks else {
+                "loss_sum": 0.0, "correct": 0, "n": 0, "tokens": 0, "time_s": 0.0
+            }
+        if rng is not None:
+            _set_rng_state(rng)
+        epoch_step = ckpt.get("epoch_step", 0)
+
+        old = ckpt["config"]
+        changed = [k for k, v in old.items() if k not in _RESUME_NEUTRAL and getattr(cfg, k, v) != v]
+        if changed or ckpt["steps_per_epoch"] != self.steps_per_epoch:
+            self.say(
+                f"note: resuming with changed {changed or 'steps per epoch'}; the run will not match an "
+                "uninterrupted one"
+            )
+        applied = [k for k in _RESUME_HPARAMS if k in changed]
+        if applied:
+            self.say(
+                f"note: the new {', '.join(applied)} apply from step {self.state['step']} on (group "
+                f"learning rates {old_base} -> {new_base}, weight decays {old_wd} -> {new_wd}); the schedule "
+                "keeps its position"
+            )
+        if old_world != d.world_size:
+            self.say(
+                f"note: resuming a run of world size {old_world} with world size {d.world_size}: the same "
+                "sequence of global batches follows, but not bit for bit (other reduction orders and RNG "
+                "streams)"
+            )
+        if epoch_step >= self.steps_per_epoch:  # fewer steps per epoch now: the epoch is over
+            epoch_step, partial = 0, None
+        records = []
+        if d.main:
+            records = [r for r in _read_metrics(records_path) if r.get("epoch", 0) <= self.state["epoch"]]
+        where = f" and {epoch_step} step(s) of epoch {self.state['epoch'] + 1}" if epoch_step else ""
+        self.say(f"resumed from {path} after epoch {self.state['epoch']}{where} (step {self.state['step']})")
+        return epoch_step, partial, records
+
+
 def train(
     model: nn.Module,
     train_ds: Dataset,
@@ -538,6 +1165,7 @@ def train(
     collate_fn: Callable | None = None,
     resume: bool = True,
     stop_after_epoch: int | None = None,
+    stop_after_steps: int | None = None,
 ) -> dict[str, Any]:
     """Train a classifier, checkpoint every epoch, evaluate the best checkpoint on the test set.
 
@@ -546,20 +1174,35 @@ def train(
         train_ds, val_ds, test_ds: map-style datasets; ``val_ds``/``test_ds`` may be None. With ``collate_fn``
             None, items are ``(x, y)``; a ``collate_fn`` returns ``(x, y)`` or ``(x, y, lengths)`` batches.
         cfg: the run's :class:`Config`.
-        out_dir: created if needed; receives ``metrics.jsonl`` (one JSON object per epoch: epoch, step,
-            train_loss, train_acc, val_loss, val_acc, lr, lrs, epoch_time_s), ``last.pt`` (model, optimizer,
-            scheduler, epoch, step, best val, RNG states, data-order state, config), ``best.pt`` (model of the
-            best val accuracy, or the latest without ``val_ds``), ``curves.png`` and ``summary.json``.
-        resume: continue from ``out_dir/last.pt`` when it exists; otherwise start afresh (re-seeding with
-            ``cfg.seed``, deleting an earlier run's files in ``out_dir`` and overwriting ``metrics.jsonl``).
+        out_dir: created if needed (NotADirectoryError when it is a file); receives ``metrics.jsonl`` (one
+            JSON object per epoch: epoch, step, train_loss, train_acc, val_loss, val_acc, lr, lrs,
+            epoch_time_s, tokens, tokens_per_s, peak_mem_bytes, peak_mem_kind), ``last.pt`` (model,
+            optimizer, scheduler, scaler, epoch, step, epoch_step, best val, RNG states of every rank,
+            data-order state, config; written at each epoch end and every ``cfg.checkpoint_every`` steps),
+            ``best.pt`` (model of the best val accuracy, or the latest without ``val_ds``), ``curves.png`` and
+            ``summary.json``.
+        resume: continue from ``out_dir/last.pt`` when it exists (a damaged file raises
+            :class:`CheckpointError` naming it; the configuration's lr, lr_ssm and weight_decay replace the
+            checkpoint's); otherwise start afresh (re-seeding with ``cfg.seed``, deleting an earlier run's
+            files in ``out_dir`` and overwriting ``metrics.jsonl``).
         stop_after_epoch: end this call once that many epochs are complete, as if interrupted (the schedule
             still spans ``cfg.epochs``); a later call with ``resume=True`` continues.
+        stop_after_steps: end this call after that many optimizer steps in all, without a checkpoint, as if
+            killed (for tests of mid-epoch resume with ``cfg.checkpoint_every``).
+
+    Distributed: under ``torchrun`` (or inside an initialized process group) every rank calls ``train``
+    with the same arguments. ``cfg.batch_size`` is the global batch: each rank takes ``batch_size /
+    world_size`` items of every global batch (a ValueError when ``world_size * accumulate`` does not divide
+    it), gradients are averaged by DistributedDataParallel so that the step is that of the global batch,
+    batch norms become synchronized ones (:func:`sync_batchnorm`), metrics are reduced over ranks, and rank 0
+    alone prints and writes files; every rank reads ``last.pt`` on resume.
 
     Returns:
         The summary also written to ``summary.json``: finished, epochs_completed, steps, best_epoch,
         best_val_acc, best_val_loss, test_acc, test_loss (None until finished, or without ``test_ds``),
-        n_params, train_time_s (summed over resumptions), device, out_dir, config. When finished, ``model``
-        holds the best checkpoint's weights.
+        n_params, train_time_s (summed over resumptions), tokens_per_s (last epoch), peak_mem_bytes,
+        device, world_size, accumulate, precision, out_dir, config. When finished, ``model`` holds the best
+        checkpoint's weights.
     """
     if not isinstance(cfg, Config):
         raise ValueError(f"cfg must be a Config; got {type(cfg).__name__}")
@@ -567,72 +1210,75 @@ def train(
         raise ValueError("train_ds must not be empty")
     if stop_after_epoch is not None:
         check_int("stop_after_epoch", stop_after_epoch, minimum=1)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    model.to(device)
-    steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
-    if cfg.max_steps_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, cfg.epochs * steps_per_epoch)
-    metrics_path, last_path, best_path = out / "metrics.jsonl", out / "last.pt", out / "best.pt"
+    if stop_after_steps is not None:
+        check_int("stop_after_steps", stop_after_steps, minimum=1)
+    out = check_out_dir(out_dir)
+    with distributed(cfg.device) as d:
+        return _train(
+            model, train_ds, val_ds, test_ds, cfg, out, d, collate_fn, resume, stop_after_epoch,
+            stop_after_steps,
+        )
 
-    state = {
-        "epoch": 0,
-        "step": 0,
-        "best_val_acc": None,
-        "best_val_loss": None,
-        "best_epoch": None,
-        "train_time_s": 0.0,
-    }
-    if resume and last_path.exists():
-        ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as err:
-            raise RuntimeError(
-                f"{last_path} holds a different model; use another output directory or resume=False "
-                f"(--no-resume) to start afresh. {err}"
-            ) from err
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"])
-        state.update({k: ckpt[k] for k in state})
-        old = ckpt["config"]
-        changed = [k for k, v in old.items() if k not in _RESUME_NEUTRAL and getattr(cfg, k, v) != v]
-        if changed or ckpt["steps_per_epoch"] != steps_per_epoch:
-            print(
-                f"note: resuming with changed {changed or 'steps per epoch'}; the run will not match an "
-                "uninterrupted one",
-                flush=True,
-            )
-        records = [r for r in _read_metrics(metrics_path) if r["epoch"] <= state["epoch"]]
-        print(f"resumed from {last_path} after epoch {state['epoch']} (step {state['step']})", flush=True)
+
+def _train(
+    model, train_ds, val_ds, test_ds, cfg, out, d, collate_fn, resume, stop_after_epoch, stop_after_steps
+) -> dict[str, Any]:
+    parts = d.world_size * cfg.accumulate
+    if cfg.batch_size % parts:
+        raise ValueError(
+            f"batch_size {cfg.batch_size} (the global batch) must be divisible by world_size * accumulate = "
+            f"{d.world_size} * {cfg.accumulate}: each rank takes batch_size / world_size items per step, in "
+            "accumulate micro-batches"
+        )
+    if steps_per_epoch(len(train_ds), cfg, d.world_size) == 0:
+        raise ValueError(f"train_ds has {len(train_ds)} items: fewer than one per micro-batch ({parts})")
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device, local_rank=d.local_rank if d.active else None)
+    if cfg.dtype == "float64":
+        model.double()
+    model.to(device)
+    if d.active:
+        sync_batchnorm(model, device)
+    metrics_path, last_path, best_path = out / "metrics.jsonl", out / "last.pt", out / "best.pt"
+    run = _Trainer(model, train_ds, cfg, device, d, collate_fn, last_path, stop_after_steps)
+    state = run.state
+
+    epoch_step, partial = 0, None
+    if _broadcast(resume and last_path.exists(), d):
+        epoch_step, partial, records = run.resume(metrics_path)
     else:
-        seed_everything(cfg.seed)
+        seed_everything(cfg.seed if d.main else _mix(cfg.seed, 2**31 + d.rank))
         records = []
-        for stale in (last_path, best_path, out / "curves.png", out / "summary.json"):
-            stale.unlink(missing_ok=True)
-    _write_metrics(metrics_path, records)
+        if d.main:
+            for stale in (last_path, best_path, out / "curves.png", out / "summary.json"):
+                stale.unlink(missing_ok=True)
+    if d.main:
+        _write_metrics(metrics_path, records)
 
     n_params = count_parameters(model)
     plot_note = False
+    stopped = False
     for epoch in range(state["epoch"], cfg.epochs):
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             break
         t0 = time.perf_counter()
-        tr = _train_epoch(model, optimizer, scheduler, train_ds, cfg, device, epoch, collate_fn)
+        before = partial["time_s"] if partial else 0.0
+        tr = run.run_epoch(epoch, epoch_step, partial)
+        epoch_step, partial = 0, None
+        if tr is None:
+            stopped = True
+            break
         if not math.isfinite(tr["loss"]):
             raise FloatingPointError(
                 f"training loss became {tr['loss']} in epoch {epoch + 1}; lower lr/lr_ssm or set grad_clip"
             )
         va = None
         if val_ds is not None and len(val_ds) > 0:
-            va = evaluate(model, val_ds, cfg, collate_fn=collate_fn, device=device, desc="val")
-        elapsed = time.perf_counter() - t0
-        state["epoch"], state["step"] = epoch + 1, state["step"] + tr["steps"]
-        state["train_time_s"] += elapsed
+            va = evaluate(run.eval_net, val_ds, cfg, collate_fn=collate_fn, device=device, desc="val")
+        elapsed = before + time.perf_counter() - t0
+        state["epoch"] = epoch + 1
+        state["train_time_s"] += elapsed - before
         record = {
             "epoch": epoch + 1,
             "step": state["step"],
@@ -640,50 +1286,48 @@ def train(
             "train_acc": tr["acc"],
             "val_loss": va["loss"] if va else None,
             "val_acc": va["acc"] if va else None,
-            "lr": optimizer.param_groups[0]["lr"],
-            "lrs": [g["lr"] for g in optimizer.param_groups],
+            "lr": run.optimizer.param_groups[0]["lr"],
+            "lrs": [g["lr"] for g in run.optimizer.param_groups],
             "epoch_time_s": elapsed,
+            "tokens": tr["tokens"],
+            "tokens_per_s": tr["tokens_per_s"],
+            "peak_mem_bytes": tr["peak_mem_bytes"],
+            "peak_mem_kind": tr["peak_mem_kind"],
         }
         records.append(record)
-        with metrics_path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
         if va is None or state["best_val_acc"] is None or va["acc"] > state["best_val_acc"]:
             state["best_epoch"] = epoch + 1
             state["best_val_acc"] = va["acc"] if va else None
             state["best_val_loss"] = va["loss"] if va else None
-            _save({"model": model.state_dict(), "epoch": epoch + 1, "val": va}, best_path)
-        _save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                **state,
-                "steps_per_epoch": steps_per_epoch,
-                "rng": _rng_state(),
-                "data_order": {"seed": cfg.seed, "next_epoch": epoch + 1},
-                "config": asdict(cfg),
-            },
-            last_path,
-        )
+            if d.main:
+                _save({"model": model.state_dict(), "epoch": epoch + 1, "val": va}, best_path)
+        if d.main:
+            with metrics_path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        run.save_last()
         val_text = f" val loss {va['loss']:.4f} acc {va['acc']:.4f}" if va else ""
-        print(
+        run.say(
             f"epoch {epoch + 1}/{cfg.epochs}: train loss {tr['loss']:.4f} acc {tr['acc']:.4f}{val_text} "
-            f"lr {record['lr']:.3g} ({elapsed:.1f} s)",
-            flush=True,
+            f"lr {record['lr']:.3g} ({elapsed:.1f} s, {tr['tokens_per_s']:.3g} tok/s, peak "
+            f"{_fmt_bytes(tr['peak_mem_bytes'])})"
         )
-        if elapsed >= _REPLOT_SECONDS:  # refresh the curves during long runs; always drawn at the end
+        if elapsed >= _REPLOT_SECONDS and d.main:  # refresh the curves during long runs; drawn at the end
             plot_note = _plot(records, out, plot_note)
-    if records:
+    if records and d.main:
         _plot(records, out, plot_note)
 
-    finished = state["epoch"] >= cfg.epochs
+    finished = state["epoch"] >= cfg.epochs and not stopped
     test = None
     if finished and test_ds is not None:
-        if best_path.exists():
-            model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
-        test = evaluate(model, test_ds, cfg, collate_fn=collate_fn, device=device, desc="test")
+        if _broadcast(best_path.exists(), d):
+            if d.active:
+                dist.barrier()  # rank 0 wrote best.pt
+            model.load_state_dict(_load_checkpoint(best_path, ("model",))["model"])
+        test = evaluate(run.eval_net, test_ds, cfg, collate_fn=collate_fn, device=device, desc="test")
         best = state["best_epoch"]
-        print(f"test (best epoch {best}): loss {test['loss']:.4f} acc {test['acc']:.4f}", flush=True)
+        run.say(f"test (best epoch {best}): loss {test['loss']:.4f} acc {test['acc']:.4f}")
     summary = {
         "finished": finished,
         "epochs_completed": state["epoch"],
@@ -695,9 +1339,15 @@ def train(
         "test_loss": test["loss"] if test else None,
         "n_params": n_params,
         "train_time_s": state["train_time_s"],
+        "tokens_per_s": records[-1].get("tokens_per_s") if records else None,
+        "peak_mem_bytes": max((r.get("peak_mem_bytes") or 0 for r in records), default=None),
         "device": str(device),
+        "world_size": d.world_size,
+        "accumulate": cfg.accumulate,
+        "precision": cfg.precision,
         "out_dir": str(out),
         "config": asdict(cfg),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if d.main:
+        _write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -4,6 +4,8 @@
     python examples/lra.py --task listops --config s4 --model s4d  # the S4 paper's settings, S4D layers
     python examples/lra.py --task pathfinder32 --config quick      # generated Pathfinder, 32 x 32
     python examples/lra.py --task text --data /data/lra --config s4 --out runs/imdb
+    torchrun --nproc_per_node=4 examples/lra.py --task listops --config s4   # 4 GPUs, DDP, same global batch
+    python examples/lra.py --task listops --config s4 --precision bf16 --accumulate 2 --checkpoint-every 500
 
 Tasks: ``listops``, ``text`` (IMDB bytes), ``retrieval`` (AAN pairs), ``image`` (grayscale CIFAR-10),
 ``pathfinder32``, ``pathfinder64``, ``pathfinder128``, ``pathx`` (= Pathfinder 128 x 128, hard); see
@@ -20,6 +22,12 @@ Outputs in ``--out`` (default runs/lra/<task>-<model>-<config>), all from the ha
 metrics.jsonl, last.pt, best.pt, curves.png, summary.json; the summary here adds the task, the data folder
 and the majority-class accuracy of the test split. Running the same command again resumes from last.pt.
 
+Scale (all in harness.py): under ``torchrun`` each process trains its share of every global batch with
+DistributedDataParallel (NCCL on CUDA, gloo on CPU); ``--batch-size`` stays the global batch; rank 0
+generates missing data, prints and writes the outputs; every rank resumes from last.pt. ``--accumulate N``,
+``--precision {32,bf16,fp16}``, ``--compile``, ``--checkpoint-every STEPS`` and ``--gen-workers N``
+(processes generating ListOps/Pathfinder) are the other knobs.
+
 Configs:
     quick: CPU runs. For ListOps it is tuned to learn in a few minutes on 2 cores: it trains on 2,000
         generated expressions of LRA's lengths (500-2,000 tokens) for 2 epochs and is tested on a generated
@@ -29,6 +37,7 @@ Configs:
         18.2%, 38.5% vs 18.6%), about 40 s per epoch when the machine is quiet. For the other tasks it is a
         small, short smoke configuration (subsets, truncated documents), not tuned.
     s4: the S4 paper's hyperparameters per task (see the comment above ``S4_PRESETS``).
+    s5: the S5 paper's hyperparameters per task, S5 layers (see the comment above ``S5_PRESETS``).
 """
 
 from __future__ import annotations
@@ -59,7 +68,7 @@ from ssm.data.text import collate_pair
 TASKS = ("listops", "text", "retrieval", "image", "pathfinder32", "pathfinder64", "pathfinder128", "pathx")
 PATHFINDER_TASKS = ("pathfinder32", "pathfinder64", "pathfinder128", "pathx")
 GENERATED_TASKS = ("listops", *PATHFINDER_TASKS)
-CONFIGS = ("quick", "s4")
+CONFIGS = ("quick", "s4", "s5")
 
 # Where the official files come from (tasks that cannot be generated).
 SOURCES = {
@@ -181,7 +190,63 @@ QUICK_PRESETS: dict[str, Config] = {
     "pathfinder128": _quick(batch_size=16),
     "pathx": _quick(batch_size=16),
 }
-PRESETS: dict[str, dict[str, Config]] = {"quick": QUICK_PRESETS, "s4": S4_PRESETS}
+
+# ----------------------------------------------------------------------------------------------------------
+# The S5 paper's settings per task (Smith, Warrington, Linderman, ICLR 2023, Appendix, Table 11 "the main
+# hyperparameters used for each experiment"), as released in the paper's repository
+# (github.com/lindermanlab/S5, bin/run_experiments/run_lra_{listops,imdb,aan,cifar,pathfinder,pathx}.sh;
+# LR = lr_factor * ssm_lr_base there). All: S5 layers, zoh, conjugate symmetry, bidirectional, batch norm,
+# pre-norm, mean pooling, dt in [1e-3, 1e-1] (Path-X: [1e-4, 1e-1]), a GLU after the output projection
+# (S5's "half_glu"), AdamW with Lambda, B and dt at the SSM lr without weight decay, cosine schedule after a
+# linear warmup of one epoch (S5's warmup_end=1; here in optimizer steps for the official training-set
+# sizes; IMDB: none):
+#
+#   task        layers  H    P    J  dropout  lr      SSM lr  batch epochs  wd    warmup (steps)
+#   listops        8   128   16   8   0.0    0.003   0.001    50    40   0.04   1920  (96,000 / 50)
+#   text (imdb)    6   256  192  12   0.1    0.004   0.001    50    35   0.07      0
+#   retrieval      6   128  256  16   0.0    0.002   0.001    32    20   0.05   4597  (147,086 / 32)
+#   image (cifar)  6   512  384   3   0.1    0.0045  0.001    50   250   0.07    900  (45,000 / 50)
+#   pathfinder     6   192  256   8   0.05   0.0045  0.0009   64   200   0.03   2500  (160,000 / 64)
+#   pathx          6   128  256  16   0.0    0.0018  0.0006   32    75   0.06   5000  (160,000 / 32)
+#
+# Not carried over: S5's per-task optimizer variants ("BfastandCdecay" for ListOps and CIFAR puts B at the
+# global lr with weight decay; "dt_global" for IMDB and AAN puts dt at the global lr), its C initializations
+# other than truncated normal (lecun_normal for ListOps, IMDB and CIFAR; complex normal for Path-X), CIFAR's
+# eigenvalue clipping and the batch-norm momentum (0.9 for Pathfinder and Path-X): here every Lambda, B and
+# dt takes the SSM lr without weight decay, C follows the global settings.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _s5(**kwargs: Any) -> Config:
+    base = dict(model="s5", dropout=0.0, norm="batch", prenorm=True, pool="mean", scheduler="cosine",
+                grad_clip=0.0)
+    base.update(kwargs)
+    return Config(**base)
+
+
+_PATHFINDER_S5 = _s5(n_layers=6, d_model=192, d_state=256, dropout=0.05, lr=0.0045, lr_ssm=0.0009,
+                     weight_decay=0.03, batch_size=64, epochs=200, warmup=2500)
+_PATHX_S5 = _s5(n_layers=6, d_model=128, d_state=256, lr=0.0018, lr_ssm=0.0006, weight_decay=0.06,
+                batch_size=32, epochs=75, warmup=5000)
+
+S5_PRESETS: dict[str, Config] = {
+    "listops": _s5(n_layers=8, d_model=128, d_state=16, lr=0.003, lr_ssm=0.001, weight_decay=0.04,
+                   batch_size=50, epochs=40, warmup=1920),
+    "text": _s5(n_layers=6, d_model=256, d_state=192, dropout=0.1, lr=0.004, lr_ssm=0.001, weight_decay=0.07,
+                batch_size=50, epochs=35, warmup=0),
+    "retrieval": _s5(n_layers=6, d_model=128, d_state=256, lr=0.002, lr_ssm=0.001, weight_decay=0.05,
+                     batch_size=32, epochs=20, warmup=4597),
+    "image": _s5(n_layers=6, d_model=512, d_state=384, dropout=0.1, lr=0.0045, lr_ssm=0.001,
+                 weight_decay=0.07, batch_size=50, epochs=250, warmup=900),
+    "pathfinder32": _PATHFINDER_S5,
+    "pathfinder64": _PATHFINDER_S5,
+    "pathfinder128": _PATHX_S5,
+    "pathx": _PATHX_S5,
+}
+S5_BLOCKS = {"listops": 8, "text": 12, "retrieval": 16, "image": 3, "pathfinder32": 8, "pathfinder64": 8,
+             "pathfinder128": 16, "pathx": 16}
+
+PRESETS: dict[str, dict[str, Config]] = {"quick": QUICK_PRESETS, "s4": S4_PRESETS, "s5": S5_PRESETS}
 
 # Everything besides the Config: model options, data subsets and truncation, generator sizes.
 # bidirectional/glu/dt_min/dt_max: layer options (S4 configs: bidirectional, postact glu, dt range);
@@ -211,6 +276,9 @@ for _task in ("text", "retrieval"):
 EXTRAS["quick"]["image"].update(train_subset=5_000, val_subset=1_000, test_subset=2_000)
 for _task, _n in (("pathfinder64", 1_000), ("pathfinder128", 500), ("pathx", 500)):
     EXTRAS["quick"][_task]["pathfinder_n"] = _n
+# s5: the S4 extras (bidirectional, GLU, full data) plus the number of blocks J of the initialization
+EXTRAS["s5"] = {task: {**EXTRAS["s4"][task], "listops": dict(_OFFICIAL_LISTOPS), "blocks": S5_BLOCKS[task]}
+                for task in TASKS}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -372,9 +440,16 @@ def ensure_generated(folder: str | os.PathLike, generate, settings: dict[str, An
 
 
 def generated_data(
-    task: str, cache_dir: str | os.PathLike, extra: dict[str, Any], *, seed: int, difficulty: str
+    task: str,
+    cache_dir: str | os.PathLike,
+    extra: dict[str, Any],
+    *,
+    seed: int,
+    difficulty: str,
+    workers: int | None = None,
 ) -> Path:
-    """The cache folder of ``task``'s generated data (generated first when needed)."""
+    """The cache folder of ``task``'s generated data (generated first when needed, by ``workers`` processes:
+    None lets the generator choose; the data do not depend on it)."""
     check_choice("task", task, GENERATED_TASKS)
     seed = check_int("gen_seed", seed, minimum=0)
     cache = Path(cache_dir)
@@ -396,7 +471,7 @@ def generated_data(
                 f"{gen['min_length']}-{gen['max_length']} tokens into the cache (once)",
                 flush=True,
             )
-            write_listops(folder, **gen, seed=seed)
+            write_listops(folder, **gen, seed=seed, workers=workers)
 
         return ensure_generated(cache / name, generate_listops, settings)
     check_choice("difficulty", difficulty, tuple(DIFFICULTY_DIRS))
@@ -411,7 +486,9 @@ def generated_data(
             "(once; --gen-n sets the number)",
             flush=True,
         )
-        write_pathfinder(folder, resolution=resolution, n=n, seed=seed, difficulty=difficulty)
+        write_pathfinder(
+            folder, resolution=resolution, n=n, seed=seed, difficulty=difficulty, workers=workers
+        )
 
     return ensure_generated(cache / name, generate, settings)
 
@@ -424,13 +501,14 @@ def resolve_data(
     *,
     seed: int,
     difficulty: str,
+    workers: int | None = None,
 ) -> Path:
     """``--data`` when given; generated data for ListOps and Pathfinder; else a FileNotFoundError saying where
     the official files come from and how they are laid out."""
     if data is not None:
         return Path(data)
     if task in GENERATED_TASKS:
-        return generated_data(task, cache_dir, extra, seed=seed, difficulty=difficulty)
+        return generated_data(task, cache_dir, extra, seed=seed, difficulty=difficulty, workers=workers)
     raise FileNotFoundError(
         f"the {task} task needs the official data: pass --data DIR, a folder holding {SOURCES[task]}; "
         f"it cannot be generated (only ListOps and Pathfinder can)"
@@ -537,6 +615,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--gen-max-length", type=int, default=None, help="ListOps: length < this (default 2000)")
     gen.add_argument("--gen-n", type=int, default=None, help="Pathfinder: images (split 80/10/10)")
     gen.add_argument("--gen-seed", type=int, default=0, help="generator seed (default: 0)")
+    gen.add_argument(
+        "--gen-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes generating ListOps/Pathfinder (default: the generators' choice); same data for any N",
+    )
     harness.add_run_args(parser, default_out="runs/lra/<task>-<model>-<config>")
     title = "training configuration: overrides of the --config preset (defaults shown: quick ListOps)"
     harness.add_config_args(parser, QUICK_PRESETS["listops"], title=title)
@@ -559,8 +644,10 @@ def _extra_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def _layer_kwargs(cfg: Config, extra: dict[str, Any]) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"glu": bool(extra["glu"])}
-    if cfg.model in ("s4", "s4d"):
+    if cfg.model in ("s4", "s4d", "s5"):
         kwargs.update(dt_min=extra["dt_min"], dt_max=extra["dt_max"])
+    if cfg.model == "s5" and "blocks" in extra:
+        kwargs["blocks"] = extra["blocks"]
     return kwargs
 
 
@@ -571,16 +658,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ``n_val``, ``n_test``, ``majority_label`` and ``majority_test_acc``.
     """
     args = build_parser().parse_args(argv)
+    cfg = harness.config_from_args(args, PRESETS[args.config][args.task])
+    with harness.distributed(cfg.device) as d:  # under torchrun: join the process group (else nothing)
+        return _run(args, cfg, d)
+
+
+def _run(args: argparse.Namespace, cfg: Config, d: harness.DistInfo) -> dict[str, Any]:
     task = args.task
-    cfg = harness.config_from_args(args, PRESETS[args.config][task])
     extra = _extra_from_args(args)
     info = LRA_TASKS[task]
     out = args.out
     if out == "runs/lra/<task>-<model>-<config>":
         out = f"runs/lra/{task}-{cfg.model}-{args.config}"
+    harness.check_out_dir(out)
     cache = Path(args.cache_dir) if args.cache_dir is not None else default_cache_dir()
 
-    root = resolve_data(task, args.data, cache, extra, seed=args.gen_seed, difficulty=args.difficulty)
+    for first in (True, False):  # rank 0 generates missing data; the other ranks then find it in the cache
+        if d.main == first:
+            root = resolve_data(
+                task, args.data, cache, extra, seed=args.gen_seed, difficulty=args.difficulty,
+                workers=args.gen_workers,
+            )
+        if d.active and first:
+            torch.distributed.barrier()
     options: dict[str, Any] = {}
     if info["input"] == "tokens" and extra["truncate"] is not None:
         options["max_length"] = check_int("truncate", extra["truncate"], minimum=2)
@@ -602,17 +702,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model = build_classifier(cfg, info["vocab_size"], info["num_classes"], embedding=True, **model_kwargs)
     else:
         model = build_classifier(cfg, info["d_input"], info["num_classes"], **model_kwargs)
-    print(
+    say = print if d.main else _quiet
+    say(
         f"LRA {task} ({args.config}): data {root}; train {len(train_ds)}, val {len(val_ds)}, test "
         f"{len(test_ds)}; model {cfg.model} d_model {cfg.d_model} x {cfg.n_layers} layers, N {cfg.d_state}"
         f"{', bidirectional' if extra['bidirectional'] else ''}: {harness.count_parameters(model):,} "
-        f"parameters; device {harness.resolve_device(cfg.device)}; out {out}",
+        f"parameters; device {harness.resolve_device(cfg.device)}"
+        f"{f' x {d.world_size} processes' if d.active else ''}; out {out}",
         flush=True,
     )
-    print(f"majority class of the test split: {majority_label} ({100 * majority_acc:.2f}%)", flush=True)
+    say(f"majority class of the test split: {majority_label} ({100 * majority_acc:.2f}%)", flush=True)
     t0 = time.perf_counter()
     summary = harness.train(
-        model, train_ds, val_ds, test_ds, cfg, out, collate_fn=collate, resume=args.resume
+        model, train_ds, val_ds, test_ds, cfg, out, collate_fn=collate, resume=args.resume,
+        stop_after_steps=args.stop_after_steps,
     )
     summary.update(
         task=task,
@@ -625,10 +728,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         majority_test_acc=majority_acc,
         wall_time_s=time.perf_counter() - t0,
     )
-    (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if d.main:
+        (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if summary["test_acc"] is not None:
         gain = 100 * (summary["test_acc"] - majority_acc)
-        print(
+        say(
             f"{task} test accuracy {100 * summary['test_acc']:.2f}% vs majority class "
             f"{100 * majority_acc:.2f}% ({gain:+.2f} points)",
             flush=True,
@@ -636,8 +740,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return summary
 
 
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    """``print`` on ranks other than 0."""
+
+
 if __name__ == "__main__":
     try:
         main()
-    except FileNotFoundError as err:  # no data: say where to get it, without a traceback
+    # no data, --out naming a file, a damaged checkpoint, divergence: say so without a traceback
+    except (FileNotFoundError, NotADirectoryError, harness.CheckpointError, FloatingPointError) as err:
         sys.exit(f"error: {err}")

@@ -1,30 +1,44 @@
 """ssm: structured state-space sequence layers (HiPPO, S4, S4D, RTF) for PyTorch.
 
 Public API: the layers ``S4``, ``S4D``, ``RTF`` (``ssm.layers``), the residual ``SSMBlock``, the stacked
-``SSMModel``, and the pure-function modules ``hippo``, ``discretize``, ``kernels``, ``transfer``,
-``reference`` and ``optim``.
+``SSMModel``, and the pure-function modules ``hippo``, ``discretize``, ``systems`` (one module per SSM
+family), ``kernels``, ``transfer`` and ``optim``. ``ssm.reference`` (the float64 oracle of the tests) and
+``ssm.data`` are imported on first access, so importing ``ssm`` never loads them.
 """
 
 __version__ = "0.1.0"
 
-from . import discretize, hippo, kernels, layers, optim, reference, transfer
+import importlib
+
+from . import discretize, hippo, kernels, layers, optim, systems, transfer
 from .blocks import SSMBlock
-from .layers import RTF, S4, S4D, SSMLayer
+from .layers import RTF, S4, S4D, S5, SSMLayer
 from .models import SSMModel
 
 __all__ = [
     "RTF",
     "S4",
     "S4D",
+    "S5",
     "SSMBlock",
     "SSMLayer",
     "SSMModel",
     "__version__",
+    "data",
     "discretize",
     "hippo",
     "kernels",
     "layers",
     "optim",
     "reference",
+    "systems",
     "transfer",
 ]
+
+_LAZY = ("data", "reference")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'ssm' has no attribute {name!r}")

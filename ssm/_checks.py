@@ -6,6 +6,7 @@ that names the argument and says what was expected, instead of failing deep insi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +22,16 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
 
 
 def check_int(name: str, value: Any, minimum: int | None = None) -> int:
-    """Return ``value`` as an int if it is an integer (not a bool) >= ``minimum``."""
+    """Return ``value`` as an int if it is an integer (not a bool) >= ``minimum``.
+
+    A symbolic size (``torch.SymInt``: a dynamic sequence length under ``torch.compile`` or ``torch.export``)
+    is returned as is, not specialized by ``int()``; its minimum becomes a runtime assertion of the graph.
+    """
+    if isinstance(value, torch.SymInt):
+        if minimum is not None:
+            msg = f"{name} must be >= {minimum}"  # a constant: Dynamo traces no closure over a SymInt
+            torch._check(value >= minimum, lambda: msg)
+        return value
     if isinstance(value, bool) or not isinstance(value, (int,)) and not (
         isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point()
     ):
@@ -30,6 +40,13 @@ def check_int(name: str, value: Any, minimum: int | None = None) -> int:
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}; got {value}")
     return value
+
+
+def traced_size(n: Any) -> bool:
+    """Whether a size may be symbolic, so that the code using it must not branch on its value: a
+    ``torch.SymInt`` (``torch.export``), or any int while ``torch.compile`` traces (Dynamo shows a dynamic
+    size as a plain int, so the traced code takes the symbolic-safe path whatever the size)."""
+    return isinstance(n, torch.SymInt) or torch.compiler.is_compiling()
 
 
 def check_positive(name: str, value: Any) -> Any:
@@ -42,8 +59,11 @@ def check_positive(name: str, value: Any) -> Any:
             raise ValueError(f"{name} must be real and positive; got a complex tensor")
         if value.numel() and not bool((value > 0).all()):
             raise ValueError(f"{name} must be positive; got min {value.min().item():.3g}")
-    elif not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"{name} must be a positive number; got {value!r}")
+        if value.numel() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name} must be finite; got max {value.max().item():.3g}")
+    # 0 < value < inf rather than math.isfinite, which torch.compile cannot trace for a symbolic float.
+    elif not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite positive number; got {value!r}")
     return value
 
 
@@ -66,4 +86,38 @@ def check_shape(name: str, value: torch.Tensor, shape: Sequence[int | None], wha
         want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
         extra = f" {what}" if what else ""
         raise ValueError(f"{name} must have shape {want}{extra}; got {tuple(value.shape)}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` if it is a bool (``bool()`` of a string such as 'no' would be True)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False; got {value!r}")
+    return value
+
+
+def check_real(name: str, value: Any, *, minimum: float | None = None, below: float | None = None,
+               positive: bool = False) -> float:
+    """Return ``value`` as a finite float (not a bool, string or None), optionally >= ``minimum``, < ``below``
+    or > 0; non-finite values (inf, nan) are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number; got {value!r}")
+    value = float(value)
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be positive; got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value!r}")
+    if below is not None and not value < below:
+        raise ValueError(f"{name} must be < {below}; got {value!r}")
+    return value
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_float_dtype(name: str, value: Any) -> torch.dtype | None:
+    """``value`` if it is None or a floating torch dtype (the parameters' dtype of a module)."""
+    if value is not None and value not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be None or one of torch.float16, torch.bfloat16, torch.float32, "
+                         f"torch.float64; got {value!r}")
     return value

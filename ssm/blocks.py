@@ -4,8 +4,20 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ._checks import check_choice, check_int
+from ._checks import check_bool, check_choice, check_float_dtype, check_int, check_real
 from .layers import LAYERS, SSMLayer
+
+
+def check_layer_kwargs(layer_kwargs) -> dict:
+    """``layer_kwargs`` as a dict (None: empty); a block's layer must keep the (B, L, H) layout."""
+    if layer_kwargs is None:
+        return {}
+    if not isinstance(layer_kwargs, dict):
+        raise ValueError(f"layer_kwargs must be a dict of layer arguments or None; got {layer_kwargs!r}")
+    if layer_kwargs.get("transposed", False) is not False:
+        raise ValueError("layer_kwargs must not set transposed: blocks pass (B, L, H) tensors to the layer; "
+                         f"got transposed={layer_kwargs['transposed']!r}")
+    return dict(layer_kwargs)
 
 NORMS = ("layer", "batch", "none")
 
@@ -68,6 +80,10 @@ class SSMBlock(nn.Module):
         H = check_int("d_model", d_model, minimum=1)
         norm = check_choice("norm", norm, NORMS)
         ff = check_int("ff", ff, minimum=0)
+        prenorm = check_bool("prenorm", prenorm)
+        dropout = check_real("dropout", dropout, minimum=0.0, below=1.0)
+        check_float_dtype("dtype", dtype)
+        layer_kwargs = check_layer_kwargs(layer_kwargs)
         factory = {"device": device, "dtype": dtype}
         if isinstance(layer, SSMLayer):
             if layer.d_model != H or layer.transposed:
@@ -76,7 +92,7 @@ class SSMBlock(nn.Module):
             self.layer = layer
         else:
             name = check_choice("layer", layer, tuple(LAYERS))
-            self.layer = LAYERS[name](H, d_state, **(layer_kwargs or {}), **factory)
+            self.layer = LAYERS[name](H, d_state, **layer_kwargs, **factory)
         self.prenorm = bool(prenorm)
         self.norm = Norm(norm, H, **factory)
         self.drop = nn.Dropout(dropout)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_choice, check_int
-from .blocks import NORMS, Norm, SSMBlock
+from ._checks import check_bool, check_choice, check_float_dtype, check_int, check_real
+from .blocks import NORMS, Norm, SSMBlock, check_layer_kwargs
 
 POOLS = ("mean", "last", "none")
 
@@ -57,13 +57,17 @@ class SSMModel(nn.Module):
         n_layers = check_int("n_layers", n_layers, minimum=0)
         check_choice("norm", norm, NORMS)
         self.pool = check_choice("pool", pool, POOLS)
-        self.embedding = bool(embedding)
+        self.embedding = check_bool("embedding", embedding)
+        check_bool("bidirectional", bidirectional)
+        check_bool("prenorm", prenorm)
+        check_real("dropout", dropout, minimum=0.0, below=1.0)
+        check_float_dtype("dtype", dtype)
         factory = {"device": device, "dtype": dtype}
         if self.embedding:
             self.encoder = nn.Embedding(self.d_input, d_model, device=device, dtype=dtype)
         else:
             self.encoder = nn.Linear(self.d_input, d_model, **factory)
-        kwargs = dict(layer_kwargs or {})
+        kwargs = check_layer_kwargs(layer_kwargs)
         if bidirectional:
             kwargs["bidirectional"] = True
         self.blocks = nn.ModuleList(
@@ -82,15 +86,24 @@ class SSMModel(nn.Module):
                 want = "(B,)" if step else "(B, L)"
                 got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
                 raise ValueError(f"x must be integer token ids of shape {want}; got {got}")
+            if x.dtype == torch.bool:
+                raise ValueError("x must be integer token ids; got a bool tensor")
             if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.d_input):
                 raise ValueError(f"x must hold token ids in [0, {self.d_input}); got range "
                                  f"[{int(x.min())}, {int(x.max())}]")
+            x = x.long()  # uint8, int16, int32 ids too
         else:
             ndim = 2 if step else 3
             if not isinstance(x, torch.Tensor) or x.ndim != ndim or x.shape[-1] != self.d_input:
                 want = "(B, d_input)" if step else "(B, L, d_input)"
                 got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
                 raise ValueError(f"x must have shape {want} with d_input={self.d_input}; got {got}")
+            want_dtype = self.encoder.weight.dtype
+            if x.dtype != want_dtype and not torch.is_autocast_enabled():
+                if not x.is_floating_point():
+                    raise ValueError(f"x must be a floating-point tensor; got {x.dtype}")
+                raise ValueError(f"x has dtype {x.dtype} but the model's parameters are {want_dtype}: "
+                                 f"convert one of them (x.to({want_dtype}) or model.to({x.dtype}))")
         return self.encoder(x)
 
     def default_state(self, batch_size: int, *, device=None) -> list[Tensor]:
@@ -126,7 +139,17 @@ class SSMModel(nn.Module):
             return h
         Bsz, L, _ = h.shape
         if lengths is None:
+            if L == 0:
+                raise ValueError(f"x has length 0: pool={self.pool!r} has no position to read")
             return h.mean(dim=1) if self.pool == "mean" else h[:, -1]
+        if (not isinstance(lengths, torch.Tensor) or lengths.dtype == torch.bool
+                or lengths.is_floating_point()):
+            raise ValueError(f"lengths must be an integer (not bool) tensor of shape ({Bsz},); "
+                             f"got {lengths!r}")
+        if Bsz and bool((lengths < 1).any()):
+            bad = int((lengths < 1).nonzero()[0, 0])
+            raise ValueError(f"lengths[{bad}] = {int(lengths[bad])}: pool={self.pool!r} needs at least one "
+                             "valid position per sequence")
         lengths = lengths.to(h.device)
         if self.pool == "last":
             idx = (lengths - 1).clamp(min=0)

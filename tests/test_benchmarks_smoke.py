@@ -17,7 +17,7 @@ from conftest import rel_err
 import ssm
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPTS = ("common", "plain_s4", "layers", "generation", "goals")
+SCRIPTS = ("common", "plain_s4", "layers", "generation", "goals", "state_passing")
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +31,10 @@ def bench():
         import goals
         import layers
         import plain_s4
+        import state_passing
 
         yield {"common": common, "plain_s4": plain_s4, "layers": layers, "generation": generation,
-               "goals": goals}
+               "goals": goals, "state_passing": state_passing}
     finally:
         sys.path.remove(str(BENCH))
         for name in SCRIPTS:
@@ -147,3 +148,55 @@ def test_goals_script(bench, tmp_path):
     assert all({"measured", "target", "pass"} <= set(g) for g in data["goals"])
     assert data["goals"][0]["output_rel_err"] < 1e-4
     assert data["machine"]["threads"] == 1 and data["profile"]["top"]
+
+
+def test_state_passing_script(bench, tmp_path):
+    bench["state_passing"].main(["--quick", "--threads", "1", "--out", str(tmp_path), "--no-memory"])
+    data = _check_json(tmp_path / "state_passing.json", {"machine", "config", "rows", "tables"})
+    assert [r["config"] for r in data["rows"]] == list(bench["state_passing"].CONFIGS)
+    for r in data["rows"]:
+        assert "error" not in r, r
+        for mode in ("fwd", "fwd+bwd"):
+            assert all(r[mode][v]["median_s"] > 0 for v in ("plain", "state", "return_state"))
+            assert set(r[mode]["ratios"]) == {"state/plain", "return_state/plain"}
+            assert all(x > 0 for x in r[mode]["ratios"].values())
+        assert r["verdict"] in ("PASS", "FAIL")
+    assert data["machine"]["threads"] == 1 and "loadavg_start" in data["machine"]
+
+
+def test_s5_script(tmp_path):
+    """benchmarks/s5.py --quick: S5 beside S4, S4D and RTF, the scan variants and the chunk sweep."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_bench_s5", BENCH / "s5.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--no-memory"])
+    data = _check_json(tmp_path / "s5.json", {"machine", "config", "rows", "target", "scan_variants",
+                                              "chunk_sweep", "tables"})
+    assert [r["model"] for r in data["rows"]] == ["S4", "S4D", "RTF", "S5"]
+    assert all(r["fwd+bwd_s"] > 0 and r["step_s"] > 0 for r in data["rows"])
+    assert {"ratio_S5_over_S4D", "target", "pass"} <= set(data["target"])
+    assert all(v["rel_err_vs_float64"] < 1e-4 for v in data["scan_variants"].values())
+    assert data["chunk_sweep"]
+
+
+def test_device_check_smoke(bench, tmp_path, capsys):
+    """benchmarks/device_check.py: the CPU-able parts at toy sizes; without CUDA a plain run exits 0."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("device_check", BENCH / "device_check.py")
+    device_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(device_check)
+    if not torch.cuda.is_available():
+        assert device_check.main(["--out", str(tmp_path)]) == 0
+        assert "CUDA is not available" in capsys.readouterr().out
+        assert not (tmp_path / "device_check.json").exists()
+    assert device_check.main(["--smoke", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "device_check.json").read_text())
+    assert data["smoke"] and data["cuda_tests"]["status"] == "skipped"
+    assert {r["backend"] for r in data["cauchy"]} == {"chunked", "naive", "triton"}
+    assert all(r["median_s"] > 0 for r in data["cauchy"] if r["backend"] != "triton")
+    assert {r["layer"] for r in data["layers"]} == {"S4", "S4D", "RTF"}
+    assert not any("error" in r for r in data["layers"])
+    assert data["training"]["status"] == "ok" and data["training"]["tokens_per_s"] > 0

@@ -15,6 +15,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+import ssm.data._parallel as _parallel
+import ssm.data.listops as listops_module
+from ssm.data.errors import DataError
 from ssm.data.listops import (
     EOS_ID,
     PAD_ID,
@@ -296,3 +299,85 @@ def test_argument_validation(tmp_path):
         ListOpsDataset(tmp_path, "dev")
     with pytest.raises(ValueError, match="max_length"):
         ListOpsDataset(tmp_path, max_length=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Issue #13: every loader error is a DataError naming the file and the line
+
+
+def refused(path, line: int, match: str):
+    """The DataError of ``ListOpsDataset(path)``, checked to name the file and ``line``."""
+    with pytest.raises(DataError, match=match) as info:
+        ListOpsDataset(path)
+    assert str(info.value).startswith(f"{path}, line {line}: ")
+    assert info.value.path == str(path) and info.value.line == line
+    return info.value
+
+
+GOOD = b"( ( ( [MAX 2 ) 9 ) ] )\t9\r\n"
+
+
+def test_non_utf8_byte_names_file_and_line(tmp_path):
+    path = tmp_path / "bytes.tsv"
+    path.write_bytes(b"Source\tTarget\r\n" + GOOD + b"( ( ( [MAX 2 ) \xff ) ] )\t9\r\n")
+    refused(path, 3, r"byte 0xff at column 16 is not UTF-8")
+
+
+def test_superscript_target_names_file_and_line(tmp_path):
+    path = tmp_path / "target.tsv"
+    path.write_bytes(b"Source\tTarget\r\n" + GOOD + GOOD + "( ( ( [MAX 2 ) 9 ) ] )\t\u00b2\r\n".encode())
+    refused(path, 4, r"Target '\u00b2'; expected an integer 0..9")
+
+
+def test_empty_file_without_header_is_refused(tmp_path):
+    path = tmp_path / "empty.tsv"
+    path.write_bytes(b"")
+    refused(path, 1, "empty file; expected the header")
+    path.write_bytes(b"Source\tTarget\r\n")  # the header alone: a split of size 0, as write_listops(val=0)
+    assert len(ListOpsDataset(path)) == 0
+
+
+@pytest.mark.parametrize(
+    "source, reason",
+    [
+        ("[MAX 2 9", r"1 operator\(s\) without their closing '\]'"),
+        ("( ( ( [MAX 2 ) 9 ) ] ) ]", r"a '\]' without its operator"),
+        ("( ( ( [MAX 2 ) 9 ) ] ) 4", "tokens after the end of the expression"),
+        ("1 2", "tokens after the end of the expression"),
+        ("( [MAX ] )", "an operator without arguments"),
+        ("( ( ( [MAX 2 ) 9 ) ]", r"unbalanced parentheses \(3 '\(' and 2 '\)'\)"),
+        ("", "no tokens"),
+    ],
+)
+def test_malformed_expression_names_file_and_line(tmp_path, source, reason):
+    path = tmp_path / "source.tsv"
+    path.write_bytes(b"Source\tTarget\r\n" + GOOD + f"{source}\t9\r\n".encode())
+    refused(path, 3, f"Source is not one expression: {reason}")
+
+
+def test_generated_expressions_pass_the_structure_check(tmp_path):
+    write_listops(tmp_path, train=50, val=0, test=0, seed=3, min_length=1, max_length=200, workers=1)
+    assert len(ListOpsDataset(tmp_path, keep_parens=True)) == len(ListOpsDataset(tmp_path)) == 50
+    assert evaluate_listops("7") == 7 and len(tokenize_listops("7")) == 1  # a lone digit is an expression
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Issue #14: parallel generation
+
+
+def test_workers_write_identical_files(tmp_path, monkeypatch):
+    """Batches seeded by (seed, batch index): 1 worker and 3 workers write the same bytes."""
+    monkeypatch.setattr(listops_module, "_BATCH_TREES", 40)  # many batches for a small job
+    monkeypatch.setattr(_parallel, "MIN_PARALLEL_SECONDS", 0.0)  # start the workers however short the job
+    args = ["--train", "30", "--val", "8", "--test", "5", "--seed", "4", "--min-length", "5",
+            "--max-length", "40"]  # fmt: skip
+    assert main(["--out", str(tmp_path / "one"), *args, "--gen-workers", "1"]) == 0
+    assert main(["--out", str(tmp_path / "three"), *args, "--gen-workers", "3"]) == 0
+    for split in ("train", "val", "test"):
+        one = (tmp_path / "one" / f"basic_{split}.tsv").read_bytes()
+        assert one == (tmp_path / "three" / f"basic_{split}.tsv").read_bytes()
+        assert one.startswith(b"Source\tTarget\r\n") and one.count(b"\r\n") > 5
+    rows = generate_listops(43, seed=4, min_length=5, max_length=40, workers=2)
+    assert rows == generate_listops(43, seed=4, min_length=5, max_length=40, workers=1)
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        generate_listops(3, seed=0, workers=0)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from ssm.data.errors import DataError
 from ssm.data.listops import VOCAB, generate_listops, write_listops
 from ssm.data.lra import (
     LRA_TASKS,
@@ -294,10 +295,11 @@ def test_pathfinder_splits_pixels_and_labels(tmp_path):
 def test_pathfinder_empty_missing_and_wrong_images(tmp_path):
     root = write_pathfinder(tmp_path, resolution=32, n=10, seed=0, difficulty="baseline", per_batch=5)
     (root / "imgs" / "1" / "sample_2.png").write_bytes(b"")  # the release has one such file
-    total = sum(
-        len(PathfinderDataset(tmp_path, 32, s, difficulty="baseline")) for s in ("train", "val", "test")
-    )
-    assert total == 9
+    splits = [
+        PathfinderDataset(tmp_path, 32, s, difficulty="baseline", split_fractions=(0.2, 0.2))
+        for s in ("train", "val", "test")
+    ]
+    assert [len(ds) for ds in splits] == [7, 1, 1]
     with pytest.raises(ValueError, match="sample_2.png: empty file"):
         every = PathfinderDataset(
             tmp_path, 32, difficulty="baseline", skip_empty=False, split_fractions=(0, 0)
@@ -357,3 +359,57 @@ def test_entry_point_validation(tmp_path):
         IMDBDataset(tmp_path, max_length=1)
     with pytest.raises(ValueError, match="max_length"):
         AANDataset(tmp_path, max_length=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Issue #13: empty splits and malformed files raise DataError naming the file or folder
+
+
+def test_pathfinder_empty_val_split_is_refused(tmp_path):
+    root = write_pathfinder(tmp_path, resolution=32, n=5, seed=0, difficulty="baseline", workers=1)
+    assert len(PathfinderDataset(tmp_path, 32, "train", difficulty="baseline")) == 5
+    with pytest.raises(
+        DataError, match=r"5 images .* train / val / test = 5 / 0 / 0 leave the val split empty"
+    ):
+        PathfinderDataset(tmp_path, 32, "val", difficulty="baseline")
+    with pytest.raises(DataError) as info:
+        PathfinderDataset(tmp_path, 32, "test", difficulty="baseline")
+    assert str(info.value).startswith(f"{root / 'metadata'}: ")
+
+
+def test_cifar_empty_val_split_is_refused(tmp_path):
+    write_cifar(tmp_path / "cifar-10-batches-py", n=1)  # 5 training images: round(0.1 * 5) = 0 for val
+    assert len(CIFARGrayDataset(tmp_path, "train")) == 5
+    with pytest.raises(DataError, match=r"cifar-10-batches-py: 5 images .* leave the val split empty"):
+        CIFARGrayDataset(tmp_path, "val")
+
+
+def test_aan_empty_file_is_refused(tmp_path):
+    folder = tmp_path / "tsv_data"
+    write_aan(folder, rows=[])
+    with pytest.raises(DataError, match=r"new_aan_pairs.train.tsv: no rows"):
+        AANDataset(tmp_path, "train")
+
+
+def test_cifar_codec_and_label_errors_name_the_file(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar(folder)
+    raw = (folder / "test_batch").read_bytes()
+    (folder / "test_batch").write_bytes(raw.replace(b"latin1", b"latinq"))  # an unknown codec: LookupError
+    with pytest.raises(DataError, match=r"test_batch: cannot be unpickled \(LookupError"):
+        CIFARGrayDataset(tmp_path, "test")
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), dtype=np.uint8), b"labels": [1, 2.5]}, f, protocol=2)
+    with pytest.raises(DataError, match=r"test_batch, record 1: label 2.5; expected 0..9"):
+        CIFARGrayDataset(tmp_path, "test")
+
+
+def test_data_error_is_a_value_error_that_survives_pickling():
+    err = DataError.at("a/b.tsv", "Target 'x'; expected an integer 0..9", line=3)
+    assert isinstance(err, ValueError) and str(err) == "a/b.tsv, line 3: Target 'x'; expected an integer 0..9"
+    copy = pickle.loads(pickle.dumps(err))
+    assert type(copy) is DataError and str(copy) == str(err) and (copy.path, copy.line) == ("a/b.tsv", 3)
+    assert str(DataError(str(err))) == str(err)  # built from its message alone, as DataLoader re-raises
+    import ssm.data
+
+    assert ssm.data.DataError is DataError

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from ssm.data.errors import DataError
 from ssm.data.mnist import IMAGE_MAGIC, LABEL_MAGIC, SequentialMNIST, load_mnist, read_idx
 
 ROWS, COLS = 4, 5
@@ -180,7 +181,7 @@ def test_count_mismatch_and_bad_labels_are_refused(tmp_path):
         SequentialMNIST(tmp_path, "test")
     write(tmp_path / "t10k-labels-idx1-ubyte", idx_bytes(np.full(12, 10), LABEL_MAGIC), False)
     with pytest.raises(
-        ValueError, match=r"t10k-labels-idx1-ubyte: label 10 found; expected class labels 0\.\.9"
+        DataError, match=r"t10k-labels-idx1-ubyte, record 0: label 10; expected class labels 0\.\.9"
     ):
         SequentialMNIST(tmp_path, "test")
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from ssm.data.errors import DataError
 from ssm.data.pathfinder import (
     DIFFICULTY_DIRS,
     PRESETS,
@@ -250,3 +251,104 @@ def test_argument_validation(tmp_path):
         write_png(tmp_path / "x.png", np.zeros((3, 3), dtype=np.uint8), filter_type=5)
     with pytest.raises(ValueError, match="backend"):
         read_png(tmp_path / "x.png", backend="cv2")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Issue #13: the PNG decoders' failures are DataErrors naming the file
+
+
+def png_of(*chunks: tuple[bytes, bytes]) -> bytes:
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + b"".join(chunk(k, d) for k, d in chunks) + chunk(b"IEND", b"")
+
+
+IHDR_PALETTE = struct.pack(">IIBBBBB", 2, 1, 8, 3, 0, 0, 0)
+PNG_CASES = {  # once a struct.error, an IndexError and a reshape ValueError, none naming the file
+    "ihdr.png": (png_of((b"IHDR", b"\x00" * 7), (b"IDAT", zlib.compress(b"\x00"))), "IHDR chunk of 7 bytes"),
+    "plte.png": (
+        png_of((b"IHDR", IHDR_PALETTE), (b"PLTE", b"\x01" * 7), (b"IDAT", zlib.compress(b"\x00\x00\x00"))),
+        "PLTE chunk of 7 bytes",
+    ),
+    "index.png": (
+        png_of((b"IHDR", IHDR_PALETTE), (b"PLTE", b"\x01" * 6), (b"IDAT", zlib.compress(b"\x00\x00\x05"))),
+        "palette index 5 with a PLTE chunk of 2 entries",
+    ),
+    "width.png": (
+        png_of(
+            (b"IHDR", struct.pack(">IIBBBBB", 0, 3, 8, 0, 0, 0, 0)), (b"IDAT", zlib.compress(b"\x00" * 3))
+        ),
+        "size 0x3",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PNG_CASES))
+def test_png_structure_errors_name_the_file(tmp_path, name):
+    data, reason = PNG_CASES[name]
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(DataError, match=reason) as info:
+        read_png(path, backend="pure")
+    assert str(info.value).startswith(f"{path}: ") and info.value.path == str(path)
+    pytest.importorskip("PIL.Image")
+    try:  # Pillow may read what the pure decoder refuses; what it refuses names the file
+        read_png(path, backend="pillow")
+    except DataError as err:
+        assert str(err).startswith(f"{path}: ")
+
+
+def test_pillow_errors_are_wrapped_with_the_file(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    path = tmp_path / "a.gif"
+    Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(path, format="GIF")
+    with pytest.raises(DataError, match=r"a\.gif: a GIF image; expected a PNG"):
+        read_png(path, backend="pillow")
+    good = tmp_path / "good.png"
+    write_png(good, np.zeros((8, 8), dtype=np.uint8))
+    path = tmp_path / "cut.png"
+    path.write_bytes(good.read_bytes()[:40])
+    with pytest.raises(DataError, match=r"cut\.png: cannot be read as a PNG"):
+        read_png(path, backend="pillow")
+
+
+def test_metadata_errors_name_the_file_and_line(tmp_path):
+    path = tmp_path / "0.npy"
+    path.write_bytes(b"imgs/0 sample_0.png 0 1\n\nimgs/0 sample_1.png 1 \xff\n")
+    with pytest.raises(DataError, match=r"0\.npy, line 3: byte 0xff is not UTF-8"):
+        read_metadata(path)
+    path.write_bytes(b"imgs/0 sample_0.png 0 1\n\nimgs/0 sample_1.png 1 \xc2\xb2\n")  # blank lines count
+    with pytest.raises(DataError, match=r"0\.npy, line 3: label \(column 4\) '\u00b2'"):
+        read_metadata(path)
+    path.write_bytes(b"/etc sample_0.png 0 1\n")
+    with pytest.raises(DataError, match=r"0\.npy, line 1: image path '/etc/sample_0.png'"):
+        read_metadata(path)
+    path.write_bytes(b"\x93NUMPY\x01\x00garbage")
+    with pytest.raises(DataError, match=r"0\.npy: unreadable \.npy array"):
+        read_metadata(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Issue #14: parallel generation
+
+
+def test_workers_write_identical_files(tmp_path, monkeypatch):
+    """Images seeded by (seed, index): 1 worker and 3 workers write the same files, byte for byte."""
+    import ssm.data._parallel as _parallel
+
+    monkeypatch.setattr(_parallel, "MIN_PARALLEL_SECONDS", 0.0)  # start the workers however short the job
+    args = ["--resolution", "32", "--n", "14", "--seed", "5", "--difficulty", "baseline", "--per-batch", "4"]
+    assert main(["--out", str(tmp_path / "one"), *args, "--gen-workers", "1"]) == 0
+    assert main(["--out", str(tmp_path / "three"), *args, "--gen-workers", "3"]) == 0
+    one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    three = sorted(p.relative_to(tmp_path / "three") for p in (tmp_path / "three").rglob("*") if p.is_file())
+    assert one == three and len(one) == 14 + 4
+    for rel in one:
+        assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "three" / rel).read_bytes()
+    a = generate_pathfinder(7, resolution=32, seed=5, difficulty="baseline", return_markers=True, workers=1)
+    b = generate_pathfinder(7, resolution=32, seed=5, difficulty="baseline", return_markers=True, workers=2)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert np.array_equal(generate_pathfinder(3, resolution=32, seed=5, difficulty="baseline")[0], a[0][:3])
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        generate_pathfinder(1, resolution=32, seed=0, workers=0)

@@ -7,6 +7,7 @@ import json
 import math
 import random
 import sys
+from dataclasses import replace
 
 import harness
 import numpy as np
@@ -95,7 +96,8 @@ def test_train_learns_and_writes_every_artifact(tmp_path, capsys):
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert ckpt["epoch"] == 4 and ckpt["step"] == 24 and ckpt["data_order"] == {"seed": 7, "next_epoch": 4}
+    assert ckpt["epoch"] == 4 and ckpt["step"] == 24
+    assert ckpt["data_order"] == {"seed": 7, "next_epoch": 4, "next_step": 0}
     assert {"model", "optimizer", "scheduler", "rng", "config", "best_val_acc"} <= set(ckpt)
     assert set(ckpt["rng"]) == {"torch", "cuda", "numpy", "python"}
     # the final lr of the cosine schedule is 0 and the test used best.pt's weights
@@ -107,6 +109,14 @@ def test_train_learns_and_writes_every_artifact(tmp_path, capsys):
     test = harness.evaluate(model, te, tiny_cfg())
     assert test["acc"] == summary["test_acc"] and test["n"] == 64
     assert "test (best epoch" in capsys.readouterr().out
+
+
+_TIMING = ("epoch_time_s", "tokens_per_s", "peak_mem_bytes")
+
+
+def _strip(lines):
+    """metrics.jsonl records without the fields that measure time or memory."""
+    return [{k: v for k, v in json.loads(r).items() if k not in _TIMING} for r in lines]
 
 
 def _params(path):
@@ -135,8 +145,7 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path):
         assert resumed[key] == full[key], key
     full_records = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
     cut_records = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
-    strip = [{k: v for k, v in json.loads(r).items() if k != "epoch_time_s"} for r in full_records]
-    assert strip == [{k: v for k, v in json.loads(r).items() if k != "epoch_time_s"} for r in cut_records]
+    assert _strip(full_records) == _strip(cut_records)
 
 
 def test_rerun_of_a_finished_run_only_evaluates_and_fresh_start_resets(tmp_path, capsys):
@@ -339,5 +348,176 @@ def test_divergence_is_reported(tmp_path):
 def test_resuming_into_a_different_model_says_how_to_restart(tmp_path):
     tr, va, te = data()
     harness.train(MeanPoolNet(), tr, va, te, tiny_cfg(epochs=2), tmp_path, stop_after_epoch=1)
-    with pytest.raises(RuntimeError, match="different model.*--no-resume"):
+    with pytest.raises(harness.CheckpointError, match="different model.*--no-resume"):
         harness.train(MeanPoolNet(width=8), tr, va, te, tiny_cfg(epochs=2), tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scale: accumulation, precision, compile, mid-epoch checkpoints, throughput
+
+
+def test_metrics_and_summary_record_throughput_and_scale(tmp_path):
+    tr, va, te = data()
+    summary = harness.train(MeanPoolNet(), tr, va, te, tiny_cfg(epochs=1), tmp_path)
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert record["tokens"] == 96 * 12 and record["tokens_per_s"] > 0 and record["peak_mem_bytes"] > 0
+    assert record["peak_mem_kind"] in ("cpu_max_rss", "cuda_max_allocated")
+    assert (summary["world_size"], summary["accumulate"], summary["precision"]) == (1, 1, "32")
+    assert summary["tokens_per_s"] == record["tokens_per_s"]
+
+
+def test_mid_epoch_checkpoint_resumes_exactly(tmp_path):
+    tr, va, te = data()
+    cfg = tiny_cfg(epochs=2, checkpoint_every=4)  # 6 steps per epoch: checkpoints at steps 4 and 8
+    torch.manual_seed(0)
+    harness.train(MeanPoolNet(), tr, va, te, cfg, tmp_path / "full")
+    torch.manual_seed(0)
+    cut = harness.train(MeanPoolNet(), tr, va, te, cfg, tmp_path / "cut", stop_after_steps=9)
+    assert not cut["finished"] and cut["steps"] == 9
+    ckpt = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert (ckpt["step"], ckpt["epoch"], ckpt["epoch_step"]) == (8, 1, 2)
+    torch.manual_seed(5), np.random.seed(5)
+    harness.train(MeanPoolNet(), tr, va, te, cfg, tmp_path / "cut")
+    a, b = _params(tmp_path / "full" / "last.pt"), _params(tmp_path / "cut" / "last.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    assert _strip(full) == _strip((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines())
+
+
+def test_accumulate_matches_the_large_batch(tmp_path):
+    tr, va, te = Blobs(96, 1, jitter=0.0), Blobs(48, 2, jitter=0.0), None
+    models = []
+    for acc in (1, 4):
+        torch.manual_seed(0)
+        model = MeanPoolNet(dropout=0.0).double()
+        cfg = tiny_cfg(epochs=1, accumulate=acc, dtype="float64")
+        harness.train(model, tr, va, te, cfg, tmp_path / str(acc))
+        models.append(model.state_dict())
+    for k in models[0]:
+        torch.testing.assert_close(models[1][k], models[0][k], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="divisible"):
+        harness.train(MeanPoolNet(), tr, va, te, tiny_cfg(accumulate=3), tmp_path / "bad")
+
+
+def test_bf16_trains_on_cpu(tmp_path):
+    tr, va, te = data()
+    summary = harness.train(MeanPoolNet(), tr, va, te, tiny_cfg(epochs=1, precision="bf16"), tmp_path)
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert math.isfinite(record["train_loss"]) and summary["precision"] == "bf16"
+    with pytest.raises(ValueError, match="precision"):
+        tiny_cfg(precision="bf16", dtype="float64")
+
+
+def test_compile_runs_a_few_steps(tmp_path, monkeypatch, capsys):
+    compile_ = torch.compile
+    # the eager backend traces with dynamo (graph breaks included) without inductor's minutes of codegen
+    monkeypatch.setattr(torch, "compile", lambda model: compile_(model, backend="eager"))
+
+    class Breaks(MeanPoolNet):
+        def forward(self, x, lengths=None):
+            if x.sum().item() > 1e30:  # a graph break
+                x = x * 0
+            return super().forward(x, lengths)
+
+    tr, va, te = data(n_train=32, n_val=16, n_test=16)
+    summary = harness.train(Breaks(), tr, va, te, tiny_cfg(epochs=1, compile=True), tmp_path)
+    assert summary["finished"] and math.isfinite(summary["test_loss"])
+    out = capsys.readouterr().out
+    assert out.count("graph break") == 1
+    assert all("_orig_mod" not in k for k in _params(tmp_path / "last.pt")["model"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Robustness of resumption and of the outputs
+
+
+def test_changed_lr_on_resume_is_used(tmp_path, capsys):
+    tr, va, te = data()
+    cfg = tiny_cfg(epochs=2, scheduler="constant")
+    harness.train(MeanPoolNet(), tr, va, te, cfg, tmp_path, stop_after_epoch=1)
+    capsys.readouterr()
+    model = MeanPoolNet()
+    model.head.weight._optim = {"lr": 5e-3, "weight_decay": 0.0}  # as ssm_lr hints change with --lr-ssm
+    with pytest.raises(harness.CheckpointError, match="parameter groups"):  # another group layout
+        harness.train(model, tr, va, te, replace(cfg, lr=1e-2), tmp_path)
+    summary = harness.train(MeanPoolNet(), tr, va, te, replace(cfg, lr=1e-2, weight_decay=0.0), tmp_path)
+    out = capsys.readouterr().out
+    assert "resuming with changed ['lr', 'weight_decay']" in out and "the new lr, weight_decay apply" in out
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[1])
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["lr"] == 3e-2 and record["lr"] == 1e-2  # the old rate, then the new one
+    groups = _params(tmp_path / "last.pt")["optimizer"]["param_groups"]
+    assert all(g["initial_lr"] == 1e-2 and g["weight_decay"] == 0.0 for g in groups)
+    assert summary["config"]["lr"] == 1e-2
+
+
+def test_non_finite_lr_is_refused():
+    with pytest.raises(ValueError, match="lr must be a finite"):
+        tiny_cfg(lr=float("inf"))
+    with pytest.raises(ValueError, match="lr_ssm must be a finite"):
+        tiny_cfg(lr_ssm=float("nan"))
+
+
+def test_divergence_names_the_step_before_the_layers_complain(tmp_path):
+    import ssm
+
+    tr, va, te = data()
+    torch.manual_seed(0)
+    model = ssm.SSMModel(3, 3, d_model=8, n_layers=1, layer="s4d", d_state=4)
+    with pytest.raises(FloatingPointError, match=r"^training diverged (at|by) step [12]\b.*lower lr"):
+        harness.train(model, tr, va, te, tiny_cfg(lr=1e30, lr_ssm=1e30, warmup=0), tmp_path)
+    model = MeanPoolNet()
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"diverged at step 1 \(epoch 1\): the loss is nan"):
+        harness.train(model, tr, va, te, tiny_cfg(), tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "random"])
+def test_damaged_checkpoint_names_the_file(tmp_path, damage):
+    tr, va, te = data()
+    harness.train(MeanPoolNet(), tr, va, te, tiny_cfg(epochs=2), tmp_path, stop_after_epoch=1)
+    last = tmp_path / "last.pt"
+    blob = last.read_bytes()
+    damaged = {"truncated": blob[: len(blob) // 2], "empty": b"", "random": bytes(range(256)) * 9}
+    last.write_bytes(damaged[damage])
+    with pytest.raises(harness.CheckpointError, match=r"last\.pt cannot be read.*--no-resume"):
+        harness.train(MeanPoolNet(), tr, va, te, tiny_cfg(epochs=2), tmp_path)
+    assert harness.train(MeanPoolNet(), tr, va, te, tiny_cfg(epochs=2), tmp_path, resume=False)["finished"]
+    (tmp_path / "best.pt").write_bytes(b"")
+    with pytest.raises(harness.CheckpointError, match=r"best\.pt cannot be read.*--no-resume"):
+        harness.train(MeanPoolNet(), tr, va, te, tiny_cfg(epochs=2), tmp_path)
+
+
+def test_partial_last_metrics_line_is_tolerated(tmp_path, capsys):
+    tr, va, te = data()
+    harness.train(MeanPoolNet(), tr, va, te, tiny_cfg(epochs=2), tmp_path, stop_after_epoch=1)
+    with (tmp_path / "metrics.jsonl").open("a") as fh:
+        fh.write('{"epoch": 2, "step": 12, "train_lo')  # killed during the append
+    summary = harness.train(MeanPoolNet(), tr, va, te, tiny_cfg(epochs=2), tmp_path)
+    assert summary["finished"] and "partial last line" in capsys.readouterr().out
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+
+def test_checkpoints_are_synced_before_the_rename(tmp_path, monkeypatch):
+    import os
+
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(f"replace {b}"), replace(a, b))[1])
+    harness._save({"x": torch.ones(2)}, tmp_path / "a.pt")
+    assert events[:2] == ["fsync", f"replace {tmp_path / 'a.pt'}"]
+    assert torch.load(tmp_path / "a.pt", weights_only=True)["x"].sum() == 2
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_out_naming_a_file_is_a_clear_error(tmp_path):
+    tr, va, te = data()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is an existing file, not a directory"):
+        harness.train(MeanPoolNet(), tr, va, te, tiny_cfg(), tmp_path / "file")
+    with pytest.raises(NotADirectoryError, match="existing file"):
+        harness.check_out_dir(tmp_path / "file" / "below")

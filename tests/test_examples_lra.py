@@ -241,3 +241,22 @@ def test_errors(tmp_path):
         lra.majority_class(torch.utils.data.TensorDataset(torch.zeros(0), torch.zeros(0, dtype=torch.long)))
     with pytest.raises(SystemExit):
         lra.main(["--task", "mnist"])
+
+
+def test_gen_workers_reach_the_generator_and_out_file_is_refused(tmp_path, monkeypatch):
+    seen = {}
+    write = lra.write_listops
+
+    def spy(folder, **kwargs):
+        seen.update(kwargs)
+        return write(folder, **kwargs)
+
+    monkeypatch.setattr(lra, "write_listops", spy)
+    argv = ["--task", "listops", "--cache-dir", str(tmp_path / "cache"), *TINY_LISTOPS, *TINY]
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(NotADirectoryError, match="existing file"):
+        lra.main([*argv, "--out", str(tmp_path / "file"), "--gen-workers", "2"])
+    assert not seen  # refused before generating
+    summary = lra.main([*argv, "--out", str(tmp_path / "run"), "--gen-workers", "2", "--precision", "bf16",
+                        "--max-steps-per-epoch", "2"])
+    assert seen["workers"] == 2 and summary["precision"] == "bf16" and summary["steps"] == 2

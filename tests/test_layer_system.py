@@ -18,6 +18,7 @@ LAYERS = {
     "s4-zoh": lambda **kw: ssm.S4(6, 8, disc="zoh", **kw),
     "s4d": lambda **kw: ssm.S4D(6, 8, **kw),
     "rtf": lambda **kw: ssm.RTF(6, 8, **kw),
+    "s5": lambda **kw: ssm.S5(6, 8, **kw),
 }
 
 
@@ -92,8 +93,9 @@ def test_cache_keys_on_what_register_ssm_marks():
     layer = ssm.S4D(4, 4)
     names = set(layer._ssm_names)
     assert names == {"log_neg_real", "Lambda_imag", "B", "log_dt", "C"}
-    assert not hasattr(layer.C, "_optim")  # C follows the global optimizer settings, as in S4
-    assert layer.B._optim == {"weight_decay": 0.0, "lr": 1e-3}
+    hints = layer.optimizer_hints()
+    assert "C" not in hints  # C follows the global optimizer settings, as in S4
+    assert hints["B"] == {"weight_decay": 0.0, "lr": 1e-3}
 
 
 @pytest.mark.parametrize("name", ["s4", "s4-zoh", "s4d"])
@@ -205,3 +207,27 @@ def test_to_rtf_refuses_clustered_poles():
         layer.to_rtf()
     with pytest.raises(ValueError, match="causal"):
         ssm.S4D(4, 8, bidirectional=True).to_rtf()
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_meta_build_then_reset_parameters_restores_the_initialization(name):
+    torch.manual_seed(3)
+    ref = LAYERS[name]()
+    with torch.device("meta"):
+        layer = LAYERS[name]()
+    assert all(p.device.type == "meta" for p in layer.parameters())
+    layer.to_empty(device="cpu")
+    torch.manual_seed(3)
+    layer.reset_parameters()
+    for (n, p), (_, q) in zip(layer.named_parameters(), ref.named_parameters()):
+        assert torch.equal(p, q), n
+    x = torch.randn(2, 12, 6)
+    torch.testing.assert_close(layer(x), ref(x))
+    assert LAYERS[name](device="meta").D.device.type == "meta"
+
+
+def test_extra_repr_names_the_configuration():
+    text = repr(ssm.S4(8, 16, disc="zoh", channels=2, bidirectional=True))
+    for part in ("8", "d_state=16", "init='legs'", "disc='zoh'", "channels=2", "bidirectional=True"):
+        assert part in text
+    assert "constraint='montel'" in repr(ssm.RTF(4, 8))

@@ -1,5 +1,7 @@
 """Datasets: LRA loaders, ListOps and Pathfinder generators, MNIST-format sequential images.
 
+Malformed files raise :class:`DataError` (a ``ValueError`` naming the file and the line or record).
+
 Names are resolved lazily (PEP 562), so ``python -m ssm.data.listops`` does not import its own module twice.
 """
 
@@ -14,6 +16,7 @@ _EXPORTS = {
     "LRA_TASKS": "lra",
     "AANDataset": "lra",
     "CIFARGrayDataset": "lra",
+    "DataError": "errors",
     "IMDBDataset": "lra",
     "PathfinderDataset": "lra",
     "load_lra": "lra",

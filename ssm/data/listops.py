@@ -22,9 +22,13 @@ Rows end with ``\\r\\n`` (Python's csv writer, which LRA uses). The reader accep
 Tokenization (as S4's loader): parentheses carry no information and are dropped; the remaining tokens are
 mapped through the fixed vocabulary :data:`VOCAB` (id 0 is padding, 1 end-of-sequence).
 
+Parallel generation: trees are drawn in batches, batch ``b`` from ``numpy.random.default_rng([seed, b])``,
+and the rows are the first distinct trees of batches 0, 1, 2, ... in order, so ``workers``
+(``--gen-workers``) changes where batches are drawn, never the files.
+
 Command line::
 
-    python -m ssm.data.listops --out DIR [--train 96000 --val 2000 --test 2000 --seed 0]
+    python -m ssm.data.listops --out DIR [--train 96000 --val 2000 --test 2000 --seed 0 --gen-workers N]
 """
 
 from __future__ import annotations
@@ -32,9 +36,12 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import itertools
+import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +49,9 @@ import torch
 from torch.utils.data import Dataset
 
 from .._checks import check_choice, check_int
+from . import _parallel
+from ._parallel import resolve_workers
+from .errors import DataError
 from .text import collate_pad, require_file
 
 __all__ = [
@@ -70,6 +80,7 @@ vocab_size = len(VOCAB)
 _TOKEN_ID = {tok: i for i, tok in enumerate(VOCAB)}
 
 _MAX_IDLE_BATCHES = 200
+_BATCH_TREES = 5_000  # trees grown at once; batch b draws from default_rng([seed, b])
 SPLITS = ("train", "val", "test")
 DEFAULT_SIZES = {"train": 96_000, "val": 2_000, "test": 2_000}
 
@@ -206,6 +217,22 @@ def _sample_batch(
     return [(buf[a:b], int(v)) for a, b, v in zip(roots["start"], ends, roots["value"])]
 
 
+def _batch_rows(
+    seed: int, batch: int, trees: int, min_length: int, max_length: int, max_depth: int, max_args: int
+) -> list[tuple[bytes, str, int]]:
+    """The accepted trees of batch ``batch`` as ``(key, source, value)``; ``key`` identifies the tree.
+
+    The batch draws from its own stream, ``default_rng([seed, batch])``, so its rows depend on
+    ``(seed, batch)`` only: batches can run in any process, in any order.
+    """
+    rng = np.random.default_rng([seed, batch])
+    rows = _sample_batch(rng, trees, min_length, max_length, max_depth, max_args)
+    return [
+        (hashlib.blake2b(ids.tobytes(), digest_size=16).digest(), " ".join(_TOKEN_STR[ids].tolist()), value)
+        for ids, value in rows
+    ]
+
+
 def _generate(
     n: int,
     seed: int,
@@ -213,31 +240,51 @@ def _generate(
     max_length: int,
     max_depth: int,
     max_args: int,
-    batch_trees: int = 5_000,
-):
-    """Yield ``n`` distinct ``(source, value)`` rows, in a fixed order for a given seed."""
-    rng = np.random.default_rng(seed)
+    *,
+    workers: int = 1,
+) -> Iterator[tuple[str, int]]:
+    """Yield ``n`` distinct ``(source, value)`` rows: the first distinct trees of batches 0, 1, 2, ...
+
+    Batch 0 runs here; the later ones, if needed, on ``workers`` processes unless batch 0 shows that they
+    would take less than ``MIN_PARALLEL_SECONDS`` here. The rows do not depend on ``workers``.
+    """
+    if n == 0:
+        return
+    trees = _BATCH_TREES
+    settings = (min_length, max_length, max_depth, max_args)
     seen: set[bytes] = set()
     produced = 0
     idle = 0
-    while produced < n:
-        before = produced
-        for ids, value in _sample_batch(rng, batch_trees, min_length, max_length, max_depth, max_args):
-            key = hashlib.blake2b(ids.tobytes(), digest_size=16).digest()
-            if key in seen:
-                continue
-            seen.add(key)
-            yield " ".join(_TOKEN_STR[ids].tolist()), value
-            produced += 1
-            if produced == n:
-                return
-        idle = idle + 1 if produced == before else 0
-        if idle == _MAX_IDLE_BATCHES:
-            raise RuntimeError(
-                f"no new expression in {_MAX_IDLE_BATCHES * batch_trees} trees: lengths in "
-                f"({min_length}, {max_length}) with max_depth={max_depth}, max_args={max_args} are too rare "
-                f"(or fewer than n={n} distinct expressions exist)"
-            )
+    start = time.perf_counter()
+    first = _batch_rows(seed, 0, trees, *settings)
+    first_seconds = time.perf_counter() - start
+
+    def later_batches() -> Iterator[list[tuple[bytes, str, int]]]:
+        # Started when batch 0 was not enough: `produced` is then the number of new rows it gave.
+        needed = math.ceil((n - produced) / max(produced, 1))
+        pool = workers if needed * first_seconds >= _parallel.MIN_PARALLEL_SECONDS else 1
+        tasks = ((seed, batch, trees, *settings) for batch in itertools.count(1))
+        with closing(_parallel.ordered_map(_batch_rows, tasks, pool)) as results:
+            yield from results
+
+    with closing(later_batches()) as later:
+        for rows in itertools.chain([first], later):
+            before = produced
+            for key, source, value in rows:
+                if key in seen:
+                    continue
+                seen.add(key)
+                yield source, value
+                produced += 1
+                if produced == n:
+                    return
+            idle = idle + 1 if produced == before else 0
+            if idle == _MAX_IDLE_BATCHES:
+                raise RuntimeError(
+                    f"no new expression in {_MAX_IDLE_BATCHES * trees} trees: lengths in "
+                    f"({min_length}, {max_length}) with max_depth={max_depth}, max_args={max_args} are too "
+                    f"rare (or fewer than n={n} distinct expressions exist)"
+                )
 
 
 def _check_generator_args(
@@ -269,27 +316,32 @@ def generate_listops(
     max_length: int = 2000,
     max_depth: int = 10,
     max_args: int = 10,
+    workers: int | None = None,
 ) -> list[tuple[str, int]]:
     """Generate ``n`` distinct ListOps expressions with the LRA algorithm; deterministic for a given seed.
 
     The trees follow LRA's distribution exactly (same branching probability, argument counts, digits,
-    operators and length rejection); the random draws are vectorized with numpy, level by level over many
-    trees at once, so the sequence for a seed is this library's own, not LRA's.
+    operators and length rejection); the random draws are vectorized with numpy, level by level over
+    batches of many trees, so the sequence for a seed is this library's own, not LRA's. Batch ``b`` draws
+    from ``numpy.random.default_rng([seed, b])`` and the rows are the first distinct trees of batches 0, 1,
+    2, ... in order, so the result is the same for any ``workers``.
 
     Args:
         n: number of expressions.
-        seed: seed of ``numpy.random.default_rng`` (non-negative).
+        seed: the generator seed (non-negative).
         min_length, max_length: keep trees with ``min_length < length < max_length`` where ``length``
             counts digits, operators and ``]`` (not parentheses), as LRA does.
         max_depth: the root has depth 1; nodes at ``max_depth`` are digits.
         max_args: maximum number of arguments of an operator (at least 2).
+        workers: processes drawing batches after the first; ``None`` uses the available cores
+            (``os.sched_getaffinity``). A job that one batch completes never starts a process.
 
     Returns:
         list of ``(source, target)``: the expression in LRA's text format and its value 0..9.
     """
     n = check_int("n", n, minimum=0)
     args = _check_generator_args(seed, min_length, max_length, max_depth, max_args)
-    return list(_generate(n, *args))
+    return list(_generate(n, *args, workers=resolve_workers(workers)))
 
 
 def evaluate_listops(source: str) -> int:
@@ -344,26 +396,29 @@ def write_listops(
     max_depth: int = 10,
     max_args: int = 10,
     task: str = "basic",
+    workers: int | None = None,
 ) -> dict[str, Path]:
     """Generate ``train + val + test`` distinct expressions and write ``{task}_{split}.tsv`` into ``out_dir``.
 
-    The three splits are disjoint (one pool of distinct trees, cut in generation order). Returns the paths
-    by split name.
+    The three splits are disjoint (the rows of :func:`generate_listops` with the same arguments, cut train /
+    val / test). The files are the same, byte for byte, for any ``workers`` (see :func:`generate_listops`).
+    Returns the paths by split name.
     """
     sizes = _check_sizes(train=train, val=val, test=test)
     args = _check_generator_args(seed, min_length, max_length, max_depth, max_args)
+    workers = resolve_workers(workers)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = _generate(sum(sizes.values()), *args)
     paths = {}
-    for split in SPLITS:
-        path = out / f"{task}_{split}.tsv"
-        with open(path, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f, delimiter="\t")
-            writer.writerow(["Source", "Target"])
-            for _ in range(sizes[split]):
-                writer.writerow(next(rows))
-        paths[split] = path
+    with closing(_generate(sum(sizes.values()), *args, workers=workers)) as rows:
+        for split in SPLITS:
+            path = out / f"{task}_{split}.tsv"
+            with open(path, "w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f, delimiter="\t")
+                writer.writerow(["Source", "Target"])
+                for _ in range(sizes[split]):
+                    writer.writerow(next(rows))
+            paths[split] = path
     return paths
 
 
@@ -440,6 +495,51 @@ def tokenize_listops(source: str, *, keep_parens: bool = False) -> np.ndarray:
     return ids[ids < _FIRST_PAREN] if not keep_parens else ids
 
 
+def _check_utf8(path: Path, lineno: int, line: str) -> None:
+    """Raise :class:`DataError` at the first byte of ``line`` that was not UTF-8 (a lone surrogate)."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as err:
+        byte = ord(line[err.start]) - 0xDC00
+        raise DataError.at(
+            path, f"byte 0x{byte:02x} at column {err.start + 1} is not UTF-8 text", line=lineno
+        ) from None
+
+
+_DEPTH_STEP = np.zeros(256, dtype=np.int8)  # token id -> change of the operator depth
+_DEPTH_STEP[_OP0:_END_ID] = 1
+_DEPTH_STEP[_END_ID] = -1
+
+
+def _structure_error(core: np.ndarray, n_open: int, n_close: int) -> str | None:
+    """Why an expression is not exactly one, or ``None`` if it is.
+
+    Args:
+        core: its token ids without parentheses.
+        n_open, n_close: its numbers of ``(`` and ``)``.
+
+    One expression is a digit, or an operator, at least one argument (an expression) and ``]``. Without
+    the parentheses, the operator depth (operators opened minus ``]`` closed) is then >= 1 from the first
+    token to the one before the last and 0 at the last, and no operator is directly followed by ``]``. Of
+    the parentheses, which carry no information, only the counts are checked (as many ``(`` as ``)``).
+    """
+    if n_open != n_close:
+        return f"unbalanced parentheses ({n_open} '(' and {n_close} ')')"
+    if core.size == 0:
+        return "no tokens"
+    step = _DEPTH_STEP[core]
+    depth = np.cumsum(step, dtype=np.int32)
+    if depth.min() < 0:
+        return "a ']' without its operator"
+    if depth[-1] > 0:
+        return f"{int(depth[-1])} operator(s) without their closing ']'"
+    if np.count_nonzero(depth) != depth.size - 1:
+        return "tokens after the end of the expression"
+    if ((step[:-1] == 1) & (step[1:] == -1)).any():
+        return "an operator without arguments"
+    return None
+
+
 def _split_path(path_or_dir: str | os.PathLike, split: str, task: str) -> Path:
     path = Path(path_or_dir)
     if path.is_dir():
@@ -465,8 +565,11 @@ class ListOpsDataset(Dataset):
 
     Raises:
         FileNotFoundError: the file is missing.
-        ValueError: a row without two tab-separated fields, a wrong header, an unknown token or a target
-            outside 0..9; the message names the file and the line.
+        DataError: (a ``ValueError``) bytes that are not UTF-8, a missing or wrong header (an empty file), a
+            row without two tab-separated fields, a Source that is not one well-formed expression (an
+            unknown token, a ``]`` missing or too many, unbalanced parentheses, an operator without
+            arguments), a Target other than 0..9; the message names the file and the line. A file with
+            the header and no rows is an empty dataset.
     """
 
     num_classes = 10
@@ -490,38 +593,46 @@ class ListOpsDataset(Dataset):
         self.path = path
         self.split = split
         seqs, labels = [], []
-        with open(path, encoding="utf-8", newline="") as f:
+        lineno = 0
+        # surrogateescape: an undecodable byte becomes a lone surrogate, reported below with its line
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
             for lineno, line in enumerate(f, start=1):
                 line = line.rstrip("\r\n")
+                if not line.isascii():
+                    _check_utf8(path, lineno, line)
                 fields = line.split("\t")
                 if lineno == 1:
                     if fields != ["Source", "Target"]:
-                        raise ValueError(
-                            f"{path}, line 1: header {line[:60]!r}; expected 'Source<TAB>Target'"
+                        raise DataError.at(
+                            path, f"header {line[:60]!r}; expected 'Source<TAB>Target'", line=1
                         )
                     continue
                 if not line:
                     continue
                 if len(fields) != 2:
-                    raise ValueError(
-                        f"{path}, line {lineno}: {len(fields)} tab-separated fields; "
-                        "expected 2 (Source, Target)"
+                    raise DataError.at(
+                        path, f"{len(fields)} tab-separated fields; expected 2 (Source, Target)", line=lineno
                     )
                 source, target = fields
-                if not (target.strip().isdigit() and 0 <= int(target) <= 9):
-                    raise ValueError(
-                        f"{path}, line {lineno}: Target {target[:20]!r}; expected an integer 0..9"
-                    )
+                digit = target.strip()
+                if not (digit.isascii() and digit.isdigit() and int(digit) <= 9):
+                    raise DataError.at(path, f"Target {target[:20]!r}; expected an integer 0..9", line=lineno)
                 try:
                     ids = tokenize_listops(source, keep_parens=keep_parens)
                 except ValueError as err:
-                    raise ValueError(f"{path}, line {lineno}: Source has an {err}") from None
+                    raise DataError.at(path, f"Source has an {err}", line=lineno) from None
+                core = ids[ids < _FIRST_PAREN] if keep_parens else ids
+                problem = _structure_error(core, source.count("("), source.count(")"))
+                if problem is not None:
+                    raise DataError.at(path, f"Source is not one expression: {problem}", line=lineno)
                 if append_eos:
                     ids = np.append(ids, np.uint8(EOS_ID))
                 if max_length is not None:
                     ids = ids[:max_length]
                 seqs.append(ids)
-                labels.append(int(target))
+                labels.append(int(digit))
+        if lineno == 0:
+            raise DataError.at(path, "empty file; expected the header 'Source<TAB>Target'", line=1)
         lengths = np.array([len(s) for s in seqs], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(lengths)])
         self.tokens = np.concatenate(seqs) if seqs else np.zeros(0, dtype=np.uint8)
@@ -555,7 +666,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-depth", type=int, default=10)
     parser.add_argument("--max-args", type=int, default=10)
     parser.add_argument("--task", default="basic", help="file name prefix (default: basic)")
+    parser.add_argument(
+        "--gen-workers", type=int, default=None, metavar="N",
+        help="generator processes (default: the available cores); the files do not depend on it",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    workers = resolve_workers(args.gen_workers)
     t0 = time.perf_counter()
     paths = write_listops(
         args.out,
@@ -568,9 +684,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_depth=args.max_depth,
         max_args=args.max_args,
         task=args.task,
+        workers=workers,
     )
     total = args.train + args.val + args.test
-    print(f"wrote {total} expressions in {time.perf_counter() - t0:.1f} s:")
+    print(f"wrote {total} expressions in {time.perf_counter() - t0:.1f} s ({workers} workers):")
     for path in paths.values():
         print(f"  {path}")
     return 0

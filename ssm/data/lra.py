@@ -31,8 +31,10 @@ Token tasks return ``(ids int64 (L,), label)`` (Retrieval ``(ids1, ids2, label)`
 maximum length. Real-valued tasks return ``(x float32 (L, 1), label)``, normalized as S4 does:
 ``(gray - 122.6) / 61`` for CIFAR, ``2 * pixel / 255 - 1`` for Pathfinder.
 
-Missing files raise ``FileNotFoundError`` and malformed ones ``ValueError``; both name the file, the line or
-record, and what was expected.
+Missing files raise ``FileNotFoundError`` and malformed ones :class:`ssm.data.errors.DataError` (a
+``ValueError``); both name the file, the line or record, and what was expected. A split that the data and
+the split arithmetic leave empty (say ``val`` of 5 Pathfinder images cut 80/10/10) raises ``DataError``
+too, naming the folder.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +51,9 @@ from torch.utils.data import Dataset
 
 from .._checks import check_choice, check_int
 from . import listops as _listops
+from .errors import DataError
 from .listops import ListOpsDataset
-from .pathfinder import DIFFICULTY_DIRS, read_metadata, read_png, to_grayscale
+from .pathfinder import DIFFICULTY_DIRS, metadata_rows, read_png, to_grayscale
 from .text import BYTE_VOCAB_SIZE, collate_pad, collate_pair, encode_bytes, require_dir, require_file
 
 __all__ = [
@@ -219,7 +223,12 @@ class AANDataset(Dataset):
         max_length: ids kept per document, the end-of-sequence id included (LRA: 4000).
         append_eos: append :data:`ssm.data.text.BYTE_EOS` to each document (S4's setup).
 
-    The file is indexed (and every row checked) once; documents are read lazily.
+    The file is indexed (and every row checked) once; documents are read lazily (bytes, never decoded).
+
+    Raises:
+        FileNotFoundError: the folder or the split's file is missing.
+        DataError: a row without 5 tab-separated fields or with a label other than 0/1 (a header row
+            ``label ...`` is skipped), or no rows; the message names the file and the line.
     """
 
     num_classes = 2
@@ -248,17 +257,20 @@ class AANDataset(Dataset):
                     continue
                 fields = body.split(b"\t")
                 if len(fields) != 5:
-                    raise ValueError(
-                        f"{path}, line {lineno}: {len(fields)} tab-separated fields; expected 5 "
-                        "(label, id1, id2, text1, text2)"
+                    raise DataError.at(
+                        path,
+                        f"{len(fields)} tab-separated fields; expected 5 (label, id1, id2, text1, text2)",
+                        line=lineno,
                     )
                 label = _parse_label(fields[0])
                 if label is None:
                     if lineno == 1 and fields[0].strip().lower() == b"label":
                         continue  # a header row
-                    raise ValueError(f"{path}, line {lineno}: label {fields[0][:20]!r}; expected 0 or 1")
+                    raise DataError.at(path, f"label {fields[0][:20]!r}; expected 0 or 1", line=lineno)
                 offsets.append(start)
                 labels.append(label)
+        if not labels:
+            raise DataError.at(path, "no rows; expected 'label<TAB>id1<TAB>id2<TAB>text1<TAB>text2' per line")
         self.path = path
         self.offsets = np.array(offsets, dtype=np.int64)
         self.labels = torch.tensor(labels, dtype=torch.long)
@@ -309,25 +321,28 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
             batch = _ArrayUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as err:
-        raise ValueError(f"{path}: cannot be unpickled ({err}); expected {expected}") from None
+    # A corrupt pickle can fail in any of its opcodes (UnpicklingError, EOFError, ValueError, TypeError,
+    # LookupError from a codec name, MemoryError from a length, ...): whatever it raises, the file is at
+    # fault.
+    except Exception as err:
+        reason = f"cannot be unpickled ({type(err).__name__}: {err}); expected {expected}"
+        raise DataError.at(path, reason) from None
     if not isinstance(batch, dict):
-        raise ValueError(f"{path}: a pickled {type(batch).__name__}; expected {expected}")
-    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+        raise DataError.at(path, f"a pickled {type(batch).__name__}; expected {expected}")
+    batch = {k.decode("latin-1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
     if "data" not in batch or "labels" not in batch:
-        raise ValueError(f"{path}: keys {sorted(map(str, batch))}; expected {expected}")
-    data = np.asarray(batch["data"])
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise ValueError(f"{path}: b'data' is {data.dtype} {data.shape}; expected {expected}")
-    labels = np.asarray(batch["labels"])
-    if labels.shape != (data.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(
-            f"{path}: b'labels' has shape {labels.shape}; expected {data.shape[0]} integers 0..9"
-        )
-    bad = np.nonzero((labels < 0) | (labels > 9))[0]
-    if bad.size:
-        raise ValueError(f"{path}, record {int(bad[0])}: label {int(labels[bad[0]])}; expected 0..9")
-    return data, labels.astype(np.int64)
+        raise DataError.at(path, f"keys {sorted(map(str, batch))[:8]}; expected {expected}")
+    data, labels = batch["data"], batch["labels"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        what = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else f"a {type(data).__name__}"
+        raise DataError.at(path, f"b'data' is {what}; expected {expected}")
+    if not isinstance(labels, (list, tuple, np.ndarray)) or len(labels) != data.shape[0]:
+        what = f"{len(labels)} labels" if isinstance(labels, (list, tuple, np.ndarray)) else "not a list"
+        raise DataError.at(path, f"b'labels' is {what}; expected {data.shape[0]} integers 0..9")
+    for record, label in enumerate(labels):
+        if not isinstance(label, (int, np.integer)) or isinstance(label, bool) or not 0 <= label <= 9:
+            raise DataError.at(path, f"label {label!r:.20}; expected 0..9", record=record)
+    return data, np.asarray(labels, dtype=np.int64).reshape(-1)
 
 
 class CIFARGrayDataset(Dataset):
@@ -343,6 +358,11 @@ class CIFARGrayDataset(Dataset):
 
     Gray is Pillow's ``convert("L")`` (see :func:`ssm.data.pathfinder.to_grayscale`), what S4's
     ``torchvision.transforms.Grayscale`` computes; pixels in raster order.
+
+    Raises:
+        FileNotFoundError: the folder or a batch file is missing.
+        DataError: a batch that is not a pickled dict of ``b'data'`` uint8 (N, 3072) and N labels 0..9 (the
+            message names the file, and the record of a bad label), or an empty split (naming the folder).
     """
 
     num_classes = 10
@@ -371,11 +391,17 @@ class CIFARGrayDataset(Dataset):
         parts = [_read_cifar_batch(folder / name) for name in names]
         data = np.concatenate([p[0] for p in parts])
         labels = np.concatenate([p[1] for p in parts])
+        total = data.shape[0]
         if split != "test":
-            n_val = int(round(val_fraction * data.shape[0]))
-            cut = data.shape[0] - n_val
+            n_val = int(round(val_fraction * total))
+            cut = total - n_val
             keep = slice(0, cut) if split == "train" else slice(cut, None)
             data, labels = data[keep], labels[keep]
+        if data.shape[0] == 0:
+            cut_by = "" if split == "test" else f" with val_fraction={val_fraction}"
+            raise DataError.at(
+                folder, f"{total} images in {', '.join(names)}{cut_by} leave the {split} split empty"
+            )
         rgb = data.reshape(-1, 3, 1024).transpose(0, 2, 1)  # (N, 1024, 3)
         self.gray = torch.from_numpy(np.ascontiguousarray(to_grayscale(rgb)))  # uint8 (N, 1024)
         self.labels = torch.from_numpy(labels)
@@ -424,7 +450,8 @@ class PathfinderDataset(Dataset):
     Raises:
         FileNotFoundError: missing folders, metadata files, or an image a metadata row names (the message
             gives the metadata file and line).
-        ValueError: a malformed metadata row; an image that is not an R x R PNG (when it is read).
+        DataError: (a ``ValueError``) a malformed metadata row (file and line); an empty split (naming the
+            metadata folder); an image that is not an R x R PNG (naming it, when it is read).
     """
 
     num_classes = 2
@@ -467,18 +494,27 @@ class PathfinderDataset(Dataset):
             raise FileNotFoundError(f"{meta_dir}: no <n>.npy metadata files; expected Pathfinder metadata")
         samples: list[tuple[Path, int]] = []
         for meta in meta_files:
-            for lineno, (folder, name, label) in enumerate(read_metadata(meta), start=1):
+            for lineno, folder, name, label in metadata_rows(meta):
                 path = base / folder / name
                 try:
-                    size = path.stat().st_size
-                except FileNotFoundError:
-                    raise FileNotFoundError(
-                        f"{path}: image not found; named by {meta}, line {lineno}"
-                    ) from None
-                if size == 0 and skip_empty:
+                    info = path.stat()
+                except (FileNotFoundError, NotADirectoryError):
+                    info = None
+                except OSError as err:
+                    raise DataError.at(meta, f"image {path} cannot be read ({err})", line=lineno) from None
+                if info is None or not stat.S_ISREG(info.st_mode):
+                    raise FileNotFoundError(f"{path}: image not found; named by {meta}, line {lineno}")
+                if info.st_size == 0 and skip_empty:
                     continue
                 samples.append((path, label))
-        n_train, n_val, _ = _split_lengths(len(samples), tuple(split_fractions))
+        n_train, n_val, n_test = _split_lengths(len(samples), tuple(split_fractions))
+        size = {"train": n_train, "val": n_val, "test": n_test}[split]
+        if size == 0:
+            raise DataError.at(
+                meta_dir,
+                f"{len(samples)} images cut with split_fractions={tuple(split_fractions)} into train / val / "
+                f"test = {n_train} / {n_val} / {n_test} leave the {split} split empty",
+            )
         order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
         pick = {
             "train": order[:n_train],
@@ -499,7 +535,7 @@ class PathfinderDataset(Dataset):
         image = read_png(path, gray=True)
         r = self.resolution
         if image.shape != (r, r):
-            raise ValueError(f"{path}: image of shape {image.shape}; expected ({r}, {r}) for pathfinder{r}")
+            raise DataError.at(path, f"image of shape {image.shape}; expected ({r}, {r}) for pathfinder{r}")
         return image
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import functools
 import gzip
+import math
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .._checks import check_choice, check_int
+from .errors import DataError
 
 __all__ = ["DEFAULT_ROOT", "IMAGE_MAGIC", "LABEL_MAGIC", "SequentialMNIST", "load_mnist", "read_idx"]
 
@@ -71,8 +74,8 @@ def read_idx(path: str | os.PathLike, magic: int) -> torch.Tensor:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: bad magic number, not gzip-decodable, truncated or with trailing bytes; the message names
-            the file and the expected format.
+        DataError: (a ``ValueError``) bad magic number, not gzip-decodable, truncated or with trailing
+            bytes; the message names the file and the expected format.
     """
     path = Path(path)
     ndim = magic & 0xFF
@@ -85,21 +88,22 @@ def read_idx(path: str | os.PathLike, magic: int) -> torch.Tensor:
     if raw[:2] == _GZIP_MAGIC:
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as err:
-            raise ValueError(f"{path}: corrupt gzip stream ({err}); expected a gzipped {expected}") from err
+        except (OSError, EOFError, zlib.error) as err:
+            raise DataError.at(path, f"corrupt gzip stream ({err}); expected a gzipped {expected}") from None
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ValueError(f"{path}: {len(raw)} bytes, shorter than the {header}-byte header of {expected}")
+        raise DataError.at(path, f"{len(raw)} bytes, shorter than the {header}-byte header of {expected}")
     found = int.from_bytes(raw[:4], "big")
     if found != magic:
-        raise ValueError(f"{path}: magic number 0x{found:08X}, expected {expected}")
+        raise DataError.at(path, f"magic number 0x{found:08X}, expected {expected}")
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    count = int(np.prod(dims, dtype=np.int64))
+    count = math.prod(dims)  # a Python int: no overflow
     if len(raw) - header != count:
         state = "truncated" if len(raw) - header < count else "has trailing bytes"
-        raise ValueError(
-            f"{path}: {state}: header says shape {dims} = {count} bytes, found {len(raw) - header}; "
-            f"expected {expected}"
+        raise DataError.at(
+            path,
+            f"{state}: header says shape {dims} = {count} bytes, found {len(raw) - header}; "
+            f"expected {expected}",
         )
     data = np.frombuffer(raw, dtype=np.uint8, count=count, offset=header)
     return torch.from_numpy(data.copy()).reshape(dims)
@@ -110,14 +114,18 @@ def _load_cached(images: str, labels: str, stamp: tuple) -> tuple[torch.Tensor, 
     x = read_idx(images, IMAGE_MAGIC)
     y = read_idx(labels, LABEL_MAGIC)
     if x.shape[0] != y.shape[0]:
-        raise ValueError(
+        raise DataError(
             f"{images} holds {x.shape[0]} images but {labels} holds {y.shape[0]} labels; "
-            "expected one label per image"
+            "expected one label per image",
+            path=labels,
         )
     if y.numel() and int(y.max()) >= NUM_CLASSES:
-        raise ValueError(f"{labels}: label {int(y.max())} found; expected class labels 0..{NUM_CLASSES - 1}")
+        record = int(torch.nonzero(y >= NUM_CLASSES)[0, 0])
+        raise DataError.at(
+            labels, f"label {int(y[record])}; expected class labels 0..{NUM_CLASSES - 1}", record=record
+        )
     if x.shape[1] * x.shape[2] == 0:
-        raise ValueError(f"{images}: image size {tuple(x.shape[1:])}; expected non-empty images")
+        raise DataError.at(images, f"image size {tuple(x.shape[1:])}; expected non-empty images")
     return x, y.long()
 
 

@@ -31,12 +31,18 @@ On-disk layout (as in ``lra_release``; Path-X is ``pathfinder128``, Path-256 ``p
 The three difficulties have contour lengths 6, 9 and 14 (``baseline``, ``intermediate``, ``hard``).
 Readers use columns 0 and 1 (the image path below the difficulty folder) and 3 (the label).
 
-PNG files are written with ``zlib`` only and read with Pillow when it is installed, otherwise with the
-small decoder here (8-bit, non-interlaced; grayscale, RGB, palette, with or without alpha).
+PNG files are written with ``zlib`` only and read with Pillow when it is installed (the ``images`` extra),
+otherwise with the small decoder here (8-bit, non-interlaced; grayscale, RGB, palette, with or without
+alpha), which keeps Pillow out of the runtime dependencies. Either way a file that cannot be decoded raises
+:class:`~ssm.data.errors.DataError` naming it.
+
+Parallel generation: image ``i`` draws from ``numpy.random.default_rng([seed, i])``, so ``workers``
+(``--gen-workers``) changes where images are drawn, never which: the files are the same byte for byte.
 
 Command line::
 
     python -m ssm.data.pathfinder --out DIR --resolution 32 --n 2000 --seed 0 [--difficulty hard]
+        [--gen-workers N]
 """
 
 from __future__ import annotations
@@ -44,17 +50,23 @@ from __future__ import annotations
 import argparse
 import bisect
 import functools
+import io
 import math
 import os
 import struct
+import sys
 import time
 import zlib
 from collections.abc import Iterator, Sequence
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
 
 from .._checks import check_choice, check_int
+from . import _parallel
+from ._parallel import resolve_workers
+from .errors import DataError
 
 __all__ = [
     "DIFFICULTIES",
@@ -404,11 +416,58 @@ def _one_image(cfg: dict, rng: np.random.Generator, turn: tuple[list, list]):
     )
 
 
-def _iter_images(n: int, seed: int, cfg: dict) -> Iterator[tuple[np.ndarray, int, np.ndarray]]:
-    rng = np.random.default_rng(seed)
+def _image_rng(seed: int, index: int) -> np.random.Generator:
+    """The random stream of image ``index``: its pixels depend on ``(seed, index)`` only."""
+    return np.random.default_rng([seed, index])
+
+
+def _image_shard(start: int, stop: int, seed: int, cfg: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images ``start .. stop - 1``: uint8 (m, R, R), labels int64 (m,), markers int64 (m, 2, 2)."""
     turn = _turn_table(cfg["continuity"])
-    for _ in range(n):
-        yield _one_image(cfg, rng, turn)
+    r, m = cfg["resolution"], stop - start
+    images = np.zeros((m, r, r), dtype=np.uint8)
+    labels = np.zeros(m, dtype=np.int64)
+    markers = np.zeros((m, 2, 2), dtype=np.int64)
+    for k in range(m):
+        images[k], labels[k], markers[k] = _one_image(cfg, _image_rng(seed, start + k), turn)
+    return images, labels, markers
+
+
+def _write_shard(start: int, stop: int, root: str, seed: int, cfg: dict, per_batch: int) -> list[int]:
+    """Write images ``start .. stop - 1`` as ``root/imgs/{j // per_batch}/sample_{j % per_batch}.png``
+    (the folders exist); return their labels."""
+    turn = _turn_table(cfg["continuity"])
+    labels = []
+    for j in range(start, stop):
+        image, label, _ = _one_image(cfg, _image_rng(seed, j), turn)
+        batch, index = divmod(j, per_batch)
+        write_png(Path(root) / "imgs" / str(batch) / f"sample_{index}.png", image)
+        labels.append(label)
+    return labels
+
+
+def _shards(fn, n: int, workers: int, *args) -> Iterator:
+    """``fn(start, stop, *args)`` over consecutive shards of ``range(n)``, in order.
+
+    Image 0 runs here and is timed; the rest runs here too when it would take less than
+    ``MIN_PARALLEL_SECONDS`` (or ``workers == 1``), else in about ``4 * workers`` shards on ``workers``
+    processes. The shards change nothing in the output: each image has its own random stream.
+    """
+    if n == 0:
+        return
+    start = time.perf_counter()
+    first = fn(0, 1, *args)
+    seconds = time.perf_counter() - start
+    yield first
+    if n == 1:
+        return
+    if workers == 1 or (n - 1) * seconds < _parallel.MIN_PARALLEL_SECONDS:
+        yield fn(1, n, *args)
+        return
+    size = math.ceil((n - 1) / (4 * workers))
+    tasks = ((a, min(a + size, n), *args) for a in range(1, n, size))
+    with closing(_parallel.ordered_map(fn, tasks, workers)) as results:
+        yield from results
 
 
 def generate_pathfinder(
@@ -418,16 +477,22 @@ def generate_pathfinder(
     seed: int,
     difficulty: str = "hard",
     return_markers: bool = False,
+    workers: int | None = None,
     **overrides: float,
 ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Generate ``n`` Pathfinder images; deterministic for a given seed.
 
+    Image ``i`` draws from ``numpy.random.default_rng([seed, i])``, so the images do not depend on
+    ``workers`` and the first ``m`` images of a longer run are those of a run of ``m``.
+
     Args:
         n: number of images.
         resolution: image side R, one of 32, 64, 128 (Path-X), 256.
-        seed: seed of ``numpy.random.default_rng``.
+        seed: the generator seed (non-negative).
         difficulty: ``"baseline"``, ``"intermediate"`` or ``"hard"`` (paths of 6, 9 or 14 paddles).
         return_markers: also return the marker centres.
+        workers: generator processes; ``None`` uses the available cores (``os.sched_getaffinity``). A job
+            that would take less than a few seconds here never starts a process.
         **overrides: any key of :func:`pathfinder_config` (e.g. ``num_distractors=0``).
 
     Returns:
@@ -436,12 +501,14 @@ def generate_pathfinder(
     """
     n = check_int("n", n, minimum=0)
     seed = check_int("seed", seed, minimum=0)
+    workers = resolve_workers(workers)
     cfg = pathfinder_config(resolution, difficulty, **overrides)
-    images = np.zeros((n, resolution, resolution), dtype=np.uint8)
-    labels = np.zeros(n, dtype=np.int64)
-    markers = np.zeros((n, 2, 2), dtype=np.int64)
-    for i, (image, label, mark) in enumerate(_iter_images(n, seed, cfg)):
-        images[i], labels[i], markers[i] = image, label, mark
+    parts = list(_shards(_image_shard, n, workers, seed, cfg))
+    if parts:
+        images, labels, markers = (np.concatenate(p) for p in zip(*parts))
+    else:
+        images = np.zeros((0, resolution, resolution), dtype=np.uint8)
+        labels, markers = np.zeros(0, dtype=np.int64), np.zeros((0, 2, 2), dtype=np.int64)
     return (images, labels, markers) if return_markers else (images, labels)
 
 
@@ -470,31 +537,35 @@ def write_pathfinder(
     seed: int,
     difficulty: str = "hard",
     per_batch: int = 1000,
+    workers: int | None = None,
     **overrides: float,
 ) -> Path:
     """Generate ``n`` images and write them in the ``lra_release`` layout (see the module docstring).
 
     Image ``j`` goes to batch ``j // per_batch`` as ``sample_{j % per_batch}.png``; the images are those of
-    :func:`generate_pathfinder` with the same arguments. Returns the difficulty folder,
-    ``out_dir/pathfinder{R}/curv_...``.
+    :func:`generate_pathfinder` with the same arguments, written by the workers, and the files are the same,
+    byte for byte, for any ``workers``. A batch's metadata file is written once all its images are. Returns
+    the difficulty folder, ``out_dir/pathfinder{R}/curv_...``.
     """
     n = check_int("n", n, minimum=0)
     seed = check_int("seed", seed, minimum=0)
     per_batch = check_int("per_batch", per_batch, minimum=1)
+    workers = resolve_workers(workers)
     cfg = pathfinder_config(resolution, difficulty, **overrides)
     root = Path(out_dir) / f"pathfinder{resolution}" / DIFFICULTY_DIRS[difficulty]
     (root / "metadata").mkdir(parents=True, exist_ok=True)
+    for batch in range(math.ceil(n / per_batch)):
+        (root / "imgs" / str(batch)).mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
-    for j, (image, label, _) in enumerate(_iter_images(n, seed, cfg)):
-        batch, index = divmod(j, per_batch)
-        folder = root / "imgs" / str(batch)
-        if index == 0:
-            folder.mkdir(parents=True, exist_ok=True)
-        write_png(folder / f"sample_{index}.png", image)
-        lines.append(_metadata_line(batch, index, label, cfg))
-        if index == per_batch - 1 or j == n - 1:
-            (root / "metadata" / f"{batch}.npy").write_text("".join(lines))
-            lines = []
+    j = 0
+    for labels in _shards(_write_shard, n, workers, str(root), seed, cfg, per_batch):
+        for label in labels:
+            batch, index = divmod(j, per_batch)
+            lines.append(_metadata_line(batch, index, label, cfg))
+            if index == per_batch - 1 or j == n - 1:
+                (root / "metadata" / f"{batch}.npy").write_text("".join(lines))
+                lines = []
+            j += 1
     return root
 
 
@@ -506,36 +577,53 @@ def read_metadata(path: str | os.PathLike) -> list[tuple[str, str, int]]:
 
     Raises:
         FileNotFoundError: the file is missing.
-        ValueError: a row with fewer than 4 fields or a label other than 0/1; the message names the file and
-            the line.
+        DataError: (a ``ValueError``) not UTF-8 text nor a readable ``.npy`` array, a row with fewer than 4
+            fields, a label other than 0/1, or an image path that is absolute, holds ``..`` or a NUL; the
+            message names the file and the line (the row of an array, counted from 1).
     """
-    path = Path(path)
+    return [row[1:] for row in metadata_rows(Path(path))]
+
+
+def metadata_rows(path: Path) -> list[tuple[int, str, str, int]]:
+    """``(line, folder, name, label)`` per row of a metadata file (see :func:`read_metadata`)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found; expected a Pathfinder metadata file")
     raw = path.read_bytes()
+    expected = "expected Pathfinder metadata lines 'imgs/<b> sample_<i>.png <i> <label> ...'"
     if raw.startswith(b"\x93NUMPY"):
-        import io
-
-        array = np.load(io.BytesIO(raw), allow_pickle=False)
-        rows = [[str(v) for v in row] for row in np.atleast_2d(array)]
+        try:
+            array = np.load(io.BytesIO(raw), allow_pickle=False)
+            rows = [[str(v) for v in row] for row in np.atleast_2d(array)]
+        except Exception as err:  # whatever a corrupt array raises, the file is at fault
+            reason = f"unreadable .npy array ({type(err).__name__}: {err}); {expected}"
+            raise DataError.at(path, reason) from None
     else:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as err:
-            raise ValueError(f"{path}: not UTF-8 text ({err}); expected Pathfinder metadata lines") from None
-        rows = [line.split() for line in text.splitlines()]
+            line = raw[: err.start].count(b"\n") + 1
+            raise DataError.at(
+                path, f"byte 0x{raw[err.start]:02x} is not UTF-8 text; {expected}", line=line
+            ) from None
+        rows = [line.split() for line in text.split("\n")]
     out = []
     for lineno, fields in enumerate(rows, start=1):
         if not fields:
             continue
         if len(fields) < 4:
-            raise ValueError(
-                f"{path}, line {lineno}: {len(fields)} fields; expected at least 4 "
-                "('imgs/<b> sample_<i>.png <i> <label> ...')"
+            raise DataError.at(
+                path,
+                f"{len(fields)} fields; expected at least 4 ('imgs/<b> sample_<i>.png <i> <label> ...')",
+                line=lineno,
             )
         if fields[3] not in ("0", "1"):
-            raise ValueError(f"{path}, line {lineno}: label (column 4) {fields[3]!r}; expected 0 or 1")
-        out.append((fields[0], fields[1], int(fields[3])))
+            raise DataError.at(path, f"label (column 4) {fields[3][:20]!r}; expected 0 or 1", line=lineno)
+        folder, name = fields[0], fields[1]
+        parts = Path(folder, name).parts
+        if "\x00" in folder + name or Path(folder).is_absolute() or ".." in parts:
+            reason = f"image path {folder + '/' + name!r}; expected a relative one, as 'imgs/0 sample_0.png'"
+            raise DataError.at(path, reason, line=lineno)
+        out.append((lineno, folder, name, int(fields[3])))
     return out
 
 
@@ -615,7 +703,7 @@ def _unfilter(raw: bytes, h: int, stride: int, bpp: int, path: Path) -> np.ndarr
                 cur_l[i] = (cur_l[i] + pred) & 0xFF
             cur = np.array(cur_l, dtype=np.uint8)
         else:
-            raise ValueError(f"{path}: row {y} has filter type {kind}; expected 0..4")
+            raise DataError.at(path, f"row {y} has filter type {kind}; expected 0..4")
         out[y] = cur
         prev = out[y]
     return out
@@ -623,22 +711,29 @@ def _unfilter(raw: bytes, h: int, stride: int, bpp: int, path: Path) -> np.ndarr
 
 def _read_png_pure(path: Path) -> np.ndarray:
     raw = path.read_bytes()
-    expected = "an 8-bit non-interlaced PNG"
+    expected = "expected an 8-bit non-interlaced PNG"
+
+    def fail(reason: str) -> DataError:
+        return DataError.at(path, f"{reason}; {expected}")
+
     if not raw.startswith(_PNG_SIGNATURE):
-        what = "empty file" if not raw else "no PNG signature"
-        raise ValueError(f"{path}: {what}; expected {expected}")
+        raise fail("empty file" if not raw else "no PNG signature")
     pos, header, palette, alpha, idat, ended = 8, None, None, None, [], False
     while pos + 8 <= len(raw):
         length, kind = struct.unpack(">I4s", raw[pos : pos + 8])
         data = raw[pos + 8 : pos + 8 + length]
         crc = raw[pos + 8 + length : pos + 12 + length]
         if len(data) != length or len(crc) != 4:
-            raise ValueError(f"{path}: truncated {kind!r} chunk; expected {expected}")
+            raise fail(f"truncated {kind!r} chunk")
         if struct.unpack(">I", crc)[0] != zlib.crc32(kind + data) & 0xFFFFFFFF:
-            raise ValueError(f"{path}: bad CRC in the {kind!r} chunk; expected {expected}")
+            raise fail(f"bad CRC in the {kind!r} chunk")
         if kind == b"IHDR":
+            if length != 13:
+                raise fail(f"IHDR chunk of {length} bytes (13 in a PNG)")
             header = struct.unpack(">IIBBBBB", data)
         elif kind == b"PLTE":
+            if length % 3 or not 0 < length <= 768:
+                raise fail(f"PLTE chunk of {length} bytes (3 per entry, 1..256 entries)")
             palette = np.frombuffer(data, dtype=np.uint8).reshape(-1, 3)
         elif kind == b"tRNS":
             alpha = np.frombuffer(data, dtype=np.uint8)
@@ -649,29 +744,30 @@ def _read_png_pure(path: Path) -> np.ndarray:
             break
         pos += 12 + length
     if not ended:
-        raise ValueError(f"{path}: truncated (no IEND chunk); expected {expected}")
+        raise fail("truncated (no IEND chunk)")
     if header is None or not idat:
-        raise ValueError(f"{path}: missing IHDR or IDAT chunk; expected {expected}")
+        raise fail("missing IHDR or IDAT chunk")
     w, h, depth, color, _, _, interlace = header
     if depth != 8 or color not in _CHANNELS or interlace != 0:
-        raise ValueError(
-            f"{path}: bit depth {depth}, color type {color}, interlace {interlace}; expected {expected} "
-            "(color type 0, 2, 3, 4 or 6)"
-        )
+        raise fail(f"bit depth {depth}, color type {color}, interlace {interlace} (color type 0, 2, 3, 4, 6)")
+    if w == 0 or h == 0:
+        raise fail(f"size {w}x{h}")
     channels = _CHANNELS[color]
-    try:
-        pixels = zlib.decompress(b"".join(idat))
-    except zlib.error as err:
-        raise ValueError(f"{path}: corrupt image data ({err}); expected {expected}") from None
     stride = w * channels
-    if len(pixels) != h * (stride + 1):
-        raise ValueError(
-            f"{path}: {len(pixels)} bytes of image data; expected {h * (stride + 1)} for {w}x{h}"
-        )
+    size = h * (stride + 1)
+    try:  # decompress at most one byte more than the image needs
+        pixels = zlib.decompressobj().decompress(b"".join(idat), min(size + 1, sys.maxsize))
+    except zlib.error as err:
+        raise fail(f"corrupt image data ({err})") from None
+    if len(pixels) != size:
+        more = "+" if len(pixels) > size else ""
+        raise fail(f"{len(pixels)}{more} bytes of image data, {size} for {w}x{h}")
     out = _unfilter(pixels, h, stride, channels, path)
     if color == 3:
         if palette is None:
-            raise ValueError(f"{path}: palette image without a PLTE chunk; expected {expected}")
+            raise fail("palette image without a PLTE chunk")
+        if int(out.max()) >= len(palette):
+            raise fail(f"palette index {int(out.max())} with a PLTE chunk of {len(palette)} entries")
         rgba = np.concatenate([palette, np.full((len(palette), 1), 255, dtype=np.uint8)], axis=1)
         if alpha is not None:
             rgba[: len(alpha), 3] = alpha[: len(rgba)]
@@ -714,34 +810,43 @@ def read_png(path: str | os.PathLike, *, gray: bool = False, backend: str = "aut
 
     Raises:
         FileNotFoundError: the file is missing.
-        ValueError: not a PNG, corrupt, or (pure decoder) not 8-bit non-interlaced; the message names the
-            file.
+        DataError: (a ``ValueError``) not a PNG, corrupt, or (pure decoder) not 8-bit non-interlaced; the
+            message names the file. With Pillow, whatever its decoder raises on the file is reported so.
     """
     check_choice("backend", backend, ("auto", "pillow", "pure"))
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found; expected a PNG image")
     if path.stat().st_size == 0:
-        raise ValueError(f"{path}: empty file; expected a PNG image")
+        raise DataError.at(path, "empty file; expected a PNG image")
     image_mod = _pillow() if backend != "pure" else None
     if backend == "pillow" and image_mod is None:
-        raise ValueError("backend='pillow' needs Pillow: pip install pillow")
+        raise ValueError("backend='pillow' needs Pillow: pip install pillow (or ssm-layers[images])")
     if image_mod is None:
         array = _read_png_pure(path)
     else:
-        try:
-            with image_mod.open(path) as img:
-                img.load()
-                if img.format != "PNG":
-                    raise ValueError(f"{path}: a {img.format} image; expected a PNG")
+        array = _read_png_pillow(image_mod, path, gray)
+    return to_grayscale(array) if gray else array
+
+
+def _read_png_pillow(image_mod, path: Path, gray: bool) -> np.ndarray:
+    try:
+        with image_mod.open(path) as img:
+            img.load()
+            kind = img.format
+            if kind == "PNG":
                 if gray:
                     img = img.convert("L")
                 elif img.mode not in ("L", "LA", "RGB", "RGBA"):
                     img = img.convert("RGBA" if "transparency" in img.info else "RGB")
                 array = np.array(img)
-        except OSError as err:
-            raise ValueError(f"{path}: cannot be read as a PNG ({err})") from None
-    return to_grayscale(array) if gray else array
+    # Pillow reports a corrupt file with OSError, SyntaxError, ValueError, EOFError, struct.error,
+    # zlib.error, DecompressionBombError, ...: whatever it raises here, the file is at fault.
+    except Exception as err:
+        raise DataError.at(path, f"cannot be read as a PNG ({type(err).__name__}: {err})") from None
+    if kind != "PNG":
+        raise DataError.at(path, f"a {kind} image; expected a PNG")
+    return array
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -759,7 +864,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--difficulty", default="hard", choices=tuple(DIFFICULTIES))
     parser.add_argument("--per-batch", type=int, default=1000, help="images per imgs/<b> folder")
+    parser.add_argument(
+        "--gen-workers", type=int, default=None, metavar="N",
+        help="generator processes (default: the available cores); the files do not depend on it",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    workers = resolve_workers(args.gen_workers)
     t0 = time.perf_counter()
     root = write_pathfinder(
         args.out,
@@ -768,8 +878,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         difficulty=args.difficulty,
         per_batch=args.per_batch,
+        workers=workers,
     )
-    print(f"wrote {args.n} images to {root} in {time.perf_counter() - t0:.1f} s")
+    print(f"wrote {args.n} images to {root} in {time.perf_counter() - t0:.1f} s ({workers} workers)")
     return 0
 
 

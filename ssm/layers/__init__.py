@@ -4,7 +4,8 @@ from .base import SSMLayer
 from .rtf import RTF
 from .s4 import S4
 from .s4d import S4D
+from .s5 import S5
 
-LAYERS = {"s4": S4, "s4d": S4D, "rtf": RTF}
+LAYERS = {"s4": S4, "s4d": S4D, "rtf": RTF, "s5": S5}
 
-__all__ = ["LAYERS", "RTF", "S4", "S4D", "SSMLayer"]
+__all__ = ["LAYERS", "RTF", "S4", "S4D", "S5", "SSMLayer"]

@@ -16,6 +16,7 @@ state_input, final_state) on that system and nothing else.
 from __future__ import annotations
 
 import copy
+import json
 import math
 from types import ModuleType
 from typing import ClassVar, NamedTuple
@@ -25,7 +26,15 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_int, check_positive
+from .._checks import (
+    FLOAT_DTYPES,
+    check_bool,
+    check_choice,
+    check_float_dtype,
+    check_int,
+    check_positive,
+    check_real,
+)
 from ..ops.cauchy_triton import works as triton_works
 from ..ops.fftconv import fftconv
 
@@ -43,14 +52,34 @@ def as_complex(p: Tensor) -> Tensor:
     return torch.view_as_complex(p if p.is_contiguous() else p.contiguous())
 
 
-def init_log_dt(H: int, dt_min: float, dt_max: float, *, device=None, dtype=None) -> Tensor:
-    """log dt_h drawn uniformly in [log dt_min, log dt_max] (S4's initialization of the step size)."""
-    check_positive("dt_min", dt_min)
-    check_positive("dt_max", dt_max)
+def check_dt_range(dt_min: float, dt_max: float) -> tuple[float, float]:
+    """(dt_min, dt_max) as floats: finite, positive, dt_min <= dt_max."""
+    for name, value in (("dt_min", dt_min), ("dt_max", dt_max)):
+        check_positive(name, value)
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite positive number; got {value!r}")
     if dt_min > dt_max:
         raise ValueError(f"dt_min must be <= dt_max; got dt_min={dt_min}, dt_max={dt_max}")
+    return float(dt_min), float(dt_max)
+
+
+def init_log_dt(H: int, dt_min: float, dt_max: float, *, device=None, dtype=None) -> Tensor:
+    """log dt_h drawn uniformly in [log dt_min, log dt_max] (S4's initialization of the step size)."""
+    dt_min, dt_max = check_dt_range(dt_min, dt_max)
     r = torch.rand(H, device=device, dtype=dtype)
     return r * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+
+
+def _accept_missing_config(module, state_dict, prefix, *args) -> None:
+    """State dicts saved before the configuration was carried have no ``_extra_state``: accept them."""
+    state_dict.setdefault(prefix + "_extra_state", module.get_extra_state())
+
+
+def check_input_dtype(x: Tensor) -> None:
+    """Layers take real floating inputs: integer, bool and complex ones are refused, not truncated."""
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"x must be a real floating-point tensor (float16, bfloat16, float32 or float64); "
+                         f"got {x.dtype}")
 
 
 class SSMLayer(nn.Module):
@@ -86,27 +115,34 @@ class SSMLayer(nn.Module):
         super().__init__()
         self.d_model = H = check_int("d_model", d_model, minimum=1)
         self.channels = check_int("channels", channels, minimum=1)
-        self.bidirectional = bool(bidirectional)
-        self.transposed = bool(transposed)
+        self.bidirectional = check_bool("bidirectional", bidirectional)
+        self.transposed = check_bool("transposed", transposed)
         self.activation = check_choice("activation", activation, ACTIVATIONS)
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {dropout}")
+        dropout = check_real("dropout", dropout, minimum=0.0, below=1.0)
         if ssm_lr is not None:
-            check_positive("ssm_lr", ssm_lr)
-        if ssm_weight_decay < 0:
-            raise ValueError(f"ssm_weight_decay must be >= 0; got {ssm_weight_decay}")
-        self._hint = {"weight_decay": float(ssm_weight_decay)}
+            ssm_lr = check_real("ssm_lr", ssm_lr, positive=True)
+        ssm_weight_decay = check_real("ssm_weight_decay", ssm_weight_decay, minimum=0.0)
+        check_float_dtype("dtype", dtype)
+        self._hint = {"weight_decay": ssm_weight_decay}
         if ssm_lr is not None:
-            self._hint["lr"] = float(ssm_lr)
+            self._hint["lr"] = ssm_lr
         factory = {"device": device, "dtype": dtype}
         self.D = nn.Parameter(torch.randn(self.channels, H, **factory))
         self.drop = nn.Dropout(dropout)
-        self.glu = bool(glu)
+        self.glu = check_bool("glu", glu)
         self.out_proj = nn.Linear(self.channels * H, (2 if glu else 1) * H, **factory)
         self._ssm_names: list[str] = []
+        self.register_load_state_dict_pre_hook(_accept_missing_config)
+        self._hinted_names: list[str] = []
         self._backend_cache: dict[str, str] = {}
         self._memo_store: dict[str, tuple] = {}
         self._memo_snapshot: list[Tensor] | None = None
+
+    #: Opt-in check (off by default: it synchronizes a GPU) that ``forward`` raises a ``ValueError`` naming
+    #: the batch index and the first position of a non-finite input, instead of letting the FFT spread it.
+    #: Set it on one layer (``layer.check_finite = True``) or on the class for all. Skipped under
+    #: ``torch.compile`` / ``torch.export``, where a value check would break the graph.
+    check_finite: bool = False
 
     # ---- what a subclass provides ------------------------------------------------------------------------
     #: The family module in ``ssm.systems`` whose verbs (kernel, step, free_response, final_state) run the
@@ -121,6 +157,87 @@ class SSMLayer(nn.Module):
         """The zero state for a batch: the starting point of ``step`` and ``forward(x, state=...)``."""
         raise NotImplementedError
 
+    def ssm_param(self, name: str) -> Tensor:
+        """The SSM parameter ``name`` in float32 or wider: after ``.half()`` / ``.bfloat16()`` the system,
+        kernel and state are still computed in float32 (as under autocast); gradients reach the parameter."""
+        p = getattr(self, name)
+        return p.float() if p.dtype in (torch.float16, torch.bfloat16) else p
+
+    def ssm_init(self, real_dtype: torch.dtype) -> dict[str, tuple[Tensor, bool, bool]]:
+        """The initial SSM parameters, name -> (value, complex, optimizer hint), in the order they are drawn;
+        called on the CPU (inside ``torch.device("cpu")``) by ``build_ssm`` and ``reset_parameters``."""
+        raise NotImplementedError
+
+    def build_ssm(self, device=None, dtype=None) -> None:
+        """Register the SSM parameters of ``ssm_init`` on ``device`` (None: the current default device, so
+        ``with torch.device("meta"):`` builds on meta; the values are computed on the CPU either way)."""
+        target = torch.empty(0, device=device).device
+        dtype = dtype or torch.get_default_dtype()
+        real_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # half: drawn in float32
+        with torch.device("cpu"):
+            values = self.ssm_init(real_dtype)
+        for name, (value, complex_, hint) in values.items():
+            param = self.register_ssm(name, value.to(target), complex_=complex_, hint=hint)
+            if param.dtype != dtype:
+                param.data = param.data.to(dtype)
+
+    def reset_parameters(self) -> None:
+        """Restore the initialization of every parameter in place: D, the output projection and the SSM
+        parameters (new random draws where the initialization is random). After ``to_empty()`` this
+        gives a layer built on the meta device (FSDP2, Hugging Face) its real initial values."""
+        real_dtype = torch.float64 if self.D.dtype == torch.float64 else torch.float32
+        with torch.no_grad():
+            with torch.device("cpu"):
+                D = torch.randn(self.D.shape, dtype=real_dtype)
+            self.D.copy_(D)
+            self.out_proj.reset_parameters()
+            with torch.device("cpu"):
+                values = self.ssm_init(real_dtype)
+            for name, (value, complex_, _) in values.items():
+                getattr(self, name).copy_(torch.view_as_real(value.resolve_conj().contiguous()) if complex_
+                                          else value)
+
+    def extra_repr(self) -> str:
+        parts = [str(self.d_model)]
+        for name in ("d_state", "init", "disc", "rank", "constraint", "blocks", "backend"):
+            if hasattr(self, name):
+                parts.append(f"{name}={getattr(self, name)!r}")
+        parts += [f"channels={self.channels}", f"bidirectional={self.bidirectional}"]
+        if self.transposed:
+            parts.append("transposed=True")
+        parts.append(f"activation={self.activation!r}")
+        if self.glu:
+            parts.append("glu=True")
+        return ", ".join(parts)
+
+    def config(self) -> dict:
+        """The configuration that changes the computation without showing in any parameter's shape (the
+        discretization, RTF's constraint, the activation); carried in the state_dict (``get_extra_state``)."""
+        out = {"activation": self.activation}
+        for name in ("disc", "constraint"):
+            if hasattr(self, name):
+                out[name] = getattr(self, name)
+        return out
+
+    def get_extra_state(self) -> Tensor:
+        """``config()`` as a uint8 tensor of JSON (a tensor, so safetensors and Hugging Face can store it)."""
+        return torch.tensor(list(json.dumps(self.config(), sort_keys=True).encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, state) -> None:
+        """Refuse a state_dict saved from a layer with another configuration (e.g. zoh into bilinear)."""
+        try:
+            raw = bytes(state.tolist()).decode() if isinstance(state, torch.Tensor) else None
+            saved = json.loads(raw) if raw is not None else dict(state)
+        except (ValueError, TypeError, UnicodeDecodeError):
+            raise ValueError(f"the state_dict's _extra_state of {type(self).__name__} is not a layer "
+                             f"configuration; got {state!r}") from None
+        mine = self.config()
+        diffs = [f"{k}={saved[k]!r} in the state_dict but {k}={mine.get(k)!r} in this layer"
+                 for k in sorted(saved) if saved[k] != mine.get(k)]
+        if diffs:
+            raise ValueError(f"{type(self).__name__}: the state_dict was saved from a layer with another "
+                             f"configuration: {'; '.join(diffs)}")
+
     def kernel_options(self) -> dict:
         """Keyword arguments of the family's ``kernel`` verb (the Cauchy / Vandermonde backend)."""
         return {}
@@ -131,6 +248,8 @@ class SSMLayer(nn.Module):
         ``ssm.ops.cauchy`` (the torch path: materialized below 16 MiB, bounded-memory chunks above)."""
         if self.backend != "auto":
             return self.backend
+        if torch.compiler.is_compiling():
+            return "auto"  # a traced graph takes the torch path (no probe kernel, no guard on this cache)
         hit = self._backend_cache.get(device.type)
         if hit is None:
             hit = "triton" if device.type == "cuda" and triton_works(device) else "auto"
@@ -147,15 +266,23 @@ class SSMLayer(nn.Module):
         self, name: str, value: Tensor, *, complex_: bool = False, hint: bool = True
     ) -> nn.Parameter:
         """Register a parameter of the SSM system. With ``hint`` (Lambda, P, B, dt, the denominator) it
-        carries this layer's optimizer hints (lr, weight_decay; read by ``ssm.optim``); without (C, the
-        numerators) it follows the global optimizer settings. Either way it keys the cache."""
+        gets this layer's optimizer hints (lr, weight_decay; ``optimizer_hints``, read by ``ssm.optim``);
+        without (C, the numerators) it follows the global optimizer settings. Either way it keys the cache."""
         param = complex_param(value) if complex_ else nn.Parameter(value)
-        if hint:
-            param._optim = dict(self._hint)  # read by ssm.optim.param_groups
         self.register_parameter(name, param)
         if name not in self._ssm_names:
             self._ssm_names.append(name)
+        if hint and name not in self._hinted_names:
+            self._hinted_names.append(name)
         return param
+
+    def optimizer_hints(self) -> dict[str, dict]:
+        """Parameter name -> its optimizer hint (lr, weight_decay), read by ``ssm.optim.param_groups``.
+
+        The hints live on the module, keyed by name, so they survive every route that makes new Parameter
+        objects (``copy.deepcopy``, ``load_state_dict(assign=True)``, ``to_empty``, ``.to("meta")``,
+        Hugging Face ``from_pretrained``, FSDP2 ``fully_shard``)."""
+        return {name: dict(self._hint) for name in self._hinted_names}
 
     def _check_rate(self, rate: float) -> float:
         check_positive("rate", rate)
@@ -178,7 +305,11 @@ class SSMLayer(nn.Module):
         The values are compared with a stored copy (O(H N), beside the O(H N L) kernel), so every route
         that changes a parameter counts: in-place on ``.data``, ``p.data = t``, a new Parameter object,
         ``vector_to_parameters``, ``load_state_dict``, optimizer steps, ``.to()``, ``.half().float()``.
+        Under ``torch.compile`` / ``torch.export`` the cache is bypassed (its value comparison would break the
+        graph): the compiled graph recomputes ``fn()``.
         """
+        if torch.compiler.is_compiling():
+            return fn()
         if self.training or torch.is_grad_enabled():
             self._memo_store.clear()
             self._memo_snapshot = None
@@ -301,10 +432,20 @@ class SSMLayer(nn.Module):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             want = "(B, H, L)" if self.transposed else "(B, L, H)"
             raise ValueError(f"x must be a 3-D tensor {want}; got {shape}")
+        check_input_dtype(x)
         H = x.shape[1] if self.transposed else x.shape[2]
         if H != self.d_model:
             raise ValueError(f"x must have d_model={self.d_model} features; got {H} (shape {tuple(x.shape)})")
         return x if self.transposed else x.transpose(1, 2)
+
+    def _check_finite(self, u: Tensor) -> None:
+        """The opt-in check of ``check_finite``: name the first non-finite input (it synchronizes)."""
+        bad = ~torch.isfinite(u).all(dim=1)  # (B, L)
+        if bool(bad.any()):
+            b, t = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"x has a non-finite value at batch index {b}, position {t}: the FFT "
+                             "convolution would spread it to every output of that sequence, earlier "
+                             "positions included")
 
     def _post(self, y: Tensor) -> Tensor:
         """(B, C, H, L) or (B, C, H) SSM outputs -> activation, dropout, projection -> (B, L, H) or (B, H)."""
@@ -320,8 +461,12 @@ class SSMLayer(nn.Module):
         return y
 
     def _check_lengths(self, lengths: Tensor, Bsz: int, L: int) -> Tensor:
-        if not isinstance(lengths, torch.Tensor) or lengths.shape != (Bsz,) or lengths.is_floating_point():
-            raise ValueError(f"lengths must be an integer tensor of shape ({Bsz},); got {lengths!r}")
+        if (not isinstance(lengths, torch.Tensor) or lengths.shape != (Bsz,) or lengths.is_floating_point()
+                or lengths.is_complex() or lengths.dtype == torch.bool):
+            raise ValueError(f"lengths must be an integer (not bool) tensor of shape ({Bsz},); "
+                             f"got {lengths!r}")
+        if torch.compiler.is_compiling():  # the value check would break the graph; eager calls check
+            return lengths
         if bool((lengths < 0).any()) or bool((lengths > L).any()):
             raise ValueError(f"lengths must lie in [0, L={L}]; got {lengths.tolist()}")
         return lengths
@@ -331,8 +476,11 @@ class SSMLayer(nn.Module):
         if not isinstance(state, torch.Tensor) or tuple(state.shape) != tuple(want.shape):
             got = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
             raise ValueError(f"state must have shape {tuple(want.shape)} (see default_state); got {got}")
-        if state.is_complex() != want.is_complex():
-            raise ValueError(f"state must be {'complex' if want.is_complex() else 'real'}; got {state.dtype}")
+        ok = (state.is_complex() if want.is_complex() else state.is_floating_point())
+        if not ok:
+            kinds = "complex64 or complex128" if want.is_complex() else "a floating dtype"
+            raise ValueError(f"state must be {kinds} (it is computed in {want.dtype} or wider); "
+                             f"got {state.dtype}")
 
     # ---- the two paths ------------------------------------------------------------------------------------
     def forward(
@@ -358,6 +506,7 @@ class SSMLayer(nn.Module):
         """
         u = self._to_BHL(x)  # (B, H, L)
         Bsz, H, L = u.shape
+        check_bool("return_state", return_state)
         if (state is not None or return_state) and self.bidirectional:
             raise ValueError("state passing is undefined for a bidirectional layer (it reads the future); "
                              "pass state=None and return_state=False")
@@ -370,9 +519,16 @@ class SSMLayer(nn.Module):
             u = u * mask[:, None, :].to(u.dtype)
         if state is not None:
             self._check_state_tensor(state, Bsz)
+        rate = self._check_rate(rate)
+        if Bsz == 0 or L == 0:  # nothing to compute: an empty output (and the state unchanged)
+            y = x.new_zeros(x.shape) + 0 * self.D.sum().to(x.dtype)
+            if not return_state:
+                return y
+            return y, (state if state is not None else self.default_state(1)[:0])
+        if self.check_finite and not torch.compiler.is_compiling():  # value checks would break the graph
+            self._check_finite(u)
         if u.dtype in (torch.float16, torch.bfloat16):
             u = u.float()
-        rate = self._check_rate(rate)
         system = self._system(rate)
         K = self._kernel_of(system, L, rate)  # (C', H, L)
         K_rev = None
@@ -406,6 +562,7 @@ class SSMLayer(nn.Module):
         if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != self.d_model:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must have shape (B, d_model={self.d_model}) in step; got {got}")
+        check_input_dtype(x)
         self._check_state_tensor(state, x.shape[0])
         rate = self._check_rate(rate)
         u = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

@@ -80,19 +80,25 @@ class RTF(SSMLayer):
         super().__init__(d_model, channels=channels, bidirectional=bidirectional, transposed=transposed,
                          activation=activation, glu=glu, dropout=dropout, ssm_lr=ssm_lr,
                          ssm_weight_decay=ssm_weight_decay, device=device, dtype=dtype)
-        self.d_state = N = check_int("d_state", d_state, minimum=1)
+        self.d_state = check_int("d_state", d_state, minimum=1)
         self.constraint = check_choice("constraint", constraint, RTF_CONSTRAINTS)
-        H = self.d_model
+        self.build_ssm(device, dtype)
+
+    def ssm_init(self, real_dtype: torch.dtype) -> dict:
+        """The initial parameters (name -> (value, complex, optimizer hint)), computed on the CPU: a = 0 and a
+        random strictly proper numerator (``rtf_init``); the denominator carries the SSM optimizer hints."""
+        H, N = self.d_model, self.d_state
         C_out = self.channels * (2 if self.bidirectional else 1)
-        real_dtype = dtype or torch.get_default_dtype()
         b, a = rtf_init(C_out * H, N, dtype=real_dtype)  # b (C'H, N+1), a (C'H, N)
-        self.register_ssm("a", a[:H].clone().to(device))
-        self.register_ssm("b", b[:, 1:].reshape(C_out, H, N).clone().to(device), hint=False)
+        values = {
+            "a": (a[:H].clone(), False, True),
+            "b": (b[:, 1:].reshape(C_out, H, N).clone(), False, False),
+        }
         if self.bidirectional:
             # The anti-causal kernel starts at lag -1, which the direct term D does not cover: the reverse
             # channels keep their own b_0.
-            b0_rev = b[self.channels * H :, 0].reshape(self.channels, H)
-            self.register_ssm("b0_rev", b0_rev.clone().to(device), hint=False)
+            values["b0_rev"] = (b[self.channels * H :, 0].reshape(self.channels, H).clone(), False, False)
+        return values
 
     def _check_rate(self, rate: float) -> float:
         if rate != 1.0:
@@ -101,10 +107,17 @@ class RTF(SSMLayer):
 
     def denominator(self) -> Tensor:
         """a_1..a_N (H, N) after the constraint; for "reflection" and "none", checked to be stable."""
+        a_raw = self.ssm_param("a")
         if self.constraint == "montel":
-            return stable_denominator(self.a, "montel")
-        a = self.a if self.constraint == "none" else stable_denominator(self.a, "reflection")
+            return stable_denominator(a_raw, "montel")
+        a = a_raw if self.constraint == "none" else stable_denominator(a_raw, "reflection")
         ok = is_stable(a)
+        if torch.compiler.is_compiling():
+            # Under torch.compile / torch.export a Python branch on the result would break the graph: an
+            # assertion in the graph instead (the eager message names the features).
+            torch._assert_async(ok.all(), f"RTF with constraint={self.constraint!r} has poles on or outside "
+                                "the unit circle: use constraint='montel' (the default)")
+            return a
         if not bool(ok.all()):
             bad = (~ok).nonzero().flatten().tolist()
             more = "..." if len(bad) > 10 else ""
@@ -130,10 +143,10 @@ class RTF(SSMLayer):
                 circle.
         """
         self._check_rate(rate)
-        b = self.b  # (C', H, N)
+        b = self.ssm_param("b")  # (C', H, N)
         b0 = torch.zeros_like(b[..., :1])
         if self.bidirectional:
-            b0 = torch.cat([b0[: self.channels], self.b0_rev[..., None]], dim=0)
+            b0 = torch.cat([b0[: self.channels], self.ssm_param("b0_rev")[..., None]], dim=0)
         return rtf_family.system(torch.cat([b0, b], dim=-1), self.denominator())
 
     def default_state(self, batch_size: int, *, device=None) -> Tensor:

@@ -25,7 +25,7 @@ from .._checks import check_choice, check_int
 from ..hippo import RANKS, nplr
 from ..ops.cauchy import BACKENDS
 from ..systems import dplr
-from .base import SSMLayer, as_complex, init_log_dt
+from .base import SSMLayer, as_complex, check_dt_range, init_log_dt
 from .s4d import check_pair_d_state, diagonal_init, lambda_from_params, pair_state, real_part_param
 
 S4_INITS = ("legs", "legt", "lagt", "fout", "diag-lin", "diag-inv", "diag-legs", "diag-real")
@@ -79,29 +79,34 @@ class S4(SSMLayer):
         super().__init__(d_model, channels=channels, bidirectional=bidirectional, transposed=transposed,
                          activation=activation, glu=glu, dropout=dropout, ssm_lr=ssm_lr,
                          ssm_weight_decay=ssm_weight_decay, device=device, dtype=dtype)
-        self.d_state = N = check_pair_d_state(d_state)
+        self.d_state = check_pair_d_state(d_state)
         self.init = check_choice("init", init, S4_INITS)
         self.disc = check_choice("disc", disc, DPLR_DISCS)
         self.backend = check_choice("backend", backend, BACKENDS)
         if rank is None:
             rank = RANKS.get(init, 1)
-        self.rank = R = check_int("rank", rank, minimum=1)
-        H, N2 = self.d_model, N // 2
-        real_dtype = dtype or torch.get_default_dtype()
+        self.rank = check_int("rank", rank, minimum=1)
+        self.dt_min, self.dt_max = check_dt_range(dt_min, dt_max)
+        self.build_ssm(device, dtype)
+
+    def ssm_init(self, real_dtype: torch.dtype) -> dict:
+        """The initial SSM parameters (name -> (value, complex, optimizer hint)), computed on the CPU."""
+        H, N, N2, R = self.d_model, self.d_state, self.d_state // 2, self.rank
         cdtype = torch.complex128 if real_dtype == torch.float64 else torch.complex64
-        if init.startswith("diag-"):
-            Lambda, B = diagonal_init(init, N)
+        if self.init.startswith("diag-"):
+            Lambda, B = diagonal_init(self.init, N)
             P = torch.zeros(R, N2, dtype=torch.complex128)
         else:
-            Lambda, P, B, _ = nplr(init, N, R, half=True)
-        self.register_ssm("log_neg_real", real_part_param(Lambda.to(cdtype).expand(H, N2)).to(device))
-        self.register_ssm("Lambda_imag", Lambda.imag.to(real_dtype).expand(H, N2).clone().to(device))
-        self.register_ssm("P", P.to(cdtype)[:, None, :].expand(R, H, N2).clone().to(device), complex_=True)
-        self.register_ssm("B", B.to(cdtype).expand(H, N2).clone().to(device), complex_=True)
-        self.register_ssm("log_dt", init_log_dt(H, dt_min, dt_max, device=device, dtype=real_dtype))
+            Lambda, P, B, _ = nplr(self.init, N, R, half=True)
         C_out = self.channels * (2 if self.bidirectional else 1)
-        C = torch.randn(C_out, H, N2, dtype=cdtype, device=device)
-        self.register_ssm("C", C, complex_=True, hint=False)
+        return {
+            "log_neg_real": (real_part_param(Lambda.to(cdtype).expand(H, N2)), False, True),
+            "Lambda_imag": (Lambda.imag.to(real_dtype).expand(H, N2).clone(), False, True),
+            "P": (P.to(cdtype)[:, None, :].expand(R, H, N2).clone(), True, True),
+            "B": (B.to(cdtype).expand(H, N2).clone(), True, True),
+            "log_dt": (init_log_dt(H, self.dt_min, self.dt_max, dtype=real_dtype), False, True),
+            "C": (torch.randn(C_out, H, N2, dtype=cdtype), True, False),
+        }
 
     # ---- parameters -> system ----------------------------------------------------------------------------
     def discrete_system(self, rate: float = 1.0) -> dplr.DPLRSystem:
@@ -109,9 +114,10 @@ class S4(SSMLayer):
         Lambda (H, N/2), P (R, H, N/2), B (H, N/2), C (C', H, N/2), dt (H,) in half storage, the Woodbury
         step constants and the real-coordinate dense form (Ab (H, N, N), Bb (H, N), C (C', H, N))."""
         rate = self._check_rate(rate)
-        Lambda = lambda_from_params(self.log_neg_real, self.Lambda_imag)  # (H, N/2)
-        dt = torch.exp(self.log_dt) * rate
-        P, B, C = as_complex(self.P), as_complex(self.B), as_complex(self.C)
+        p = self.ssm_param
+        Lambda = lambda_from_params(p("log_neg_real"), p("Lambda_imag"))  # (H, N/2)
+        dt = torch.exp(p("log_dt")) * rate
+        P, B, C = as_complex(p("P")), as_complex(p("B")), as_complex(p("C"))
         return dplr.discretize(Lambda, P, B, C, dt, self.disc)
 
     def kernel_options(self) -> dict:

@@ -15,7 +15,7 @@ from .._checks import check_choice, check_int
 from ..hippo import diag_init, nplr
 from ..ops.cauchy import BACKENDS
 from ..systems import diag
-from .base import SSMLayer, as_complex, init_log_dt
+from .base import SSMLayer, as_complex, check_dt_range, init_log_dt
 
 S4D_INITS = ("diag-lin", "diag-inv", "diag-legs", "diag-real", "lin", "inv", "legs", "real")
 DIAG_DISCS = ("zoh", "bilinear")
@@ -99,31 +99,38 @@ class S4D(SSMLayer):
         super().__init__(d_model, channels=channels, bidirectional=bidirectional, transposed=transposed,
                          activation=activation, glu=glu, dropout=dropout, ssm_lr=ssm_lr,
                          ssm_weight_decay=ssm_weight_decay, device=device, dtype=dtype)
-        self.d_state = N = check_pair_d_state(d_state)
+        self.d_state = check_pair_d_state(d_state)
         self.init = check_choice("init", init, S4D_INITS)
         self.disc = check_choice("disc", disc, DIAG_DISCS)
         self.backend = check_choice("backend", backend, BACKENDS)
-        H, N2 = self.d_model, N // 2
-        real_dtype = dtype or torch.get_default_dtype()
+        self.dt_min, self.dt_max = check_dt_range(dt_min, dt_max)
+        self.build_ssm(device, dtype)
+
+    def ssm_init(self, real_dtype: torch.dtype) -> dict:
+        """The initial SSM parameters (name -> (value, complex, optimizer hint)), computed on the CPU."""
+        H, N2 = self.d_model, self.d_state // 2
         cdtype = torch.complex128 if real_dtype == torch.float64 else torch.complex64
-        Lambda, B = diagonal_init(init, N)
+        Lambda, B = diagonal_init(self.init, self.d_state)
         Lambda = Lambda.to(cdtype).expand(H, N2)
-        self.register_ssm("log_neg_real", real_part_param(Lambda).to(device))
-        self.register_ssm("Lambda_imag", Lambda.imag.clone().to(device))
-        self.register_ssm("B", B.to(cdtype).expand(H, N2).clone().to(device), complex_=True)
-        self.register_ssm("log_dt", init_log_dt(H, dt_min, dt_max, device=device, dtype=real_dtype))
         C_out = self.channels * (2 if self.bidirectional else 1)
-        C = torch.randn(C_out, H, N2, dtype=cdtype, device=device)  # complex normal, E|C|^2 = 1
-        self.register_ssm("C", C, complex_=True, hint=False)
+        return {
+            "log_neg_real": (real_part_param(Lambda), False, True),
+            "Lambda_imag": (Lambda.imag.clone(), False, True),
+            "B": (B.to(cdtype).expand(H, N2).clone(), True, True),
+            "log_dt": (init_log_dt(H, self.dt_min, self.dt_max, dtype=real_dtype), False, True),
+            # complex normal, E|C|^2 = 1; C follows the global optimizer settings
+            "C": (torch.randn(C_out, H, N2, dtype=cdtype), True, False),
+        }
 
     # ---- parameters -> system ----------------------------------------------------------------------------
     def discrete_system(self, rate: float = 1.0) -> diag.DiagSystem:
         """The discrete diagonal system ``ssm.systems.diag.DiagSystem`` at step dt * rate (differentiable):
         Lambda (H, N/2), B (H, N/2), C (C', H, N/2), dt (H,), Ab, Bb, log_Ab (H, N/2), in half storage."""
         rate = self._check_rate(rate)
-        Lambda = lambda_from_params(self.log_neg_real, self.Lambda_imag)  # (H, N/2)
-        dt = torch.exp(self.log_dt) * rate
-        return diag.discretize(Lambda, as_complex(self.B), as_complex(self.C), dt, self.disc)
+        p = self.ssm_param
+        Lambda = lambda_from_params(p("log_neg_real"), p("Lambda_imag"))  # (H, N/2)
+        dt = torch.exp(p("log_dt")) * rate
+        return diag.discretize(Lambda, as_complex(p("B")), as_complex(p("C")), dt, self.disc)
 
     def kernel_options(self) -> dict:
         return {"backend": self.resolved_backend(self.log_dt.device)}

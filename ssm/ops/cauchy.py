@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 from torch.autograd.function import once_differentiable
 
-from .._checks import check_choice, check_tensor
+from .._checks import check_choice, check_tensor, traced_size
 
 __all__ = ["cauchy", "cauchy_ref", "resolve_backend", "BACKENDS", "AUTO_NAIVE_MAX_BYTES", "CHUNK_BYTES"]
 
@@ -52,7 +52,9 @@ def resolve_backend(backend: str, nbytes: int, device: torch.device) -> str:
 
     Args:
         backend: one of ``BACKENDS``.
-        nbytes: size in bytes of the (W, N, L) temporary that the naive backend would materialize.
+        nbytes: size in bytes of the (W, N, L) temporary that the naive backend would materialize (a
+            symbolic ``torch.SymInt`` under a dynamic length; under torch.compile / torch.export ``"auto"``
+            is ``"naive"``).
         device: device of the operands.
 
     Returns:
@@ -65,6 +67,10 @@ def resolve_backend(backend: str, nbytes: int, device: torch.device) -> str:
     """
     check_choice("backend", backend, BACKENDS)
     if backend == "auto":
+        if traced_size(nbytes):
+            # Under torch.compile / torch.export (the length may be symbolic): the chunked loop needs a
+            # concrete length, so the materialized product is traced, whatever the size.
+            return "naive"
         return "naive" if nbytes <= AUTO_NAIVE_MAX_BYTES else "chunked"
     if backend == "triton":
         if device.type != "cuda":
@@ -90,8 +96,8 @@ def group_operands(v: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torc
     wdims = [d for d in range(nb) if w.shape[d] != 1]
     edims = [d for d in range(nb) if w.shape[d] == 1]
     perm = wdims + edims + [nb]
-    wsize = math.prod(batch[d] for d in wdims)
-    esize = math.prod(batch[d] for d in edims)
+    wsize = math.prod([batch[d] for d in wdims])  # lists, not generators: torch.compile traces them
+    esize = math.prod([batch[d] for d in edims])
     v = v.expand(*batch, n).permute(perm).reshape(wsize, esize, n)
     w = w.permute(perm).reshape(wsize, n)
     inverse = [perm.index(d) for d in range(nb + 1)]

@@ -11,14 +11,16 @@ lands on a tap of the other kernel, which holds for
     bidirectional:  n >= max(L + Lc - 1, L + Lr),
 
 with Lc = min(Lk, L) causal taps and Lr = min(Lk, L - 1) anti-causal taps used; n is then rounded up to a
-2,3,5-smooth size (``next_fast_len``). The reference twin is ``ssm.reference.causal_conv_ref``.
+2,3,5-smooth size (``next_fast_len``; for a symbolic L under ``torch.compile`` or ``torch.export`` it is
+n + 1, i.e. 2L for a kernel of length L, as a smooth size has no symbolic form). The reference twin is
+``ssm.reference.causal_conv_ref``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .._checks import check_choice, check_int, check_tensor
+from .._checks import check_choice, check_int, check_tensor, traced_size
 
 __all__ = ["LAYOUTS", "fftconv", "next_fast_len"]
 
@@ -119,7 +121,12 @@ def fftconv(
     dtype = _compute_dtype(u, K, D, K_rev)
     Lc = min(Lk, L)
     Lr = min(Lk, L - 1) if K_rev is not None else 0
-    n = next_fast_len(max(L + Lc - 1, L + Lr))
+    if traced_size(L):
+        # A symbolic L (dynamic under torch.compile / torch.export) has no concrete smooth size: 2L for
+        # Lk = L, written so that no comparison of symbolic sizes is left to guard on.
+        n = L + Lc if K_rev is None else L + max(Lc - 1, Lr) + 1
+    else:
+        n = next_fast_len(max(L + Lc - 1, L + Lr))
 
     parts = [K[..., :Lc].to(dtype), K.new_zeros(*K.shape[:-1], n - Lc - Lr, dtype=dtype)]
     if Lr > 0:

@@ -25,7 +25,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from .._checks import check_int
+from .._checks import check_int, traced_size
 from .cauchy import check_operands, group_operands, promote_operands, resolve_backend
 
 __all__ = ["vandermonde", "vandermonde_ref"]
@@ -41,8 +41,17 @@ def _powers(a: torch.Tensor, step: int, count: int) -> torch.Tensor:
     return torch.exp(a.to(torch.complex128).unsqueeze(-1) * ell).to(a.dtype)
 
 
+# Block length of a symbolic L (a dynamic length under torch.compile / torch.export), where sqrt(L) is not
+# a concrete number: the traced graph then serves every L.
+SYMBOLIC_BLOCK = 64
+
+
 def _blocks(length: int) -> tuple[int, int]:
-    """Block length s = ceil(sqrt(L)) and block count q = ceil(L / s), so that l = s i + j, i < q, j < s."""
+    """Block length s = ceil(sqrt(L)) and block count q = ceil(L / s), so that l = s i + j, i < q, j < s;
+    for a possibly symbolic L (under torch.compile / torch.export: ``traced_size``), s = ``SYMBOLIC_BLOCK``
+    and one spare block, so that q >= 2 (a size that is 1 when traced would be specialized to 1)."""
+    if traced_size(length):
+        return SYMBOLIC_BLOCK, -(-length // SYMBOLIC_BLOCK) + 1
     s = max(1, math.isqrt(length - 1) + 1)
     return s, -(-length // s)
 
@@ -54,6 +63,10 @@ def _vandermonde_naive(v: torch.Tensor, a: torch.Tensor, length: int) -> torch.T
     complex exponential (~10x dearer on CPU).
     """
     s, q = _blocks(length)
+    if traced_size(length):
+        # l = s i + j gathered for l < L, so no slice of the q s powers back to a symbolic L.
+        ell = torch.arange(length, device=a.device)
+        return torch.bmm(v, _powers(a, s, q)[..., ell // s] * _powers(a, 1, s)[..., ell % s])
     E = _powers(a, s, q).unsqueeze(-1) * _powers(a, 1, s).unsqueeze(-2)  # (W, N, q, s)
     return torch.bmm(v, E.reshape(*a.shape, q * s)[..., :length])
 

@@ -9,6 +9,10 @@ from ..ops.cauchy import BACKENDS
 
 KERNEL_DISCS = ("zoh", "bilinear")
 
+# Squarings of ``power_rows``: a symbolic exponent (from a dynamic length under torch.compile / torch.export)
+# has no concrete bit length, so every exponent below 2^SYMBOLIC_POWER_BITS is served by one traced graph.
+SYMBOLIC_POWER_BITS = 31
+
 
 def complex_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """Common complex dtype of ``tensors`` (complex64 for float32 inputs, complex128 for float64)."""
@@ -56,3 +60,23 @@ def small_solve(K: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         det = a * d - b * c
         return torch.stack([(d * v0 - b * v1) / det, (a * v1 - c * v0) / det], dim=-2)
     return torch.linalg.solve(K, V)
+
+
+def power_rows(
+    W: torch.Tensor, G: torch.Tensor, e: torch.Tensor, bits: int = SYMBOLIC_POWER_BITS
+) -> torch.Tensor:
+    """W[h, r] G[h]^e[r] by binary powering with a fixed number of squarings, no branch on the values of e.
+
+    The form for a symbolic length (``torch.SymInt`` under ``torch.compile`` / ``torch.export``), where the
+    loop of ordinary binary powering would specialize the graph to one length: ``bits`` squarings of G
+    whatever e, each bit of e selecting (``torch.where``, so a power that over- or underflows in an unused
+    square does no harm) whether the rows take the factor. W (..., R, N), G (..., N, N) broadcasting
+    against it, e (R,) integers in [0, 2^bits) -> (..., R, N).
+    """
+    for j in range(bits):
+        take = ((e >> j) & 1).bool().unsqueeze(-1)  # (R, 1)
+        # einsum, not @: matmul's reshapes of a symbolic row count would guard on divisibilities.
+        W = torch.where(take, torch.einsum("...rn,...nm->...rm", W, G), W)
+        if j + 1 < bits:
+            G = G @ G
+    return W

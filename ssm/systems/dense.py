@@ -23,9 +23,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .._checks import check_int, check_tensor
+from .._checks import check_int, check_tensor, traced_size
 from ..discretize import discretize as _discretize_dense
 from ..ops.scan import final_state as _scan_final_state
+from .common import SYMBOLIC_POWER_BITS, power_rows
+
+# Block length b of ``kernel`` for a symbolic L (a dynamic length under torch.compile / torch.export).
+SYMBOLIC_BLOCK = 32
+_TOO_LONG = f"L must be < 2^{SYMBOLIC_POWER_BITS} under torch.compile / torch.export"
 
 
 class DenseSystem(NamedTuple):
@@ -71,11 +76,17 @@ def kernel(sys: DenseSystem, L: int) -> Tensor:
     K_{i b + j} = (C Ab^{i b}) (Ab^j Bb): both factors are built by doubling and the taps are one batched
     product. Cost O(H N^3 log L + H N^2 (b + q Ch) + Ch H N L); no eigendecomposition, so non-normal Ab
     (HiPPO) are fine. Returns (Ch, H, L) in the dtype of the system (complex stays complex).
+
+    For a symbolic L (``torch.SymInt``: a dynamic length under torch.compile / torch.export) b is fixed
+    (``SYMBOLIC_BLOCK``) and the rows C Ab^(i b) are binary powers with a fixed number of squarings
+    (``power_rows``), so one graph serves every L.
     """
     L = check_int("L", L, minimum=1)
     Ab, Bb, C = sys
     H, N, _ = Ab.shape
     Ch = C.shape[0]
+    if traced_size(L):
+        return _kernel_symbolic(Ab, Bb, C, L)
     b = 1 << max(0, math.ceil(math.log2(math.sqrt(L))))
     q = -(-L // b)
     U = Bb.unsqueeze(-1)  # (H, N, 1): columns Ab^j Bb
@@ -92,6 +103,26 @@ def kernel(sys: DenseSystem, L: int) -> Tensor:
     W = W[:, :, :q].reshape(H, Ch * q, N)
     K = torch.bmm(W, U).reshape(H, Ch, q * b)[..., :L]  # (H, Ch, L)
     return K.permute(1, 0, 2)
+
+
+def _kernel_symbolic(Ab: Tensor, Bb: Tensor, C: Tensor, L: torch.SymInt) -> Tensor:
+    """``kernel`` for a symbolic L: K_(i b + j) = (C Ab^(i b)) (Ab^j Bb), b = ``SYMBOLIC_BLOCK``."""
+    H, N, _ = Ab.shape
+    Ch, b = C.shape[0], SYMBOLIC_BLOCK
+    q = -(-L // b) + 1  # one spare block: q >= 2, as a size that is 1 when traced would be specialized to 1
+    bits = max(1, SYMBOLIC_POWER_BITS - (b.bit_length() - 1))
+    torch._check(q < 2**bits, lambda: _TOO_LONG)
+    U = Bb.unsqueeze(-1)  # (H, N, 1): columns Ab^j Bb
+    G = Ab
+    while U.shape[-1] < b:
+        U = torch.cat([U, G @ U], dim=-1)
+        G = G @ G  # G = Ab^b at the end
+    # No reshape merges a symbolic size (its view would guard on divisibilities that cannot be proved).
+    W = C.permute(1, 0, 2).unsqueeze(2).expand(H, Ch, q, N).contiguous()  # (H, Ch, q, N), no 0 strides
+    W = power_rows(W, G.unsqueeze(1), torch.arange(q, device=Ab.device), bits)  # rows C Ab^(i b)
+    K = torch.einsum("hcqn,hnb->hcqb", W, U)  # (H, Ch, q, b)
+    ell = torch.arange(L, device=Ab.device)  # the first L taps by an index, not a slice of q b
+    return K[..., ell // b, ell % b].permute(1, 0, 2)
 
 
 def step(sys: DenseSystem, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:

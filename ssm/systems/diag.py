@@ -65,8 +65,12 @@ def diag_kernel(
     if disc == "zoh":
         Bb, log_Ab = dtc * B * phi1(x), x
     else:
-        den = 1 - x / 2
-        Bb, log_Ab = dtc * B / den, torch.log((1 + x / 2) / den)
+        # Ab = (1 + x/2) / (1 - x/2) vanishes at x = -2 (K_k = 0 for k >= 1 there, continuously in x): its
+        # numerator is floored at the smallest normal number, so log Ab stays finite and so does its gradient.
+        num, den = 1 + x / 2, 1 - x / 2
+        tiny = torch.finfo(x.real.dtype).tiny
+        num = torch.where(num.abs() < tiny, torch.full_like(num, tiny), num)
+        Bb, log_Ab = dtc * B / den, torch.log(num) - torch.log(den)
     K = vandermonde(C * Bb, log_Ab, L, log=True, backend=backend).real  # (..., H, L)
     return 2 * K if conj_pairs else K
 

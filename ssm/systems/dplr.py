@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 from torch import Tensor
 
-from .._checks import check_choice, check_shape, check_tensor
+from .._checks import check_choice, check_shape, check_tensor, traced_size
 from ..discretize import discretize as _discretize_dense
 from ..ops.cauchy import cauchy
-from .common import check_kernel_args, complex_dtype, small_solve
+from .common import SYMBOLIC_POWER_BITS, check_kernel_args, complex_dtype, power_rows, small_solve
 from .dense import DenseSystem
 from .dense import final_state as dense_final_state
 from .dense import free_response as dense_free_response
@@ -50,11 +49,19 @@ def bilinear_dense(
     return 2 * Minv - torch.eye(Lambda.shape[-1], dtype=Lambda.dtype, device=Lambda.device)
 
 
+_TOO_LONG = f"L must be < 2^{SYMBOLIC_POWER_BITS} under torch.compile / torch.export"
+
+
 def _row_power(C: torch.Tensor, Ab: torch.Tensor, L: int) -> torch.Tensor:
     """C Ab^L by binary powering on row vectors: C (Ch, H, N), Ab (H, N, N) -> (Ch, H, N).
 
-    Costs floor(log2 L) batched squarings of Ab plus vector-matrix products.
+    Costs floor(log2 L) batched squarings of Ab plus vector-matrix products; for a symbolic L (a dynamic
+    length under torch.compile / torch.export) a fixed ``SYMBOLIC_POWER_BITS`` of them (``power_rows``).
     """
+    if traced_size(L):
+        torch._check(L < 2**SYMBOLIC_POWER_BITS, lambda: _TOO_LONG)
+        e = torch.ones(C.shape[0], dtype=torch.int64, device=C.device) * L  # (Ch,)
+        return power_rows(C.transpose(0, 1), Ab, e).transpose(0, 1)
     out = C
     G = Ab
     while True:
@@ -98,17 +105,24 @@ def krylov_taps(Ab: torch.Tensor, Bb: torch.Tensor, C: torch.Tensor, L: int) -> 
 
 
 def _bilinear_freqs(
-    L: int, M: int, dtype: torch.dtype, device: torch.device
+    L: int, M: int, dtype: torch.dtype, device: torch.device, *, keep_half: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Bilinear images of the roots of unity z_k = exp(-2 pi i k / L), k < M, skipping z = -1 (k = L/2).
 
     With t = tan(pi k / L):  s_k = 2 (1 - z_k) / (1 + z_k) = 2 i t  and  2 / (1 + z_k) = 1 + i t,
     computed in float64 from t to avoid the cancellation in 1 - z_k and 1 + z_k.
+
+    With ``keep_half`` nothing depends on the parity of L (a symbolic L under torch.compile /
+    torch.export): k = L/2 is kept, and it and k = 0 (computed apart, in complex128) get t = 1 (s = 2i, away
+    from the poles), a finite placeholder that the caller replaces.
     """
     k = torch.arange(M, dtype=torch.float64, device=device)
-    if L % 2 == 0:
-        k = k[k != L // 2]
-    t = torch.tan(math.pi * k / L)
+    if keep_half:
+        t = torch.where((2 * k == L) | (k == 0), 1.0, torch.tan(math.pi * k / L))
+    else:
+        if L % 2 == 0:
+            k = k[k != L // 2]
+        t = torch.tan(math.pi * k / L)
     s = torch.complex(torch.zeros_like(t), 2 * t)
     factor = torch.complex(torch.ones_like(t), t)
     return s.to(dtype), factor.to(dtype)
@@ -125,10 +139,12 @@ def _woodbury(r: torch.Tensor, Ch: int) -> torch.Tensor:
     if R == 0:
         return k00
     k01, k10, k11 = r[:Ch, 1:], r[Ch:, 0], r[Ch:, 1:]  # (Ch, R, H, M), (R, H, M), (R, R, H, M)
+    if R == 1:
+        return k00 - k01[:, 0] * (k10[0] / (1 + k11[0, 0]))
     eye = torch.eye(R, dtype=r.dtype, device=r.device)
     lhs = eye + k11.permute(2, 3, 0, 1)  # (H, M, R, R)
     sol = small_solve(lhs, k10.permute(1, 2, 0).unsqueeze(-1)).squeeze(-1)  # (H, M, R)
-    return k00 - torch.einsum("crhm,hmr->chm", k01, sol)
+    return k00 - (k01 * sol.permute(2, 0, 1)).sum(1)
 
 
 def dplr_kernel(
@@ -165,6 +181,13 @@ def dplr_kernel(
 
     where every term u^T D^{-1} v is one Cauchy product ``cauchy(dt u v, dt g(z), dt Lambda)``, and takes
     an inverse FFT. Cost O(H N L) for the Cauchy products (``backend``) plus the dense O(H N^3 log L).
+
+    Precision: only the O(H N L) Cauchy products at z != 1 run in the input precision. C~ (Ab^L of a
+    matrix whose eigenvalues approach 1 as dt Lambda -> 0, non-normal for HiPPO), the Woodbury solves
+    of rank R >= 2 (I + Q^* D^{-1} P nearly singular for legt) and the whole z = 1 term (s_0 = 0, so
+    the denominators s_0 - dt Lambda vanish with Lambda, e.g. fout's zero eigenvalue clamped to -1e-4,
+    and the Woodbury step cancels terms ~ 1 / |dt Lambda|) are computed in complex128 and rounded
+    once: in complex64 these steps cost up to 1e-2 relative error.
 
     ``disc="zoh"`` (Ab = exp(dt A)): exp of a DPLR matrix is dense, so no Cauchy form exists (S4's own
     DPLR kernel ignores ``disc`` and always uses the bilinear transform). This path discretizes the dense
@@ -242,7 +265,12 @@ def dplr_kernel(
         Cf = full(Cw)
         Ctw = Cf - _row_power(Cf, Ab, L)  # C~ = C (I - Ab^L), (Ch, H, Nf)
     M = L // 2 + 1 if conj_pairs else L
-    s, factor = _bilinear_freqs(L, M, wide, Lambda.device)
+    # Under torch.compile / torch.export (L may be symbolic) the conjugate-pair frequencies k <= L/2 are
+    # taken whatever the parity of L, and z = 1 and z = -1 (k = L/2, even L) are put in place by selects
+    # (no slice of a symbolic size, which could be 1 and would then be specialized).
+    traced = conj_pairs and traced_size(L)
+    s, factor = _bilinear_freqs(L, M, wide, Lambda.device, keep_half=traced)
+    first = 0 if traced else 1  # the first frequency of the input-precision Cauchy products
 
     def products(Ct, Q, B, P, Lambda, dt):
         left = torch.cat([Ct[..., :N], Q.conj()], dim=0)  # (Ch+R, H, N)
@@ -253,19 +281,37 @@ def dplr_kernel(
 
     # z = 1 (k = 0) in complex128: there s_0 = 0 and the denominators s_0 - dt Lambda vanish with Lambda.
     v, w = products(Ctw, Qw, Bw, Pw, Lw, dtw)
-    r = cauchy(v, s[:1], w, backend="naive")  # (Ch+R, 1+R, H, 1)
-    if s.shape[0] > 1:
+    s0, f0 = (s.new_zeros(1), factor.new_ones(1)) if traced else (s[:1], factor[:1])
+    khat = _woodbury(cauchy(v, s0, w, backend="naive"), Ch) * f0  # (Ch, H, 1)
+    if traced or s.shape[0] > 1:
         v, w = products(Ctw.to(cdtype), Q, B, P, Lambda, dt)
-        rest = cauchy(v, s[1:].to(cdtype), w, backend=backend)  # (Ch+R, 1+R, H, M'-1)
-        r = torch.cat([r, rest.to(wide)], dim=-1)
-    khat = _woodbury(r, Ch) * factor  # (Ch, H, M'), complex128
-    if L % 2 == 0:
+        r = cauchy(v, s[first:].to(cdtype), w, backend=backend)  # (Ch+R, 1+R, H, M'-first)
+        # Rank 1 keeps the input precision; the rank >= 2 solve (legt) loses ~1e-3 in complex64.
+        r = r.to(wide) if P.shape[0] > 1 else r
+        rest = _woodbury(r, Ch) * factor[first:].to(r.dtype)
+        if traced:
+            khat = torch.where(torch.arange(M, device=khat.device) == 0, khat, rest.to(wide))  # (Ch, H, M)
+        else:
+            khat = torch.cat([khat, rest.to(wide)], dim=-1)  # (Ch, H, M')
+    if traced or L % 2 == 0:
         # z = -1: (I + Ab)^{-1} Bb = dt/2 B for any A, so the generating function there is dt/2 C~ B.
         nyq = (Ctw * full(Bw)).sum(-1) * dtw / 2  # (Ch, H)
         if conj_pairs:
             nyq = nyq.real.to(wide)
-        khat = torch.cat([khat[..., : L // 2], nyq.unsqueeze(-1), khat[..., L // 2 :]], dim=-1)
+        if traced:
+            half = 2 * torch.arange(M, device=khat.device) == L  # k = L/2: never true for odd L
+            khat = torch.where(half, nyq.unsqueeze(-1), khat)
+        else:
+            khat = torch.cat([khat[..., : L // 2], nyq.unsqueeze(-1), khat[..., L // 2 :]], dim=-1)
     khat = khat.to(cdtype)
+    if traced:
+        # The full Hermitian spectrum by an index and a complex ifft: irfft of the L // 2 + 1 terms would
+        # guard on a divisibility of L // 2 that a symbolic L cannot prove.
+        j = torch.arange(L, device=khat.device)
+        mirror = j > L // 2
+        khat = khat[..., torch.where(mirror, L - j, j)]  # (Ch, H, L)
+        K = torch.fft.ifft(torch.where(mirror, khat.conj(), khat), n=L).real
+        return K[0] if squeeze else K
     K = torch.fft.irfft(khat, n=L) if conj_pairs else torch.fft.ifft(khat, n=L).real
     return K[0] if squeeze else K
 
@@ -302,8 +348,17 @@ class DPLRSystem:
     D0: Tensor
     Ginv: Tensor
 
-    @cached_property
+    @property
     def dense(self) -> DenseSystem:
+        # Kept in the instance's __dict__ by hand: functools.cached_property takes a lock (Python < 3.12),
+        # which torch.compile cannot trace.
+        cached = self.__dict__.get("_dense")
+        if cached is None:
+            cached = self._real_dense()
+            object.__setattr__(self, "_dense", cached)
+        return cached
+
+    def _real_dense(self) -> DenseSystem:
         full = lambda t: torch.cat([t, t.conj()], dim=-1)  # noqa: E731
         wide = torch.complex128
         Af = dplr_dense(full(self.Lambda).to(wide), full(self.P).to(wide), full(self.P).to(wide))  # (H, N, N)

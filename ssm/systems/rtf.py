@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .._checks import check_choice, check_int, check_positive, check_shape, check_tensor
+from .._checks import check_choice, check_int, check_positive, check_shape, check_tensor, traced_size
 from ..ops.fftconv import next_fast_len
 
 STABLE_METHODS = ("reflection", "montel")
@@ -75,7 +75,12 @@ def rtf_taps(num: torch.Tensor, den: torch.Tensor, L: int) -> torch.Tensor:
     dtype = torch.promote_types(num.dtype, den.dtype)
     work = torch.complex128 if dtype.is_complex else torch.float64
     num, den = num.to(work), den.to(work)
-    M = next_fast_len(max(RTF_OVERSAMPLE * L, RTF_MIN_POINTS))
+    if traced_size(L):
+        # A symbolic L (dynamic under torch.compile / torch.export): M = 4L + a constant that covers the
+        # coefficients (no fold, no smooth rounding, neither of which has a symbolic form); the same bound.
+        M = RTF_OVERSAMPLE * L + max(RTF_MIN_POINTS, num.shape[-1], den.shape[-1])
+    else:
+        M = next_fast_len(max(RTF_OVERSAMPLE * L, RTF_MIN_POINTS))
     log_r = math.log(torch.finfo(torch.float64).eps) / (M + L - 1)
 
     def tilted(x: torch.Tensor) -> torch.Tensor:  # x_j r^j, folded onto M points

@@ -1,0 +1,15 @@
+"""Adapters that put ``ssm`` layers into other libraries' models.
+
+``ssm.integrations.hf``: Hugging Face ``transformers`` (the ``hf`` extra), imported on first access so that
+importing ``ssm.integrations`` needs nothing beyond ``ssm``'s own dependencies.
+"""
+
+import importlib
+
+__all__ = ["hf"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'ssm.integrations' has no attribute {name!r}")

@@ -1,0 +1,381 @@
+"""Hugging Face ``transformers``: replace the attention of a model by an ``ssm`` layer, in place.
+
+    model = transformers.GPT2LMHeadModel(config)
+    ssm.integrations.hf.swap_attention(model, "s4d", d_state=64)
+    model.generate(input_ids, attention_mask=mask)     # cached generation steps the SSM recurrence
+
+``block.attn = ssm.S4D(H)`` alone fails: a host model calls its attention module with its own signature
+(GPT-2 ``attn(hidden_states, cache=..., attention_mask=...)``, Llama ``self_attn(hidden_states=...,
+position_embeddings=...)``) and unpacks ``(attn_output, attn_weights)``. ``SSMAttention`` accepts any such
+call and returns that pair. Around the layer it
+
+* ignores the key/value ``Cache`` in training (HF passes one by default) and runs the convolutional path;
+* in generation keeps the recurrent state on the ``Cache`` object (``cache.ssm_states``): the prefill runs
+  ``layer(x, state, return_state=True)``, each new token ``layer.step``; and it appends a (B, 1, L, 1) stub to
+  the cache's keys so ``cache.get_seq_length()`` advances (GPT-2 derives its position ids from it, and
+  ``generate`` slices the new tokens by it). Beam search reorders the states with the cache;
+* honours padding: the 2-D ``attention_mask`` given to the model (captured by a hook on its base model; the
+  attention modules only see HF's 4-D mask) zeroes the inputs at padded positions. The layers are linear
+  time-invariant with zero initial state, so left padding (batched generation) leaves the state at exactly
+  zero until the first real token and each row equals its unpadded run; an encoder (bidirectional layer)
+  with right padding passes ``lengths``.
+
+``transformers`` is imported on first use (``pip install "ssm-layers[hf]"``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..layers import LAYERS
+from ..layers.base import SSMLayer
+
+__all__ = ["SSMAttention", "find_attention", "from_pretrained", "swap_attention"]
+
+#: Attribute names under which host blocks keep their self-attention module.
+ATTENTION_NAMES = ("attn", "self_attn", "self_attention", "attention", "self", "mixer")
+#: Keyword names under which hosts pass their key/value cache to the attention module.
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+INSTALL = 'pip install "ssm-layers[hf]"  (or: pip install transformers)'
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as e:  # only the missing package is caught
+        raise ImportError(f"ssm.integrations.hf needs transformers: {INSTALL}") from e
+    return transformers
+
+
+def _cache_class():
+    return _transformers().cache_utils.Cache
+
+
+class _MaskContext:
+    """The 2-D padding mask (B, L_past + L) of the base model's current call, shared by its adapters."""
+
+    def __init__(self) -> None:
+        self.mask: Tensor | None = None
+
+
+def _find_mask(forward, args: tuple, kwargs: dict) -> Tensor | None:
+    mask = kwargs.get("attention_mask")
+    if mask is None and args:
+        try:
+            names = list(inspect.signature(forward).parameters)
+        except (TypeError, ValueError):
+            names = []
+        if "attention_mask" in names and names.index("attention_mask") < len(args):
+            mask = args[names.index("attention_mask")]
+    return mask if isinstance(mask, Tensor) and mask.ndim == 2 else None
+
+
+def _install_mask_hooks(base: nn.Module, ctx: _MaskContext) -> None:
+    def capture(module, args, kwargs):
+        ctx.mask = _find_mask(module.forward, args, kwargs)
+
+    def clear(module, args, kwargs, output):
+        ctx.mask = None
+
+    base.register_forward_pre_hook(capture, with_kwargs=True)
+    base.register_forward_hook(clear, with_kwargs=True, always_call=True)
+
+
+def _wrap_cache_batch_ops(cache) -> None:
+    """Make the cache's batch operations (beam search) apply to the SSM states too (once per cache)."""
+    if getattr(cache, "_ssm_wrapped", False):
+        return
+    states: dict = cache.ssm_states
+
+    def wrap(name: str, fn):
+        original = getattr(cache, name, None)
+        if original is None:
+            return
+
+        def method(arg):
+            out = original(arg)
+            for idx, (seen, s) in list(states.items()):
+                states[idx] = (seen, fn(s, arg))
+            return out
+
+        setattr(cache, name, method)
+
+    wrap("reorder_cache", lambda s, idx: s.index_select(0, idx.to(s.device)))
+    wrap("batch_select_indices", lambda s, idx: s[idx.to(s.device)])
+    wrap("batch_repeat_interleave", lambda s, r: s.repeat_interleave(r, dim=0))
+    cache._ssm_wrapped = True
+
+
+def _is_prefix_mask(valid: Tensor) -> bool:
+    """Right padding: every row is ones then zeros."""
+    v = valid.to(torch.int8)
+    return bool((v[:, 1:] <= v[:, :-1]).all())
+
+
+class SSMAttention(nn.Module):
+    """An ``ssm`` layer in the place of a host model's self-attention module.
+
+    Args:
+        layer: any ``ssm.SSMLayer`` mapping (B, L, H) -> (B, L, H) (not ``transposed``).
+        layer_idx: the index of this module in the host's key/value cache.
+        causal: a decoder's attention (cached generation, state passing); False for an encoder, whose layer
+            may be bidirectional.
+
+    ``forward(hidden_states, *args, **kwargs)`` takes the host's call and returns ``(y, None)``.
+    """
+
+    def __init__(self, layer: SSMLayer, *, layer_idx: int, causal: bool = True) -> None:
+        super().__init__()
+        if not isinstance(layer, SSMLayer):
+            raise ValueError(f"layer must be an ssm.SSMLayer; got {type(layer).__name__}")
+        if layer.transposed:
+            raise ValueError("layer must take (B, L, H) inputs; got a layer with transposed=True")
+        if causal and layer.bidirectional:
+            raise ValueError("a causal host (a decoder) needs a causal layer; got bidirectional=True")
+        self.layer = layer
+        self.layer_idx = int(layer_idx)
+        self.causal = bool(causal)
+        self._mask_context: _MaskContext | None = None
+
+    def extra_repr(self) -> str:
+        return f"layer_idx={self.layer_idx}, causal={self.causal}"
+
+    # ---- what the host passed -----------------------------------------------------------------------------
+    @staticmethod
+    def _find_cache(args: tuple, kwargs: dict):
+        Cache = _cache_class()
+        found = None
+        for key in CACHE_KWARGS:
+            if isinstance(kwargs.get(key), Cache):
+                found = kwargs[key]
+                break
+        if found is None:
+            found = next((a for a in args if isinstance(a, Cache)), None)
+        # An encoder-decoder cache: this module is the decoder's self-attention.
+        return getattr(found, "self_attention_cache", found)
+
+    def _valid(self, Bsz: int, L: int, kwargs: dict) -> Tensor | None:
+        """(B, L) bool, True at real tokens of this call, or None when nothing is padded."""
+        mask = self._mask_context.mask if self._mask_context is not None else None
+        if mask is None:
+            m = kwargs.get("attention_mask")
+            mask = m if isinstance(m, Tensor) and m.ndim == 2 else None
+        if mask is None or mask.shape[0] != Bsz or mask.shape[1] < L:
+            return None
+        valid = mask[:, -L:].bool()
+        return None if bool(valid.all()) else valid
+
+    # ---- the two paths ------------------------------------------------------------------------------------
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> tuple[Tensor, None]:
+        """hidden_states (B, L, H) -> (y (B, L, H), None): the host's (attn_output, attn_weights)."""
+        x = hidden_states
+        if not isinstance(x, Tensor) or x.ndim != 3:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"hidden_states must be (B, L, H); got {got}")
+        Bsz, L, _ = x.shape
+        valid = self._valid(Bsz, L, kwargs)
+        cache = self._find_cache(args, kwargs) if self.causal and not self.training else None
+        if cache is not None:
+            return self._cached(x, valid, cache), None
+        if valid is None:
+            return self.layer(x), None
+        if not self.causal and _is_prefix_mask(valid):
+            return self.layer(x, lengths=valid.sum(-1)), None
+        return self.layer(x * valid[..., None].to(x.dtype)), None
+
+    def _cached(self, x: Tensor, valid: Tensor | None, cache) -> Tensor:
+        """Continue the recurrent state kept on the cache: prefill by the convolution with state passing,
+        one token by ``step``; then advance the cache's sequence length by L."""
+        Bsz, L, _ = x.shape
+        if not hasattr(cache, "ssm_states"):
+            cache.ssm_states = {}
+        states: dict = cache.ssm_states
+        _wrap_cache_batch_ops(cache)
+        seen = cache.get_seq_length(self.layer_idx) if self.layer_idx < len(cache.layers) else 0
+        state = None
+        if seen:
+            entry = states.get(self.layer_idx)
+            if entry is None or entry[0] != seen:
+                have = "no state" if entry is None else f"a state after {entry[0]} tokens"
+                raise ValueError(
+                    f"the cache holds {seen} tokens for layer {self.layer_idx} but {have}: an SSM state "
+                    "cannot be rewound or rebuilt from keys (was the cache cropped, or filled elsewhere?)"
+                )
+            state = entry[1]
+        u = x if valid is None else x * valid[..., None].to(x.dtype)
+        if L == 1:
+            if state is None:
+                state = self.layer.default_state(Bsz, device=x.device)
+            y, state = self.layer.step(u[:, 0], state)
+            y = y[:, None]
+        else:
+            y, state = self.layer(u, state, return_state=True)
+        stub = x.new_zeros(Bsz, 1, L, 1)
+        cache.update(stub, stub, self.layer_idx)
+        states[self.layer_idx] = (cache.get_seq_length(self.layer_idx), state)
+        return y
+
+
+def find_attention(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The self-attention modules of a host model, as (qualified name, module), in order.
+
+    A module counts when it sits under one of ``ATTENTION_NAMES`` in its parent, its class name contains
+    "Attention", no descendant is also an attention module (BERT's ``attention`` holds ``attention.self``;
+    the inner one is taken, its output projection and norm stay) and it is not cross-attention.
+    """
+    def is_attention(m: nn.Module) -> bool:
+        return "Attention" in type(m).__name__ and not getattr(m, "is_cross_attention", False)
+
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, SSMAttention) or not is_attention(module):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf not in ATTENTION_NAMES:
+            continue
+        if any(is_attention(d) for n, d in module.named_modules() if n):
+            continue
+        found.append((name, module))
+    return found
+
+
+def _host_is_causal(model: nn.Module, module: nn.Module) -> bool:
+    causal = getattr(module, "is_causal", None)
+    if isinstance(causal, bool):
+        return causal
+    config = getattr(model, "config", None)
+    archs = getattr(config, "architectures", None) or [type(model).__name__]
+    return bool(getattr(config, "is_decoder", False)) or any(
+        a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs
+    )
+
+
+def swap_attention(model: nn.Module, layer: str = "s4d", **layer_kwargs) -> nn.Module:
+    """Replace, in place, every self-attention module of a Hugging Face model by an ``SSMAttention`` around
+    a new ``ssm`` layer, and return the model.
+
+    Args:
+        model: a ``transformers`` model: a causal LM (GPT-2, Llama, ... : causal layers, cached generation) or
+            an encoder (BERT, ... : bidirectional layers unless ``bidirectional=False`` is given).
+        layer: a name in ``ssm.layers.LAYERS`` ("s4", "s4d", "rtf").
+        layer_kwargs: keyword arguments of the layer (``d_state``, ``init``, ``activation``, ...); d_model is
+            the model's hidden size, device and dtype those of the replaced module. They must be JSON values:
+            they are recorded in ``model.config.ssm_swap`` so that ``from_pretrained`` can rebuild the model.
+
+    Raises:
+        ValueError: an unknown layer name, a kwarg that is not a JSON value or that conflicts with the host
+            (``bidirectional=True`` in a decoder), or a model without attention modules to replace.
+    """
+    _transformers()
+    name = str(layer).lower()
+    if name not in LAYERS:
+        raise ValueError(f"layer must be one of {sorted(LAYERS)}; got {layer!r}")
+    for key in ("d_model", "device", "dtype", "transposed"):
+        if key in layer_kwargs:
+            raise ValueError(f"{key} is taken from the host model; do not pass {key}=")
+    try:
+        json.dumps(layer_kwargs)
+    except TypeError as e:
+        raise ValueError(f"layer_kwargs must be JSON values (they go into config.json); {e}") from None
+    config = getattr(model, "config", None)
+    H = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    if not isinstance(H, int):
+        raise ValueError("model.config must give the hidden size (hidden_size or n_embd)")
+    targets = find_attention(model)
+    if not targets:
+        raise ValueError(f"found no self-attention modules to replace in {type(model).__name__}")
+    base = getattr(model, "base_model", model)
+    ctx = getattr(base, "_ssm_mask_context", None)
+    if ctx is None:
+        ctx = _MaskContext()
+        _install_mask_hooks(base, ctx)
+        base._ssm_mask_context = ctx
+    for i, (qualname, module) in enumerate(targets):
+        causal = _host_is_causal(model, module)
+        kwargs = dict(layer_kwargs)
+        kwargs.setdefault("bidirectional", not causal)
+        ref = next(module.parameters(), None)
+        factory = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+        ssm_layer = LAYERS[name](H, **kwargs, **factory)
+        idx = getattr(module, "layer_idx", None)
+        adapter = SSMAttention(ssm_layer, layer_idx=idx if isinstance(idx, int) else i, causal=causal)
+        adapter._mask_context = ctx
+        parent_name, _, attr = qualname.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, adapter)
+    if config is not None:
+        config.ssm_swap = {"layer": name, "layer_kwargs": dict(layer_kwargs)}
+    return model
+
+
+def _read_weights(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    if (path / "model.safetensors").is_file():
+        return load_file(str(path / "model.safetensors"))
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        out: dict[str, Tensor] = {}
+        for shard in shards:
+            out.update(load_file(str(path / shard)))
+        return out
+    if (path / "pytorch_model.bin").is_file():
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise ValueError(f"no model.safetensors, model.safetensors.index.json or pytorch_model.bin in {path}")
+
+
+def from_pretrained(path, model_class=None) -> nn.Module:
+    """Load a model that ``swap_attention`` changed and ``save_pretrained`` wrote.
+
+    ``model_class.from_pretrained`` would build the original attention modules and drop the SSM weights, so
+    this builds the model from its config, swaps in the layers recorded in ``config.ssm_swap`` and loads the
+    weights into them. The SSM optimizer hints live on the layers (``SSMLayer.optimizer_hints``), so
+    ``ssm.optim.param_groups`` of the loaded model equals that of the saved one. Returns it in eval mode.
+
+    Args:
+        path: the directory given to ``save_pretrained``.
+        model_class: a ``transformers`` model class (or Auto class); default: ``config.architectures[0]``.
+    """
+    transformers = _transformers()
+    path = Path(path)
+    config = transformers.AutoConfig.from_pretrained(path)
+    swap = getattr(config, "ssm_swap", None)
+    if not isinstance(swap, dict) or "layer" not in swap:
+        raise ValueError(f"{path}/config.json has no ssm_swap entry: it was not saved after swap_attention")
+    if model_class is None:
+        archs = getattr(config, "architectures", None) or []
+        if not archs or not hasattr(transformers, archs[0]):
+            raise ValueError("config.architectures does not name a transformers class; pass model_class=")
+        model_class = getattr(transformers, archs[0])
+    build = getattr(model_class, "from_config", None) or model_class._from_config
+    model = build(config)
+    swap_attention(model, swap["layer"], **swap.get("layer_kwargs", {}))
+    weights = _read_weights(path)
+    result = model.load_state_dict(weights, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"{path} holds weights this model does not have: {result.unexpected_keys[:5]}")
+    if result.missing_keys:
+        # Tied weights (GPT-2's lm_head is wte) are saved once: a missing name must share its tensor with a
+        # loaded one.
+        by_tensor: dict[int, set[str]] = {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            by_tensor.setdefault(id(p), set()).add(n)
+        missing = set(result.missing_keys)
+        untied = [k for k, names in ((k, by_tensor.get(id(_get(model, k)), {k})) for k in missing)
+                  if names <= missing]
+        if untied:
+            raise ValueError(f"{path} lacks weights for {sorted(untied)[:5]}")
+    return model.eval()
+
+
+def _get(model: nn.Module, name: str):
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return model.get_buffer(name)

@@ -1,0 +1,213 @@
+"""S5: one MIMO diagonal state-space system shared by all features (Smith, Warrington, Linderman,
+"Simplified State Space Layers for Sequence Modeling", ICLR 2023).
+
+Where S4 and S4D run H independent single-input single-output systems, S5 runs one P-state system with
+H inputs and H outputs: x_k = Ab x_{k-1} + Bb u_k, y_k = Re(C x_k) + D u_k, with A = diag(Lambda) and one
+timescale dt per state. The math is ``ssm.systems.s5`` (a chunked parallel scan); this module owns the
+parameters and the initialization of the paper's Section 4.3 / Appendix B.1:
+
+* Lambda: the eigenvalues of the normal part of HiPPO-LegS ("HiPPO-N", A_LegS + P P^T = -I/2 + skew, from
+  ``ssm.hippo.nplr``), of size P/J, repeated for J blocks (a block-diagonal A);
+* B = V^{-1} B_0 and C = C_0 V with V the block-diagonal eigenvectors (unitary, so V^{-1} = V^*), B_0 (P, H)
+  real LeCun normal (std 1/sqrt(H)), C_0 (H, P) complex with truncated standard normal real and imaginary
+  parts (the paper's default ``trunc_standard_normal``);
+* conjugate symmetry (``conj_sym``): one eigenvalue of each pair is stored (P/2 states) and the output is
+  2 Re(C x);
+* log dt per state, uniform in [log dt_min, log dt_max].
+
+Lambda is stored as log(-Re Lambda) and Im Lambda (as S4D does), so the real part stays negative; the
+paper stores Re Lambda itself with an optional clip.
+
+The base class's forward is a depthwise FFT convolution with a (C, H, L) kernel; a MIMO system has none,
+so this layer overrides ``forward`` with the scan (its ``step`` is the base's, through ``s5.step``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._checks import check_bool, check_choice, check_int
+from ..hippo import nplr
+from ..systems import s5
+from .base import SSMLayer, as_complex, check_dt_range, init_log_dt
+from .s4d import lambda_from_params, real_part_param
+
+
+def s5_init(
+    P: int, H: int, blocks: int, conj_sym: bool, *, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(Lambda (Q,), B (Q, H), C (H, Q)) complex128 of the S5 initialization; Q = P/2 with ``conj_sym``.
+
+    Each of the J = ``blocks`` diagonal blocks is the eigendecomposition V_j diag(Lambda_j) V_j^* of the
+    normal part of HiPPO-LegS of size P/J (``ssm.hippo.nplr("legs", P/J)``, half of each conjugate pair
+    with ``conj_sym``); B = V^* B_0, C = C_0 V with the block-diagonal V.
+    """
+    size = P // blocks
+    Lambda_j, _, _, V_j = nplr("legs", size, 1, half=conj_sym)  # (M,), (size, M)
+    B0 = torch.randn(P, H, dtype=torch.float64, generator=generator) / H**0.5  # LeCun normal
+    re, im = (torch.nn.init.trunc_normal_(torch.empty(H, P, dtype=torch.float64), a=-2.0, b=2.0,
+                                          generator=generator) for _ in range(2))
+    C0 = torch.complex(re, im)
+    Bs, Cs = [], []
+    for j in range(blocks):
+        rows = slice(j * size, (j + 1) * size)
+        Bs.append(V_j.conj().T @ B0[rows].to(torch.complex128))
+        Cs.append(C0[:, rows] @ V_j)
+    return Lambda_j.repeat(blocks), torch.cat(Bs, 0), torch.cat(Cs, 1)
+
+
+class S5(SSMLayer):
+    """S5 layer: one MIMO diagonal SSM shared by all features, run by a parallel scan.
+
+    Args:
+        d_model: H.
+        d_state: P, the latent size of the shared system; P/2 complex states are stored with ``conj_sym``.
+        blocks: J, the number of blocks of the initialization (P must be divisible by J, and P/J even with
+            ``conj_sym``).
+        disc: "zoh" or "bilinear".
+        dt_min, dt_max: range of the log-uniform initialization of dt (one per state).
+        conj_sym: store one state per conjugate pair, output 2 Re(C x).
+        bidirectional: a second scan backward in time, read by its own C (the paper's bidirectional S5).
+        Other keyword arguments: see ``SSMLayer`` (``channels`` is 1: the output projection mixes H
+            features).
+
+    Shapes: forward x (B, L, H) -> (B, L, H); step x (B, H), state (B, Q) complex, Q = P/2 or P.
+    """
+
+    family = s5
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 64,
+        *,
+        blocks: int = 1,
+        disc: str = "zoh",
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        conj_sym: bool = True,
+        bidirectional: bool = False,
+        transposed: bool = False,
+        activation: str = "gelu",
+        glu: bool = False,
+        dropout: float = 0.0,
+        ssm_lr: float | None = 1e-3,
+        ssm_weight_decay: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(d_model, channels=1, bidirectional=bidirectional, transposed=transposed,
+                         activation=activation, glu=glu, dropout=dropout, ssm_lr=ssm_lr,
+                         ssm_weight_decay=ssm_weight_decay, device=device, dtype=dtype)
+        self.d_state = P = check_int("d_state", d_state, minimum=1)
+        self.blocks = J = check_int("blocks", blocks, minimum=1)
+        self.conj_sym = check_bool("conj_sym", conj_sym)
+        if P % J:
+            raise ValueError(f"blocks must divide d_state (J blocks of size P/J); got d_state={P}, "
+                             f"blocks={J}")
+        if conj_sym and (P // J) % 2:
+            raise ValueError(f"d_state / blocks must be even with conj_sym=True (conjugate pairs within each "
+                             f"block); got d_state={P}, blocks={J}")
+        self.disc = check_choice("disc", disc, s5.S5_DISCS)
+        self.dt_min, self.dt_max = check_dt_range(dt_min, dt_max)
+        self.build_ssm(device, dtype)
+
+    def ssm_init(self, real_dtype: torch.dtype) -> dict:
+        """The initial SSM parameters (name -> (value, complex, optimizer hint)), computed on the CPU:
+        ``s5_init`` (a second C for the backward scan when bidirectional) and log dt per state."""
+        cdtype = torch.complex128 if real_dtype == torch.float64 else torch.complex64
+        Lambda, B, C = s5_init(self.d_state, self.d_model, self.blocks, self.conj_sym)
+        Q = Lambda.shape[0]
+        log_dt = init_log_dt(Q, self.dt_min, self.dt_max, dtype=real_dtype)
+        Cs = [C]
+        if self.bidirectional:
+            Cs.append(s5_init(self.d_state, self.d_model, self.blocks, self.conj_sym)[2])
+        return {
+            "log_neg_real": (real_part_param(Lambda).to(real_dtype), False, True),
+            "Lambda_imag": (Lambda.imag.to(real_dtype), False, True),
+            "B": (B.to(cdtype), True, True),
+            "log_dt": (log_dt, False, True),
+            # C follows the global optimizer settings, as in S4
+            "C": (torch.stack(Cs).to(cdtype), True, False),
+        }
+
+    def config(self) -> dict:
+        """``SSMLayer.config`` plus ``conj_sym`` (it changes the output, 2 Re or Re, not only shapes)."""
+        return {**super().config(), "conj_sym": self.conj_sym}
+
+    # ---- parameters -> system ----------------------------------------------------------------------------
+    def discrete_system(self, rate: float = 1.0) -> s5.S5System:
+        """The discrete system ``ssm.systems.s5.S5System`` at steps dt * rate (differentiable): Lambda (Q,),
+        B (Q, H), C (C', H, Q) (C' = 2 when bidirectional), dt (Q,), Ab (Q,), Bb (Q, H)."""
+        rate = self._check_rate(rate)
+        p = self.ssm_param
+        Lambda = lambda_from_params(p("log_neg_real"), p("Lambda_imag"))
+        dt = torch.exp(p("log_dt")) * rate
+        return s5.discretize(Lambda, as_complex(p("B")), as_complex(p("C")), dt, self.disc,
+                             conj_sym=self.conj_sym)
+
+    def default_state(self, batch_size: int, *, device=None) -> Tensor:
+        """The zero state (B, Q) complex64 (complex128 for a float64 layer)."""
+        check_int("batch_size", batch_size, minimum=1)
+        dtype = torch.complex128 if self.log_dt.dtype == torch.float64 else torch.complex64
+        return torch.zeros(batch_size, self.log_dt.shape[0], dtype=dtype,
+                           device=device if device is not None else self.log_dt.device)
+
+    def kernel(self, L: int, rate: float = 1.0) -> Tensor:
+        """The transfer matrix (C', H, H, L) of ``ssm.systems.s5.kernel`` (tests and conversions: the layer
+        never convolves with it). Cached in eval mode like the other layers' kernels."""
+        return super().kernel(L, rate)
+
+    # ---- the scan path ------------------------------------------------------------------------------------
+    def forward(
+        self,
+        x: Tensor,
+        state: Tensor | None = None,
+        *,
+        return_state: bool = False,
+        lengths: Tensor | None = None,
+        rate: float = 1.0,
+    ):
+        """Scan path; the arguments and results are those of ``SSMLayer.forward``.
+
+        y = post(scan(u) + D u) with ``ssm.systems.s5.scan`` from ``state`` (the state after the chunk comes
+        from the same scan with ``return_state``); bidirectional adds a scan backward in time read by C[1].
+        """
+        u = self._to_BHL(x)  # (B, H, L), a view
+        Bsz, H, L = u.shape
+        check_bool("return_state", return_state)
+        if (state is not None or return_state) and self.bidirectional:
+            raise ValueError("state passing is undefined for a bidirectional layer (it reads the future); "
+                             "pass state=None and return_state=False")
+        if lengths is not None:
+            self._check_lengths(lengths, Bsz, L)
+            if return_state:
+                raise ValueError("return_state with lengths is not supported: pass equal-length chunks, or "
+                                 "use step for ragged streams")
+            mask = torch.arange(L, device=u.device)[None, :] < lengths.to(u.device)[:, None]  # (B, L)
+            u = u * mask[:, None, :].to(u.dtype)
+        if state is not None:
+            self._check_state_tensor(state, Bsz)
+        rate = self._check_rate(rate)
+        if Bsz == 0 or L == 0:  # nothing to compute: an empty output (and the state unchanged)
+            y = x.new_zeros(x.shape) + 0 * self.D.sum().to(x.dtype)
+            if not return_state:
+                return y
+            return y, (state if state is not None else self.default_state(1)[:0])
+        if self.check_finite:
+            self._check_finite(u)
+        if u.dtype in (torch.float16, torch.bfloat16):
+            u = u.float()
+        system = self._system(rate)
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            v = u.transpose(1, 2).to(system.Bb.real.dtype)  # (B, L, H)
+            y, next_state = s5.scan(system, v, state)
+            if self.bidirectional:
+                y = y + s5.scan(system, v, channel=1, reverse=True)[0]
+            y = y + self.D[0].to(y.dtype) * v  # (B, L, H)
+        y = self._post(y.transpose(1, 2)[:, None])  # (B, L, H)
+        if self.transposed:
+            y = y.transpose(1, 2)
+        y = y.to(x.dtype) if not torch.is_autocast_enabled() else y
+        return (y, next_state) if return_state else y
