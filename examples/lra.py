@@ -396,6 +396,10 @@ def build_pair_model(
 # ----------------------------------------------------------------------------------------------------------
 # Data: the cache of generated data, subsets, majority class
 
+# Part of every cache folder name: the generators' output for a seed changed when generation became parallel
+# (per-index seeds), so a cache written before is not reused.
+GENERATOR_VERSION = "-v2"
+
 
 def default_cache_dir() -> Path:
     """``$SSM_CACHE/lra`` when the variable is set, else ``~/.cache/ssm/lra``."""
@@ -461,7 +465,7 @@ def generated_data(
         check_int("gen_max_length", gen["max_length"], minimum=gen["min_length"] + 2)
         name = (
             f"listops-train{gen['train']}-val{gen['val']}-test{gen['test']}-"
-            f"len{gen['min_length']}-{gen['max_length']}-seed{seed}"
+            f"len{gen['min_length']}-{gen['max_length']}-seed{seed}{GENERATOR_VERSION}"
         )
         settings = {"task": task, **gen, "seed": seed}
 
@@ -477,7 +481,7 @@ def generated_data(
     check_choice("difficulty", difficulty, tuple(DIFFICULTY_DIRS))
     n = check_int("gen_n", extra["pathfinder_n"], minimum=10)
     resolution = LRA_TASKS[task]["resolution"]
-    name = f"pathfinder{resolution}-{difficulty}-n{n}-seed{seed}"
+    name = f"pathfinder{resolution}-{difficulty}-n{n}-seed{seed}{GENERATOR_VERSION}"
     settings = {"task": task, "resolution": resolution, "difficulty": difficulty, "n": n, "seed": seed}
 
     def generate(folder: Path) -> None:

@@ -88,7 +88,7 @@ def test_listops_generates_once_and_trains(tmp_path, monkeypatch):
 
 def test_interrupted_generation_is_redone(tmp_path, monkeypatch):
     extra = {"listops": dict(train=6, val=2, test=4, min_length=10, max_length=40)}
-    folder = tmp_path / "listops-train6-val2-test4-len10-40-seed3"
+    folder = tmp_path / f"listops-train6-val2-test4-len10-40-seed3{lra.GENERATOR_VERSION}"
     folder.mkdir()
     (folder / "basic_train.tsv").write_text("Source\tTarget\n( [MAX")  # a partial file, no marker
     got = lra.generated_data("listops", tmp_path, extra, seed=3, difficulty="hard")
