@@ -483,6 +483,33 @@ class SSMLayer(nn.Module):
                              f"got {state.dtype}")
 
     # ---- the two paths ------------------------------------------------------------------------------------
+    def _prepare(self, x: Tensor, state, return_state: bool, lengths, rate: float):
+        """The checks and padding shared by every ``forward``: (u (B, H, L) with padded inputs zeroed, rate,
+        the result to return at once for an empty batch or sequence, else None)."""
+        u = self._to_BHL(x)  # (B, H, L), a view
+        Bsz, H, L = u.shape
+        check_bool("return_state", return_state)
+        if (state is not None or return_state) and self.bidirectional:
+            raise ValueError("state passing is undefined for a bidirectional layer (it reads the future); "
+                             "pass state=None and return_state=False")
+        if lengths is not None:
+            self._check_lengths(lengths, Bsz, L)
+            if return_state:
+                raise ValueError("return_state with lengths is not supported: pass equal-length chunks, or "
+                                 "use step for ragged streams")
+            mask = torch.arange(L, device=u.device)[None, :] < lengths.to(u.device)[:, None]  # (B, L)
+            u = u * mask[:, None, :].to(u.dtype)
+        if state is not None:
+            self._check_state_tensor(state, Bsz)
+        rate = self._check_rate(rate)
+        if Bsz == 0 or L == 0:  # nothing to compute: an empty output (and the state unchanged)
+            y = x.new_zeros(x.shape) + 0 * self.D.sum().to(x.dtype)
+            return u, rate, ((y, state if state is not None else self.default_state(1)[:0]) if return_state
+                             else y)
+        if self.check_finite and not torch.compiler.is_compiling():  # value checks would break the graph
+            self._check_finite(u)
+        return u, rate, None
+
     def forward(
         self,
         x: Tensor,
@@ -504,29 +531,10 @@ class SSMLayer(nn.Module):
         Returns:
             y with the layout of x, or (y, next_state) when ``return_state``.
         """
-        u = self._to_BHL(x)  # (B, H, L)
+        u, rate, empty = self._prepare(x, state, return_state, lengths, rate)
+        if empty is not None:
+            return empty
         Bsz, H, L = u.shape
-        check_bool("return_state", return_state)
-        if (state is not None or return_state) and self.bidirectional:
-            raise ValueError("state passing is undefined for a bidirectional layer (it reads the future); "
-                             "pass state=None and return_state=False")
-        if lengths is not None:
-            self._check_lengths(lengths, Bsz, L)
-            if return_state:
-                raise ValueError("return_state with lengths is not supported: pass equal-length chunks, or "
-                                 "use step for ragged streams")
-            mask = torch.arange(L, device=u.device)[None, :] < lengths.to(u.device)[:, None]  # (B, L)
-            u = u * mask[:, None, :].to(u.dtype)
-        if state is not None:
-            self._check_state_tensor(state, Bsz)
-        rate = self._check_rate(rate)
-        if Bsz == 0 or L == 0:  # nothing to compute: an empty output (and the state unchanged)
-            y = x.new_zeros(x.shape) + 0 * self.D.sum().to(x.dtype)
-            if not return_state:
-                return y
-            return y, (state if state is not None else self.default_state(1)[:0])
-        if self.check_finite and not torch.compiler.is_compiling():  # value checks would break the graph
-            self._check_finite(u)
         if u.dtype in (torch.float16, torch.bfloat16):
             u = u.float()
         system = self._system(rate)

@@ -174,29 +174,9 @@ class S5(SSMLayer):
         y = post(scan(u) + D u) with ``ssm.systems.s5.scan`` from ``state`` (the state after the chunk comes
         from the same scan with ``return_state``); bidirectional adds a scan backward in time read by C[1].
         """
-        u = self._to_BHL(x)  # (B, H, L), a view
-        Bsz, H, L = u.shape
-        check_bool("return_state", return_state)
-        if (state is not None or return_state) and self.bidirectional:
-            raise ValueError("state passing is undefined for a bidirectional layer (it reads the future); "
-                             "pass state=None and return_state=False")
-        if lengths is not None:
-            self._check_lengths(lengths, Bsz, L)
-            if return_state:
-                raise ValueError("return_state with lengths is not supported: pass equal-length chunks, or "
-                                 "use step for ragged streams")
-            mask = torch.arange(L, device=u.device)[None, :] < lengths.to(u.device)[:, None]  # (B, L)
-            u = u * mask[:, None, :].to(u.dtype)
-        if state is not None:
-            self._check_state_tensor(state, Bsz)
-        rate = self._check_rate(rate)
-        if Bsz == 0 or L == 0:  # nothing to compute: an empty output (and the state unchanged)
-            y = x.new_zeros(x.shape) + 0 * self.D.sum().to(x.dtype)
-            if not return_state:
-                return y
-            return y, (state if state is not None else self.default_state(1)[:0])
-        if self.check_finite:
-            self._check_finite(u)
+        u, rate, empty = self._prepare(x, state, return_state, lengths, rate)
+        if empty is not None:
+            return empty
         if u.dtype in (torch.float16, torch.bfloat16):
             u = u.float()
         system = self._system(rate)

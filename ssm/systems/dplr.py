@@ -73,37 +73,6 @@ def _row_power(C: torch.Tensor, Ab: torch.Tensor, L: int) -> torch.Tensor:
         G = G @ G
 
 
-def krylov_taps(Ab: torch.Tensor, Bb: torch.Tensor, C: torch.Tensor, L: int) -> torch.Tensor:
-    """K[c, h, k] = C[c, h] Ab[h]^k Bb[h] for k < L, by two-level Krylov doubling.
-
-    With a block length b (a power of two >= sqrt(L)) and q = ceil(L / b) blocks,
-    K_{i b + j} = (C Ab^{i b}) (Ab^j Bb): both factors are built by doubling (one squaring of the matrix per
-    step) and the taps are one batched product (Ch q, N) x (N, b). Cost O(H N^3 log L + H N^2 (b + q Ch)
-    + Ch H N L), memory O(Ch H L + H N (b + q Ch)); no eigendecomposition, so it is as stable as the
-    matrix products themselves (non-normal Ab are fine).
-
-    Ab (H, N, N), Bb (H, N), C (Ch, H, N) -> (Ch, H, L).
-    """
-    H, N, _ = Ab.shape
-    Ch = C.shape[0]
-    b = 1 << max(0, math.ceil(math.log2(math.sqrt(L))))
-    q = -(-L // b)
-    U = Bb.unsqueeze(-1)  # (H, N, 1): columns Ab^j Bb
-    G = Ab
-    while U.shape[-1] < b:
-        U = torch.cat([U, G @ U], dim=-1)
-        G = G @ G  # G = Ab^(number of columns of U)
-    W = C.permute(1, 0, 2).unsqueeze(2)  # (H, Ch, 1, N): rows C Ab^(i b)
-    while W.shape[2] < q:
-        m = W.shape[2]
-        W = torch.cat([W, (W.reshape(H, Ch * m, N) @ G).reshape(H, Ch, m, N)], dim=2)
-        if 2 * m < q:
-            G = G @ G
-    W = W[:, :, :q].reshape(H, Ch * q, N)
-    K = torch.bmm(W, U).reshape(H, Ch, q * b)[..., :L]  # (H, Ch, L)
-    return K.permute(1, 0, 2)
-
-
 def _bilinear_freqs(
     L: int, M: int, dtype: torch.dtype, device: torch.device, *, keep_half: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,7 +214,7 @@ def dplr_kernel(
         # (HiPPO-LegS, |dt A| ~ 1e2) loses ~1e-4 relative accuracy, 100x the rest of the computation.
         wide = torch.complex128
         Ab, Bb = _discretize_dense(Af.to(wide), full(B).to(wide), dt.to(torch.float64), "zoh")
-        K = krylov_taps(Ab.to(cdtype), Bb.to(cdtype), full(C), L).real
+        K = dense_kernel(DenseSystem(Ab.to(cdtype), Bb.to(cdtype), full(C)), L).real
         return K[0] if squeeze else K
 
     # Everything but the O(H N L) Cauchy products runs in complex128 and is rounded once (see Precision).
