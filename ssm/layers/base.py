@@ -548,10 +548,12 @@ class SSMLayer(nn.Module):
             y = fftconv(u, K, D, K_rev=K_rev, layout="BHL")  # (B, C, H, L)
         elif hasattr(self.family, "state_input"):
             # The state folded into the one convolution: conv(K, u + p) + q (+ D u).
+            # The D skip sees u + p inside fftconv, so D p is taken back where p is nonzero (n <= N steps).
             p, q = self.family.state_input(system, state, L)  # (B, H, n), (B, C, H, n)
+            p = p.to(u.dtype)
             n = p.shape[-1]
-            y = fftconv(u + F.pad(p.to(u.dtype), (0, L - n)), K, layout="BHL") + D[..., None] * u[:, None]
-            y = y + F.pad(q.to(y.dtype), (0, L - n))
+            y = fftconv(u + F.pad(p, (0, L - n)), K, D, layout="BHL")  # (B, C, H, L)
+            y[..., :n] += q.to(y.dtype) - D[..., None] * p[:, None]
         else:
             y = fftconv(u, K, D, K_rev=K_rev, layout="BHL")
             y = y + self.family.free_response(system, state, L).to(y.dtype)

@@ -26,8 +26,10 @@ STABLE_METHODS = ("reflection", "montel")
 
 # rtf_kernel evaluates H in float64 on M = max(RTF_OVERSAMPLE * L, RTF_MIN_POINTS) points (rounded up to a
 # fast length); the tilt r^(M + L - 1) = eps balances the damped truncation error r^M against the amplified
-# rounding error eps r^-(L-1), both eps^(M / (M + L - 1)) <= eps^(4/5).
+# rounding error eps r^-(L-1), both eps^(M / (M + L - 1)) <= eps^(4/5). Float32 (and lower) results need
+# less: RTF_OVERSAMPLE_32 = 2 gives eps^(2/3) ~ 4e-11, far below float32 rounding, at half the FFT length.
 RTF_OVERSAMPLE = 4
+RTF_OVERSAMPLE_32 = 2
 RTF_MIN_POINTS = 16
 
 # stable_denominator keeps |k_m| <= 1 - STABLE_MARGIN_ULPS eps (reflection) and sum |a_i| <= 1 - that (N + 1)
@@ -75,12 +77,13 @@ def rtf_taps(num: torch.Tensor, den: torch.Tensor, L: int) -> torch.Tensor:
     dtype = torch.promote_types(num.dtype, den.dtype)
     work = torch.complex128 if dtype.is_complex else torch.float64
     num, den = num.to(work), den.to(work)
+    over = RTF_OVERSAMPLE if dtype in (torch.float64, torch.complex128) else RTF_OVERSAMPLE_32
     if traced_size(L):
-        # A symbolic L (dynamic under torch.compile / torch.export): M = 4L + a constant that covers the
+        # A symbolic L (dynamic under torch.compile / torch.export): M = over L + a constant that covers the
         # coefficients (no fold, no smooth rounding, neither of which has a symbolic form); the same bound.
-        M = RTF_OVERSAMPLE * L + max(RTF_MIN_POINTS, num.shape[-1], den.shape[-1])
+        M = over * L + max(RTF_MIN_POINTS, num.shape[-1], den.shape[-1])
     else:
-        M = next_fast_len(max(RTF_OVERSAMPLE * L, RTF_MIN_POINTS))
+        M = next_fast_len(max(over * L, RTF_MIN_POINTS))
     log_r = math.log(torch.finfo(torch.float64).eps) / (M + L - 1)
 
     def tilted(x: torch.Tensor) -> torch.Tensor:  # x_j r^j, folded onto M points
