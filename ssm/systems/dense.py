@@ -58,15 +58,15 @@ def discretize(A: Tensor, B: Tensor, C: Tensor, dt: Tensor, disc: str = "zoh") -
     return DenseSystem(Ab, Bb, C if C.ndim == 3 else C.unsqueeze(0))
 
 
-def _rows(C: Tensor, Ab: Tensor, T: int) -> Tensor:
-    """C Ab^k for k < T by doubling: C (Ch, H, N), Ab (H, N, N) -> (Ch, H, T, N)."""
+def _rows(C: Tensor, Ab: Tensor, T: int) -> tuple[Tensor, Tensor]:
+    """C Ab^k for k < T by doubling, and the power Ab^m reached (m: the first power of two >= T):
+    C (Ch, H, N), Ab (H, N, N) -> ((Ch, H, T, N), (H, N, N))."""
     W = C.unsqueeze(2)  # (Ch, H, 1, N)
-    G = Ab
+    G = Ab  # Ab^(rows of W)
     while W.shape[2] < T:
         W = torch.cat([W, torch.einsum("chtn,hnm->chtm", W, G)], dim=2)
-        if W.shape[2] < T:
-            G = G @ G
-    return W[:, :, :T]
+        G = G @ G
+    return W[:, :, :T], G
 
 
 def kernel(sys: DenseSystem, L: int) -> Tensor:
@@ -149,10 +149,10 @@ def free_response(sys: DenseSystem, x0: Tensor, L: int) -> Tensor:
     x = x0.to(Ab.dtype)
     T = free_block(L, Bsz, C.shape[0])
     nb = -(-L // T)
-    W = _rows(torch.einsum("chn,hnm->chm", C, Ab), Ab, T)  # (Ch, H, T, N)
+    W, G = _rows(torch.einsum("chn,hnm->chm", C, Ab), Ab, T)  # (Ch, H, T, N)
     states = [x]
     if nb > 1:
-        AT = torch.linalg.matrix_power(Ab, T)
+        AT = G if T & (T - 1) == 0 else torch.linalg.matrix_power(Ab, T)  # T < L is a power of two
         for _ in range(nb - 1):
             states.append(torch.einsum("hmn,bhn->bhm", AT, states[-1]))
     X = torch.stack(states, dim=2)  # (B, H, nb, N)

@@ -330,9 +330,16 @@ class DPLRSystem:
     def _real_dense(self) -> DenseSystem:
         full = lambda t: torch.cat([t, t.conj()], dim=-1)  # noqa: E731
         wide = torch.complex128
-        Af = dplr_dense(full(self.Lambda).to(wide), full(self.P).to(wide), full(self.P).to(wide))  # (H, N, N)
+        Lf, Pf = full(self.Lambda).to(wide), full(self.P).to(wide)
         Br = real_state(self.B.to(wide))  # (H, N)
-        Ab, Bb = _discretize_dense(to_real_coords(Af), Br, self.dt.to(torch.float64), self.disc)
+        dt = self.dt.to(torch.float64)
+        if self.disc == "bilinear":
+            # Ab by the Woodbury identity, O(H N^2 R); (I - dt/2 A)^{-1} = (Ab + I) / 2, so
+            # Bb = dt (I - dt/2 A)^{-1} B = dt/2 (Ab + I) B.
+            Ab = to_real_coords(bilinear_dense(Lf, Pf, Pf, dt))
+            Bb = dt[:, None] / 2 * (Br + (Ab @ Br.unsqueeze(-1)).squeeze(-1))
+        else:
+            Ab, Bb = _discretize_dense(to_real_coords(dplr_dense(Lf, Pf, Pf)), Br, dt, self.disc)
         Cr = torch.cat([2 * self.C.real, -2 * self.C.imag], dim=-1)  # y = 2 Re(C x) = Cr [Re x, Im x]
         real = self.dt.dtype
         return DenseSystem(Ab.to(real), Bb.to(real), Cr.to(real))
