@@ -143,8 +143,8 @@ def test_forward_from_state_equals_step_loop(name, L):
     for k in range(L):
         yk, s = layer.step(x[:, k], s)
         ys.append(yk)
-    assert rel_err(y, torch.stack(ys, 1)) < 1e-10
-    assert rel_err(next_state, s) < 1e-10
+    assert rel_err(y, torch.stack(ys, 1)) < tol(torch.float64)["rtol"]
+    assert rel_err(next_state, s) < tol(torch.float64)["rtol"]
 
 
 @pytest.mark.parametrize("name", list(LAYERS))
