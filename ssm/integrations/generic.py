@@ -1,0 +1,65 @@
+"""An ``ssm`` layer in the place of a self-attention module, for codebases that call attention as
+``attn(x, mask=..., **kwargs)`` (x-transformers and most hand-written Transformers).
+
+The host's extra arguments (rotary embeddings, relative-position biases, caches of keys) mean nothing to a
+state-space layer and are ignored; a key-padding mask is honoured: padded inputs are zeroed before a causal
+layer (its state stays exactly zero through left padding, and right padding never reaches a valid output),
+and a bidirectional layer gets ``lengths`` from right padding. Cross-attention (a ``context``) has no
+sequence-layer equivalent and is refused.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .._checks import check_choice
+from ..layers import SSMLayer
+
+RETURNS = ("tensor", "tuple")
+
+
+class SSMMixer(nn.Module):
+    """Wrap ``layer`` so that it answers a self-attention call.
+
+    Args:
+        layer: any ``ssm`` layer with the (B, L, H) layout.
+        mask_arg: the keyword under which the host passes its key-padding mask, (B, L) bool, True = keep.
+        returns: ``"tensor"`` (the output alone) or ``"tuple"`` (``(output, None)``, for hosts that unpack
+            ``out, intermediates = attn(...)``, as x-transformers' layers do).
+    """
+
+    def __init__(self, layer: SSMLayer, *, mask_arg: str = "mask", returns: str = "tensor") -> None:
+        super().__init__()
+        if not isinstance(layer, SSMLayer) or layer.transposed:
+            raise ValueError(f"layer must be an ssm layer with transposed=False; got {layer!r}")
+        if not isinstance(mask_arg, str):
+            raise ValueError(f"mask_arg must be a keyword name; got {mask_arg!r}")
+        self.layer = layer
+        self.mask_arg = mask_arg
+        self.returns = check_choice("returns", returns, RETURNS)
+
+    def forward(self, x: Tensor, *args, **kwargs):
+        if kwargs.get("context") is not None or (args and isinstance(args[0], Tensor)):
+            raise ValueError("SSMMixer replaces self-attention only: got a context (cross-attention), "
+                             "which a sequence layer cannot attend to")
+        mask = kwargs.get(self.mask_arg)
+        lengths = None
+        if mask is not None:
+            if not isinstance(mask, Tensor) or mask.shape != x.shape[:2]:
+                got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+                raise ValueError(f"{self.mask_arg} must be a (B, L) key-padding mask like x's first two dims "
+                                 f"{tuple(x.shape[:2])}; got {got}")
+            keep = mask.bool()
+            if self.layer.bidirectional:
+                lengths = keep.sum(1)
+                positions = torch.arange(keep.shape[1], device=keep.device)[None, :]
+                prefix = keep == (positions < lengths[:, None])
+                if not bool(prefix.all()):
+                    raise ValueError(f"{self.mask_arg}: a bidirectional layer needs right padding (each "
+                                     "row's valid positions first)")
+            else:
+                x = x * keep[..., None].to(x.dtype)
+        y = self.layer(x, lengths=lengths)
+        return (y, None) if self.returns == "tuple" else y
+
