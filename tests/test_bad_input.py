@@ -221,3 +221,28 @@ def test_state_dict_carries_the_configuration():
     torch.testing.assert_close(same(x), zoh(x))
     old = {k: v for k, v in zoh.state_dict().items() if not k.endswith("_extra_state")}
     same.load_state_dict(old)  # checkpoints from before the configuration was carried still load
+
+
+def test_optimizer_hints_survive_fsdp2_fully_shard():
+    """FSDP2 replaces every Parameter by a DTensor one: the hints, kept by name on the layers, still apply."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, socket, torch, torch.distributed as dist\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]; s.close()\n"
+        "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))\n"
+        "dist.init_process_group('gloo', rank=0, world_size=1)\n"
+        "import ssm\n"
+        "from torch.distributed.fsdp import fully_shard\n"
+        "model = ssm.SSMModel(2, 3, d_model=8, n_layers=2, layer='s4', d_state=4)\n"
+        "for block in model.blocks:\n"
+        "    fully_shard(block)\n"
+        "fully_shard(model)\n"
+        "groups = ssm.optim.param_groups(model, lr=1.0)\n"
+        "hinted = [p for g in groups if g['lr'] != 1.0 for p in g['params']]\n"
+        "assert len(hinted) == 10 and all(type(p.data).__name__ == 'DTensor' for p in hinted), groups\n"
+        "dist.destroy_process_group()\n"
+    )
+    pytest.importorskip("torch.distributed.fsdp")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
