@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .layers import S4, S4D, SSMLayer
+from .systems.dplr import bilinear_dense, expand_pairs
 
 __all__ = ["from_official_s4"]
 
@@ -75,21 +76,12 @@ def _tile(t: Tensor, H: int, key: str) -> Tensor:
     return t.repeat(*([1] * (t.ndim - 2)), H // S, 1)
 
 
-def _bilinear_dense(Lambda: Tensor, P: Tensor, dt: Tensor) -> Tensor:
-    """Ab (H, N, N) complex128 of the conjugate-doubled DPLR system, bilinear."""
-    Lf = torch.cat([Lambda, Lambda.conj()], dim=-1)  # (H, N)
-    Pf = torch.cat([P, P.conj()], dim=-1)  # (R, H, N)
-    A = torch.diag_embed(Lf) - torch.einsum("rhn,rhm->hnm", Pf, Pf.conj())
-    eye = torch.eye(A.shape[-1], dtype=A.dtype)
-    half = (dt / 2).to(A.dtype)[:, None, None]
-    return torch.linalg.solve(eye - half * A, eye + half * A)
-
-
 def _untilde(Ct: Tensor, Lambda: Tensor, P: Tensor, dt: Tensor, L: int) -> Tensor:
     """C (C', H, N/2) from C~ = C (I - Ab^L): solve (I - Ab^L)^T C^T = C~^T on the doubled state."""
-    Ab = _bilinear_dense(Lambda, P, dt)  # (H, N, N)
+    Lf, Pf = expand_pairs(Lambda), expand_pairs(P)
+    Ab = bilinear_dense(Lf, Pf, Pf, dt.to(torch.float64))  # (H, N, N) complex128
     M = torch.eye(Ab.shape[-1], dtype=Ab.dtype) - torch.linalg.matrix_power(Ab, L)
-    Cf = torch.cat([Ct, Ct.conj()], dim=-1)  # (C', H, N)
+    Cf = expand_pairs(Ct)  # (C', H, N)
     C = torch.linalg.solve(M.mT[None], Cf[..., None])[..., 0]
     return C[..., : Ct.shape[-1]]
 

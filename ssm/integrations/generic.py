@@ -44,22 +44,37 @@ class SSMMixer(nn.Module):
             raise ValueError("SSMMixer replaces self-attention only: got a context (cross-attention), "
                              "which a sequence layer cannot attend to")
         mask = kwargs.get(self.mask_arg)
-        lengths = None
         if mask is not None:
             if not isinstance(mask, Tensor) or mask.shape != x.shape[:2]:
                 got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
                 raise ValueError(f"{self.mask_arg} must be a (B, L) key-padding mask like x's first two dims "
                                  f"{tuple(x.shape[:2])}; got {got}")
-            keep = mask.bool()
-            if self.layer.bidirectional:
-                lengths = keep.sum(1)
-                positions = torch.arange(keep.shape[1], device=keep.device)[None, :]
-                prefix = keep == (positions < lengths[:, None])
-                if not bool(prefix.all()):
-                    raise ValueError(f"{self.mask_arg}: a bidirectional layer needs right padding (each "
-                                     "row's valid positions first)")
-            else:
-                x = x * keep[..., None].to(x.dtype)
-        y = self.layer(x, lengths=lengths)
+            mask = mask.bool()
+        y = padded_forward(self.layer, x, mask, strict=True, name=self.mask_arg)
         return (y, None) if self.returns == "tuple" else y
+
+
+def is_right_padding(keep: Tensor) -> bool:
+    """Every row of the (B, L) bool mask is ones, then zeros."""
+    v = keep.to(torch.int8)
+    return bool((v[:, 1:] <= v[:, :-1]).all())
+
+
+def padded_forward(layer: SSMLayer, x: Tensor, keep: Tensor | None, *, strict: bool = False,
+                   name: str = "mask") -> Tensor:
+    """``layer(x)`` with a key-padding mask ``keep`` (B, L), True = a real token, honoured.
+
+    A bidirectional layer with right padding gets ``lengths``; otherwise padded inputs are zeroed, which for
+    these linear time-invariant layers keeps a causal state at exactly zero through left padding. With
+    ``strict``, a bidirectional layer refuses any other padding (``name`` is the mask's argument name).
+    """
+    if keep is None:
+        return layer(x)
+    if layer.bidirectional:
+        if is_right_padding(keep):
+            return layer(x, lengths=keep.sum(1))
+        if strict:
+            raise ValueError(f"{name}: a bidirectional layer needs right padding (each row's valid positions "
+                             "first)")
+    return layer(x * keep[..., None].to(x.dtype))
 

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from ..layers import LAYERS
 from ..layers.base import SSMLayer
+from .generic import padded_forward
 
 __all__ = ["SSMAttention", "find_attention", "from_pretrained", "swap_attention"]
 
@@ -111,12 +112,6 @@ def _wrap_cache_batch_ops(cache) -> None:
     cache._ssm_wrapped = True
 
 
-def _is_prefix_mask(valid: Tensor) -> bool:
-    """Right padding: every row is ones then zeros."""
-    v = valid.to(torch.int8)
-    return bool((v[:, 1:] <= v[:, :-1]).all())
-
-
 class SSMAttention(nn.Module):
     """An ``ssm`` layer in the place of a host model's self-attention module.
 
@@ -182,11 +177,7 @@ class SSMAttention(nn.Module):
         cache = self._find_cache(args, kwargs) if self.causal and not self.training else None
         if cache is not None:
             return self._cached(x, valid, cache), None
-        if valid is None:
-            return self.layer(x), None
-        if not self.causal and _is_prefix_mask(valid):
-            return self.layer(x, lengths=valid.sum(-1)), None
-        return self.layer(x * valid[..., None].to(x.dtype)), None
+        return padded_forward(self.layer, x, valid), None
 
     def _cached(self, x: Tensor, valid: Tensor | None, cache) -> Tensor:
         """Continue the recurrent state kept on the cache: prefill by the convolution with state passing,

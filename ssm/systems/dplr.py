@@ -27,6 +27,11 @@ def dplr_dense(Lambda: torch.Tensor, P: torch.Tensor, Q: torch.Tensor) -> torch.
     return torch.diag_embed(Lambda) - torch.einsum("rhn,rhm->hnm", P, Q.conj())
 
 
+def expand_pairs(t: Tensor) -> Tensor:
+    """Half storage (..., N/2) -> the full system (..., N): ``t`` with its conjugates appended."""
+    return torch.cat([t, t.conj()], dim=-1)
+
+
 def bilinear_dense(
     Lambda: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, dt: torch.Tensor
 ) -> torch.Tensor:
@@ -206,7 +211,7 @@ def dplr_kernel(
     C = C.unsqueeze(0) if squeeze else C  # (Ch, H, N)
     Ch = C.shape[0]
 
-    full = (lambda t: torch.cat([t, t.conj()], dim=-1)) if conj_pairs else (lambda t: t)
+    full = expand_pairs if conj_pairs else (lambda t: t)
 
     if disc == "zoh":
         Af = dplr_dense(full(Lambda), full(P), full(Q))  # (H, Nf, Nf)
@@ -328,9 +333,8 @@ class DPLRSystem:
         return cached
 
     def _real_dense(self) -> DenseSystem:
-        full = lambda t: torch.cat([t, t.conj()], dim=-1)  # noqa: E731
         wide = torch.complex128
-        Lf, Pf = full(self.Lambda).to(wide), full(self.P).to(wide)
+        Lf, Pf = expand_pairs(self.Lambda).to(wide), expand_pairs(self.P).to(wide)
         Br = real_state(self.B.to(wide))  # (H, N)
         dt = self.dt.to(torch.float64)
         if self.disc == "bilinear":
