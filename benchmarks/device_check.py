@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import common
+import bench_common as common
 import torch
 
 ROOT = common.ROOT

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from layers import Attention, heads_for, make_layer  # noqa: E402
+import bench_common as common  # noqa: E402
+from layer_speed import Attention, heads_for, make_layer  # noqa: E402
 
 MODELS = ("S4", "S4D", "RTF", "attention")
 

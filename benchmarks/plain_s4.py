@@ -24,7 +24,7 @@ in every call; the official code trains C~ for a fixed length instead, which sav
 (O(H N^3 log L), a small part of the time at N = 64).
 
 Running the file times forward (training mode, no grad: the kernel is computed each call) and
-forward+backward of both layers, and measures their peak memory (see benchmarks/common.py), writing
+forward+backward of both layers, and measures their peak memory (see benchmarks/bench_common.py), writing
 benchmarks/results/plain_s4.json and plain_s4.png.
 """
 
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import bench_common as common  # noqa: E402
 
 
 # ---- the plain S4 ------------------------------------------------------------------------------------------

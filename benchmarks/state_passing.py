@@ -43,7 +43,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import bench_common as common  # noqa: E402
 
 CONFIGS = ("S4-bilinear", "S4-zoh", "S4D", "RTF")
 VARIANTS = ("plain", "state", "return_state")

@@ -16,7 +16,7 @@ Run from a checkout without installing (the script falls back to the repository'
 Outputs in ``--out`` (default runs/fashion_mnist/<model>-<config>): metrics.jsonl, last.pt, best.pt,
 curves.png, summary.json. Running the same command again resumes from last.pt (``--no-resume`` restarts).
 ``torchrun``, ``--accumulate``, ``--precision``, ``--compile`` and ``--checkpoint-every`` work as in lra.py
-(see harness.py); under torchrun rank 0 alone prints and writes.
+(see training_harness.py); under torchrun rank 0 alone prints and writes.
 
 Configs:
     quick: a CPU run (2 cores, about 15 minutes) meant to reach >= 80% test accuracy on the full
@@ -34,9 +34,9 @@ import sys
 from dataclasses import replace
 from typing import Any
 
-import harness  # before ssm: from a checkout it makes the repository's ssm importable
+import training_harness as harness  # before ssm: from a checkout it makes the repository's ssm importable
 import torch
-from harness import Config
+from training_harness import Config
 from torch.utils.data import Subset
 
 from ssm._checks import check_int

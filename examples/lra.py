@@ -18,11 +18,11 @@ only when every file is written (an interrupted generation is redone); the other
 Retrieval is a pair task: one shared SSM encoder reads both documents (stacked along the batch) and an MLP
 classifies ``[e1, e2, e1 * e2, e1 - e2]`` (LRA's and S4's head), see :class:`PairClassifier`.
 
-Outputs in ``--out`` (default runs/lra/<task>-<model>-<config>), all from the harness in harness.py:
+Outputs in ``--out`` (default runs/lra/<task>-<model>-<config>), all from the harness in training_harness.py:
 metrics.jsonl, last.pt, best.pt, curves.png, summary.json; the summary here adds the task, the data folder
 and the majority-class accuracy of the test split. Running the same command again resumes from last.pt.
 
-Scale (all in harness.py): under ``torchrun`` each process trains its share of every global batch with
+Scale (all in training_harness.py): under ``torchrun`` each process trains its share of every global batch with
 DistributedDataParallel (NCCL on CUDA, gloo on CPU); ``--batch-size`` stays the global batch; rank 0
 generates missing data, prints and writes the outputs; every rank resumes from last.pt. ``--accumulate N``,
 ``--precision {32,bf16,fp16}``, ``--compile``, ``--checkpoint-every STEPS`` and ``--gen-workers N``
@@ -53,9 +53,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import harness  # before ssm: from a checkout it makes the repository's ssm importable
+import training_harness as harness  # before ssm: from a checkout it makes the repository's ssm importable
 import torch
-from harness import Config
+from training_harness import Config
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 

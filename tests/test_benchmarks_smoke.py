@@ -1,11 +1,13 @@
 """benchmarks/: the plain-S4 yardstick is correct, the memory measurement is honest, every script runs.
 
-The scripts run in-process with --quick (tiny sizes) into a temporary folder; the verdicts of goals.py
+The scripts run in-process with --quick (tiny sizes) into a temporary folder; the verdicts of speed_goals.py
 mean nothing at those sizes, only the JSON layout is checked.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -17,29 +19,49 @@ from conftest import rel_err
 import ssm
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPTS = ("common", "plain_s4", "layers", "generation", "goals", "state_passing")
+# key in the ``bench`` fixture -> script file name (without .py)
+SCRIPTS = {"common": "bench_common", "plain_s4": "plain_s4", "layers": "layer_speed", "generation": "generation",
+           "goals": "speed_goals", "state_passing": "state_passing", "s5": "s5_speed",
+           "device_check": "device_check"}
+
+
+@contextlib.contextmanager
+def loaded_scripts():
+    """The benchmark scripts as modules, loaded with benchmarks/ on ``sys.path`` (they import each other by
+    plain name and put their folder on the path themselves); on exit ``sys.path`` is restored exactly and
+    every module loaded from benchmarks/ leaves ``sys.modules``, so no script can stand in for an installed
+    package of the same name in a later test."""
+    saved_path = list(sys.path)
+    saved_modules = {name: mod for name, mod in sys.modules.items() if _from_bench(mod)}
+    for name in saved_modules:
+        del sys.modules[name]
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield {key: importlib.import_module(name) for key, name in SCRIPTS.items()}
+    finally:
+        sys.path[:] = saved_path
+        for name in [n for n, mod in sys.modules.items() if _from_bench(mod)]:
+            del sys.modules[name]
+        sys.modules.update(saved_modules)
+
+
+def _from_bench(module) -> bool:
+    path = getattr(module, "__file__", None)
+    return bool(path) and Path(path).resolve().parent == BENCH
 
 
 @pytest.fixture(scope="module")
 def bench():
-    """The benchmark scripts as modules (they import each other by plain name from benchmarks/)."""
-    saved = {name: sys.modules.pop(name) for name in SCRIPTS if name in sys.modules}
-    sys.path.insert(0, str(BENCH))
-    try:
-        import common
-        import generation
-        import goals
-        import layers
-        import plain_s4
-        import state_passing
+    with loaded_scripts() as scripts:
+        yield scripts
 
-        yield {"common": common, "plain_s4": plain_s4, "layers": layers, "generation": generation,
-               "goals": goals, "state_passing": state_passing}
-    finally:
-        sys.path.remove(str(BENCH))
-        for name in SCRIPTS:
-            sys.modules.pop(name, None)
-        sys.modules.update(saved)
+
+def test_loading_the_scripts_leaves_no_trace():
+    path, modules = list(sys.path), set(sys.modules)
+    with loaded_scripts() as scripts:
+        assert str(BENCH) in sys.path and scripts["layers"].__name__ == "layer_speed"
+    assert sys.path == path
+    assert not any(_from_bench(sys.modules[name]) for name in set(sys.modules) - modules)
 
 
 @pytest.mark.parametrize("L", [64, 75])
@@ -164,14 +186,9 @@ def test_state_passing_script(bench, tmp_path):
     assert data["machine"]["threads"] == 1 and "loadavg_start" in data["machine"]
 
 
-def test_s5_script(tmp_path):
-    """benchmarks/s5.py --quick: S5 beside S4, S4D and RTF, the scan variants and the chunk sweep."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_bench_s5", BENCH / "s5.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    script.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--no-memory"])
+def test_s5_script(bench, tmp_path):
+    """benchmarks/s5_speed.py --quick: S5 beside S4, S4D and RTF, the scan variants and the chunk sweep."""
+    bench["s5"].main(["--quick", "--threads", "1", "--out", str(tmp_path), "--no-memory"])
     data = _check_json(tmp_path / "s5.json", {"machine", "config", "rows", "target", "scan_variants",
                                               "chunk_sweep", "tables"})
     assert [r["model"] for r in data["rows"]] == ["S4", "S4D", "RTF", "S5"]
@@ -183,11 +200,7 @@ def test_s5_script(tmp_path):
 
 def test_device_check_smoke(bench, tmp_path, capsys):
     """benchmarks/device_check.py: the CPU-able parts at toy sizes; without CUDA a plain run exits 0."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("device_check", BENCH / "device_check.py")
-    device_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(device_check)
+    device_check = bench["device_check"]
     if not torch.cuda.is_available():
         assert device_check.main(["--out", str(tmp_path)]) == 0
         assert "CUDA is not available" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""examples/harness.py: the shared training harness, on tiny plain-torch models and synthetic data (CPU)."""
+"""examples/training_harness.py: the shared training harness, on tiny plain-torch models and synthetic data (CPU)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import random
 import sys
 from dataclasses import replace
 
-import harness
+import training_harness as harness
 import numpy as np
 import pytest
 import torch
-from harness import Config
+from training_harness import Config
 from torch import nn
 from torch.utils.data import Dataset
 

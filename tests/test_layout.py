@@ -64,3 +64,34 @@ def test_production_code_never_imports_the_reference():
         "assert ssm.data.load_lra and ssm.reference.scan\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def _top_level_names_of_installed_distributions() -> dict[str, list[str]]:
+    """Import name -> distributions that install it, for every installed distribution."""
+    import importlib.metadata as md
+
+    if hasattr(md, "packages_distributions"):  # Python 3.10+
+        return md.packages_distributions()
+    names: dict[str, list[str]] = {}
+    for dist in md.distributions():
+        for name in (dist.read_text("top_level.txt") or "").split():
+            names.setdefault(name, []).append(dist.metadata["Name"])
+    return names
+
+
+def test_no_repository_module_shadows_an_installed_package():
+    """benchmarks/, examples/ and tests/ land on ``sys.path`` (scripts run from there, pytest puts tests/ and
+    examples/ there): none of their modules may share a name with an installed distribution's top-level
+    package or a standard-library module, or it would stand in for it (benchmarks/kernels.py once replaced
+    the PyPI package ``kernels`` that transformers imports)."""
+    root = PACKAGE.parent
+    ours = {}
+    for folder in ("benchmarks", "examples", "tests"):
+        for path in (root / folder).iterdir():
+            if path.suffix == ".py" or (path / "__init__.py").exists():
+                ours[path.stem] = f"{folder}/{path.name}"
+    installed = _top_level_names_of_installed_distributions()
+    stdlib = set(getattr(sys, "stdlib_module_names", ()))
+    clashes = {ours[name]: installed.get(name, ["the standard library"])
+               for name in ours if name != "conftest" and (name in installed or name in stdlib)}
+    assert clashes == {}

@@ -1,7 +1,7 @@
 """Kernel generation cost against state size: RTF vs S4 (DPLR) vs S4D (diagonal).
 
-    python benchmarks/rtf.py          # H = 256, L = 8192, N = 16 64 256 1024 (about 15 minutes on 2 cores)
-    python benchmarks/rtf.py --quick  # tiny sizes, seconds (a smoke test)
+    python benchmarks/rtf_speed.py          # H = 256, L = 8192, N = 16 64 256 1024 (about 15 minutes on 2 cores)
+    python benchmarks/rtf_speed.py --quick  # tiny sizes, seconds (a smoke test)
 
 Rows, each generating the kernel K (H, L) from its parameters under ``torch.no_grad``, float32 / complex64:
 
@@ -14,7 +14,7 @@ Rows, each generating the kernel K (H, L) from its parameters under ``torch.no_g
 N is the real state size: RTF has N denominator coefficients; S4 and S4D store N/2 complex states with
 ``conj_pairs=True``, as the layers store them.
 
-Time (``benchmarks/common.py``): median of --repeats calls after a warm-up call. The cheap cases (RTF,
+Time (``benchmarks/bench_common.py``): median of --repeats calls after a warm-up call. The cheap cases (RTF,
 RTF-aliased) are timed interleaved over all N (N=16, 64, ..., N=16, 64, ...), so that a change of the
 load of a shared machine hits every N alike; the others one after another, with fewer calls when slow.
 One thread by default (--threads): on a small shared machine thread wake-ups dominate small cases.
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import bench_common as common  # noqa: E402
 
 from ssm import kernels  # noqa: E402
 from ssm.transfer import stable_denominator  # noqa: E402

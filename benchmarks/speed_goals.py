@@ -1,7 +1,7 @@
 """The speed and memory goals of the performance issue, each printed as measured / target / PASS or MISS.
 
-    python benchmarks/goals.py            # the goal sizes (a few minutes on 2 cores)
-    python benchmarks/goals.py --quick    # tiny sizes, seconds (the verdicts then mean nothing)
+    python benchmarks/speed_goals.py            # the goal sizes (a few minutes on 2 cores)
+    python benchmarks/speed_goals.py --quick    # tiny sizes, seconds (the verdicts then mean nothing)
 
 All ratios are measured in one process with torch.set_num_threads(2) (--threads), float32, the two sides of
 each ratio timed interleaved (A B A B ...) so a change of the machine's load hits both alike:
@@ -15,7 +15,7 @@ each ratio timed interleaved (A B A B ...) so a change of the machine's load hit
    <= 1.5x.
 4. Peak memory of S4 kernel generation, ``ssm.kernels.dplr_kernel(..., disc="bilinear", conj_pairs=True)``
    with the default backend (N/2 = 32 stored modes for N = 64, as the layer stores them), H=256, for L up
-   to 65536, under torch.no_grad (measured in a separate process, see benchmarks/common.py). Target: bytes
+   to 65536, under torch.no_grad (measured in a separate process, see benchmarks/bench_common.py). Target: bytes
    per H*L flat in L (largest L within 1.5x of L=4096) and below 256 B, the size of one materialized
    (H, N, L/2) complex64 Cauchy matrix (256 B per H*L at N=64), i.e. O(H*L) memory, no (H, N, L) tensor.
    Also shown, not judged: the same with autograd (forward+backward, L <= 16384) and an N sweep at L=4096.
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import bench_common as common  # noqa: E402
 from plain_s4 import PlainS4  # noqa: E402
 
 BYTES_CAUCHY_PER_HL = 256.0  # (H, N=64, L/2) complex64 per H*L

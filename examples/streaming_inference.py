@@ -10,9 +10,9 @@ A stack of S4 / S4D / RTF layers (``ssm.SSMModel`` with ``pool="none"``: one out
 * steps: ``y_t, state = model.step(x_t, state)`` for a prefix, the recurrence one sample at a time
   (the path for real-time, sample-by-sample input).
 
-    python examples/streaming.py                         # S4D, 100k samples, chunks of 4096
-    python examples/streaming.py --layer s4 --chunk 1000
-    python examples/streaming.py --layer rtf --double    # float64: differences at rounding level
+    python examples/streaming_inference.py                         # S4D, 100k samples, chunks of 4096
+    python examples/streaming_inference.py --layer s4 --chunk 1000
+    python examples/streaming_inference.py --layer rtf --double    # float64: differences at rounding level
 
 Prints the max abs difference of chunked and stepped outputs against the one pass and the throughput of
 each path in samples/s (the one pass twice: in eval mode the second call reuses the cached kernels; the

@@ -26,8 +26,8 @@ exceeds ``--naive-max-gib``.
 
 Usage (from the repository root; a few minutes on 2 cores):
 
-    python benchmarks/kernels.py                 # table, benchmarks/results/kernels.json and .png
-    python benchmarks/kernels.py --L 1024 --repeats 2
+    python benchmarks/kernel_speed.py                 # table, benchmarks/results/kernels.json and .png
+    python benchmarks/kernel_speed.py --L 1024 --repeats 2
 """
 
 from __future__ import annotations

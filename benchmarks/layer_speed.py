@@ -1,7 +1,7 @@
 """Layer forward and forward+backward: S4, S4D, RTF and causal attention at the same width, against L and N.
 
-    python benchmarks/layers.py            # B=1, H=128, N=64, L = 256 1k 4k 16k; N = 16 64 256 at L=4k
-    python benchmarks/layers.py --quick    # tiny sizes, seconds
+    python benchmarks/layer_speed.py            # B=1, H=128, N=64, L = 256 1k 4k 16k; N = 16 64 256 at L=4k
+    python benchmarks/layer_speed.py --quick    # tiny sizes, seconds
 
 Every layer maps (B, L, H) -> (B, L, H) in float32, training mode:
 
@@ -12,9 +12,9 @@ Every layer maps (B, L, H) -> (B, L, H) in float32, training mode:
                with is_causal=True over H/64 heads, output projection (Linear H -> H)
 
 "fwd" is a forward under torch.no_grad in training mode (the SSM kernels are computed in every call, as in
-training; eval-mode inference with a cached kernel is goal 2 of benchmarks/goals.py); "fwd+bwd" is a
+training; eval-mode inference with a cached kernel is goal 2 of benchmarks/speed_goals.py); "fwd+bwd" is a
 forward and a backward of the output's sum. Times are medians after a warm-up; peak memory is measured
-in a separate worker process (benchmarks/common.py). A case predicted from the previous length to take
+in a separate worker process (benchmarks/bench_common.py). A case predicted from the previous length to take
 more than --max-seconds, or to need more than --mem-limit-gib, is printed as skipped with the reason.
 The N sweep (fixed L) shows how each SSM grows with the state size. Writes benchmarks/results/layers.json
 and layers.png.
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import bench_common as common  # noqa: E402
 
 MODELS = ("S4", "S4D", "RTF", "attention")
 MODES = ("fwd", "fwd+bwd")

@@ -1,7 +1,7 @@
 """S5 beside S4, S4D and RTF: forward+backward and step latency, peak memory at L = 16,384, and the scan.
 
-    python benchmarks/s5.py            # B=8, H=128, L=1024, N=P=64; memory at L=16384
-    python benchmarks/s5.py --quick    # tiny sizes, seconds
+    python benchmarks/s5_speed.py            # B=8, H=128, L=1024, N=P=64; memory at L=16384
+    python benchmarks/s5_speed.py --quick    # tiny sizes, seconds
 
 Every layer maps (B, L, H) -> (B, L, H) in float32, training mode; S5 has one P-state MIMO system
 (ssm.S5(H, P), P = N, P/2 complex states stored), the others H systems of N states each.
@@ -10,7 +10,7 @@ Every layer maps (B, L, H) -> (B, L, H) in float32, training mode; S5 has one P-
   so that a change of the machine's load hits all alike; medians. The target of issue #16: S5 within 2x of
   S4D at the same (B, H, L) with P = N.
 * step: one token of ``layer.step`` in eval mode under no_grad (B tokens, the state carried), median.
-* memory: peak of fwd+bwd at L = --mem-L in a separate worker (benchmarks/common.py).
+* memory: peak of fwd+bwd at L = --mem-L in a separate worker (benchmarks/bench_common.py).
 * scan: the within-chunk recurrence x_k = a x_{k-1} + b_k alone on (B, T, Q) complex64: Blelloch's
   work-efficient scan (``ssm.systems.s5``, 2 log2 T strided passes, O(Q T) work), Hillis-Steele doubling
   (log2 T passes, O(Q T log T) work) and the explicit loop; and the whole ``s5.scan`` fwd+bwd against its
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import bench_common as common  # noqa: E402
 
 MODELS = ("S4", "S4D", "RTF", "S5")
 TARGET = 2.0  # S5 fwd+bwd / S4D fwd+bwd
