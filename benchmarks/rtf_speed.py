@@ -1,6 +1,6 @@
 """Kernel generation cost against state size: RTF vs S4 (DPLR) vs S4D (diagonal).
 
-    python benchmarks/rtf_speed.py          # H = 256, L = 8192, N = 16 64 256 1024 (about 15 minutes on 2 cores)
+    python benchmarks/rtf_speed.py          # H = 256, L = 8192, N = 16 64 256 1024 (~15 min on 2 cores)
     python benchmarks/rtf_speed.py --quick  # tiny sizes, seconds (a smoke test)
 
 Rows, each generating the kernel K (H, L) from its parameters under ``torch.no_grad``, float32 / complex64:

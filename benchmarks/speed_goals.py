@@ -15,9 +15,10 @@ each ratio timed interleaved (A B A B ...) so a change of the machine's load hit
    <= 1.5x.
 4. Peak memory of S4 kernel generation, ``ssm.kernels.dplr_kernel(..., disc="bilinear", conj_pairs=True)``
    with the default backend (N/2 = 32 stored modes for N = 64, as the layer stores them), H=256, for L up
-   to 65536, under torch.no_grad (measured in a separate process, see benchmarks/bench_common.py). Target: bytes
-   per H*L flat in L (largest L within 1.5x of L=4096) and below 256 B, the size of one materialized
-   (H, N, L/2) complex64 Cauchy matrix (256 B per H*L at N=64), i.e. O(H*L) memory, no (H, N, L) tensor.
+   to 65536, under torch.no_grad (measured in a separate process, see benchmarks/bench_common.py).
+   Target: bytes per H*L flat in L (largest L within 1.5x of L=4096) and below 256 B, the size of one
+   materialized (H, N, L/2) complex64 Cauchy matrix (256 B per H*L at N=64), i.e. O(H*L) memory, no
+   (H, N, L) tensor.
    Also shown, not judged: the same with autograd (forward+backward, L <= 16384) and an N sweep at L=4096.
 
 The profile of goal 1's ssm.S4 forward+backward (torch.profiler, top ops by self CPU time) is printed

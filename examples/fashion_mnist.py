@@ -34,10 +34,10 @@ import sys
 from dataclasses import replace
 from typing import Any
 
-import training_harness as harness  # before ssm: from a checkout it makes the repository's ssm importable
 import torch
-from training_harness import Config
+import training_harness as harness  # before ssm: from a checkout it makes the repository's ssm importable
 from torch.utils.data import Subset
+from training_harness import Config
 
 from ssm._checks import check_int
 from ssm.data.mnist import DEFAULT_ROOT, SequentialMNIST

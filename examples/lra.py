@@ -22,8 +22,8 @@ Outputs in ``--out`` (default runs/lra/<task>-<model>-<config>), all from the ha
 metrics.jsonl, last.pt, best.pt, curves.png, summary.json; the summary here adds the task, the data folder
 and the majority-class accuracy of the test split. Running the same command again resumes from last.pt.
 
-Scale (all in training_harness.py): under ``torchrun`` each process trains its share of every global batch with
-DistributedDataParallel (NCCL on CUDA, gloo on CPU); ``--batch-size`` stays the global batch; rank 0
+Scale (all in training_harness.py): under ``torchrun`` each process trains its share of every global batch
+with DistributedDataParallel (NCCL on CUDA, gloo on CPU); ``--batch-size`` stays the global batch; rank 0
 generates missing data, prints and writes the outputs; every rank resumes from last.pt. ``--accumulate N``,
 ``--precision {32,bf16,fp16}``, ``--compile``, ``--checkpoint-every STEPS`` and ``--gen-workers N``
 (processes generating ListOps/Pathfinder) are the other knobs.
@@ -53,11 +53,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import training_harness as harness  # before ssm: from a checkout it makes the repository's ssm importable
 import torch
-from training_harness import Config
+import training_harness as harness  # before ssm: from a checkout it makes the repository's ssm importable
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
+from training_harness import Config
 
 from ssm._checks import check_choice, check_int
 from ssm.data.listops import write_listops

@@ -20,8 +20,8 @@ CPU) and trains with DistributedDataParallel, each rank on its share of every gl
 splits each rank's share into micro-batches; ``precision`` runs the forward under ``torch.autocast``;
 ``compile`` wraps the model in ``torch.compile``.
 
-``examples/`` is not a package: the scripts ``import training_harness`` (Python puts a script's folder first on
-``sys.path``, so ``python examples/lra.py`` works from any directory); the tests find it through the
+``examples/`` is not a package: the scripts ``import training_harness`` (Python puts a script's folder
+first on ``sys.path``, so ``python examples/lra.py`` works from any directory); the tests find it through the
 ``pythonpath`` setting of pytest in pyproject.toml. The name is unique on purpose: ``benchmarks/`` has its
 own ``common.py``, and both folders are importable in one pytest process.
 """

@@ -20,9 +20,9 @@ import ssm
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 # key in the ``bench`` fixture -> script file name (without .py)
-SCRIPTS = {"common": "bench_common", "plain_s4": "plain_s4", "layers": "layer_speed", "generation": "generation",
-           "goals": "speed_goals", "state_passing": "state_passing", "s5": "s5_speed",
-           "device_check": "device_check"}
+SCRIPTS = {"common": "bench_common", "plain_s4": "plain_s4", "layers": "layer_speed",
+           "generation": "generation", "goals": "speed_goals", "state_passing": "state_passing",
+           "s5": "s5_speed", "device_check": "device_check"}
 
 
 @contextlib.contextmanager

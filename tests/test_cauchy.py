@@ -249,6 +249,7 @@ def test_public_chunked_path_with_many_chunks(monkeypatch):
 
 
 def test_resolve_backend(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     cpu = torch.device("cpu")
     assert resolve_backend("auto", 1024, cpu) == "naive"
     assert resolve_backend("auto", cauchy_mod.AUTO_NAIVE_MAX_BYTES + 1, cpu) == "chunked"
@@ -265,7 +266,8 @@ def test_resolve_backend(monkeypatch):
         resolve_backend("triton", 1, torch.device("cuda"))
 
 
-def test_triton_on_cpu_tensors_is_refused():
+def test_triton_on_cpu_tensors_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     v, w = _crandn(2, 3), _poles(2, 3)
     with pytest.raises(ValueError, match="backend"):
         cauchy(v, _crandn(4), w, backend="triton")

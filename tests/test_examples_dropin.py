@@ -1,4 +1,5 @@
-"""examples/transformer_dropin.py and examples/streaming_inference.py on tiny sizes, and the code of docs/*.md."""
+"""examples/transformer_dropin.py and examples/streaming_inference.py on tiny sizes, and the code of
+docs/*.md."""
 
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ def test_dropin_bad_arguments():
         dropin.parse_args(["--mixer", "lstm"])
 
 
-# ---- streaming_inference.py ------------------------------------------------------------------------------------------
+# ---- streaming_inference.py --------------------------------------------------------------------------------
 @pytest.mark.parametrize("layer", sorted(ssm.layers.LAYERS))
 def test_streaming_smoke(layer, capsys):
     result = streaming.main(["--layer", layer, "--length", "3000", "--chunk", "700", "--step-prefix", "120",

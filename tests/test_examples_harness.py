@@ -1,4 +1,5 @@
-"""examples/training_harness.py: the shared training harness, on tiny plain-torch models and synthetic data (CPU)."""
+"""examples/training_harness.py: the shared training harness, on tiny plain-torch models and synthetic data
+(CPU)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import random
 import sys
 from dataclasses import replace
 
-import training_harness as harness
 import numpy as np
 import pytest
 import torch
-from training_harness import Config
+import training_harness as harness
 from torch import nn
 from torch.utils.data import Dataset
+from training_harness import Config
 
 
 @pytest.fixture(autouse=True)

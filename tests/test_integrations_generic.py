@@ -49,8 +49,26 @@ def test_bidirectional_layer_reads_lengths_from_right_padding():
     mask[0, 6:] = False
     y = mixer(x, mask=mask)
     torch.testing.assert_close(y[0, :6], mixer(x[:1, :6])[0], **tol(torch.float32))
-    with pytest.raises(ValueError, match="right padding"):
-        mixer(x, mask=mask.flip(1))
+
+
+def test_bidirectional_layer_takes_left_padding_exactly():
+    mixer = SSMMixer(ssm.S4D(4, 8, bidirectional=True))
+    x = torch.randn(2, 10, 4)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[0, :4] = False
+    noisy = x.clone()
+    noisy[0, :4] = 1e3  # garbage in the pad positions changes nothing at valid ones
+    y = mixer(noisy, mask=mask)
+    torch.testing.assert_close(y[0, 4:], mixer(x[:1, 4:])[0], **tol(torch.float32))
+    torch.testing.assert_close(y[1], mixer(x[1:])[0], **tol(torch.float32))
+
+
+def test_bidirectional_layer_refuses_padding_inside():
+    mixer = SSMMixer(ssm.S4D(4, 8, bidirectional=True))
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[0, 3:5] = False
+    with pytest.raises(ValueError, match="right or left padding"):
+        mixer(torch.randn(2, 10, 4), mask=mask)
 
 
 def test_refuses_cross_attention_and_bad_masks():

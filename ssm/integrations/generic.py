@@ -4,8 +4,8 @@
 The host's extra arguments (rotary embeddings, relative-position biases, caches of keys) mean nothing to a
 state-space layer and are ignored; a key-padding mask is honoured: padded inputs are zeroed before a causal
 layer (its state stays exactly zero through left padding, and right padding never reaches a valid output),
-and a bidirectional layer gets ``lengths`` from right padding. Cross-attention (a ``context``) has no
-sequence-layer equivalent and is refused.
+and a bidirectional layer gets ``lengths`` from right padding and zeroed inputs for left padding.
+Cross-attention (a ``context``) has no sequence-layer equivalent and is refused.
 """
 
 from __future__ import annotations
@@ -65,16 +65,19 @@ def padded_forward(layer: SSMLayer, x: Tensor, keep: Tensor | None, *, strict: b
     """``layer(x)`` with a key-padding mask ``keep`` (B, L), True = a real token, honoured.
 
     A bidirectional layer with right padding gets ``lengths``; otherwise padded inputs are zeroed, which for
-    these linear time-invariant layers keeps a causal state at exactly zero through left padding. With
-    ``strict``, a bidirectional layer refuses any other padding (``name`` is the mask's argument name).
+    these linear time-invariant layers keeps a causal state at exactly zero through left padding (and, in a
+    bidirectional layer, left padding never reaches a valid output). With ``strict``, a bidirectional layer
+    refuses any padding but right or left (``name`` is the mask's argument name).
     """
     if keep is None:
         return layer(x)
     if layer.bidirectional:
         if is_right_padding(keep):
             return layer(x, lengths=keep.sum(1))
-        if strict:
-            raise ValueError(f"{name}: a bidirectional layer needs right padding (each row's valid positions "
-                             "first)")
+        # Left padding: zeroed, it reaches no valid output in either direction (the forward direction's state
+        # stays zero through it, the backward direction never sees the past).
+        if strict and not is_right_padding(keep.flip(1)):
+            raise ValueError(f"{name}: a bidirectional layer needs right or left padding (each row's valid "
+                             "positions in one block at the end or the start)")
     return layer(x * keep[..., None].to(x.dtype))
 

@@ -504,8 +504,11 @@ class SSMLayer(nn.Module):
         rate = self._check_rate(rate)
         if Bsz == 0 or L == 0:  # nothing to compute: an empty output (and the state unchanged)
             y = x.new_zeros(x.shape) + 0 * self.D.sum().to(x.dtype)
-            return u, rate, ((y, state if state is not None else self.default_state(1)[:0]) if return_state
-                             else y)
+            if not return_state:
+                return u, rate, y
+            if state is None:  # no step taken: the zero state, of this batch (batch 0 has no zero state)
+                state = self.default_state(Bsz, device=u.device) if Bsz else self.default_state(1)[:0]
+            return u, rate, (y, state)
         if self.check_finite and not torch.compiler.is_compiling():  # value checks would break the graph
             self._check_finite(u)
         return u, rate, None

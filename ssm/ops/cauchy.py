@@ -13,8 +13,8 @@ Backends (chosen by ``resolve_backend``, shared with ``ssm.ops.vandermonde``):
 - ``"chunked"``: pure torch, a custom ``autograd.Function`` that walks over chunks of ``z`` in the forward
   and recomputes each chunk in the backward, so peak memory is the output plus a few (W, N, chunk)
   temporaries of ``CHUNK_BYTES`` each, never the (W, N, L) intermediate.
-- ``"triton"``: optional, CUDA tensors only, needs ``pip install triton``; fused kernel that never
-  materializes the intermediate (``ssm.ops.cauchy_triton``).
+- ``"triton"``: optional, CUDA tensors (CPU tensors under ``TRITON_INTERPRET=1``), needs ``pip install
+  triton``; fused kernel that never materializes the intermediate (``ssm.ops.cauchy_triton``).
 - ``"auto"``: ``"naive"`` when the (W, N, L) temporary needs at most ``AUTO_NAIVE_MAX_BYTES``, else
   ``"chunked"``.
 
@@ -73,9 +73,11 @@ def resolve_backend(backend: str, nbytes: int, device: torch.device) -> str:
             return "naive"
         return "naive" if nbytes <= AUTO_NAIVE_MAX_BYTES else "chunked"
     if backend == "triton":
-        if device.type != "cuda":
-            raise ValueError(f"backend 'triton' needs CUDA tensors; got tensors on {device.type!r}")
         from . import cauchy_triton
+
+        if not cauchy_triton.accepts(device):
+            raise ValueError(f"backend 'triton' needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1, "
+                             f"Triton's interpreter); got tensors on {device.type!r}")
 
         if not cauchy_triton.available():
             raise ImportError(f"backend 'triton' needs the triton package: {_TRITON_INSTALL}")

@@ -1,5 +1,8 @@
 """Optional Triton kernels for the Cauchy and Vandermonde products (CUDA tensors; ``pip install triton``).
 
+Under ``TRITON_INTERPRET=1`` (Triton's interpreter, set before triton is imported) the same kernels run on
+CPU tensors, slowly: that is how the test suite runs them without a GPU (``accepts``).
+
 Importing this module does not import triton: ``available()`` checks for it and the kernels are compiled on
 first use. Reached through ``backend="triton"`` of ``ssm.ops.cauchy.cauchy`` and
 ``ssm.ops.vandermonde.vandermonde`` (grouped operands v (W, E, N), w or log x (W, N)).
@@ -20,11 +23,12 @@ W * E * max(N, L) must stay below 2^31.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["available", "cauchy_triton", "vandermonde_triton", "works"]
+__all__ = ["accepts", "available", "cauchy_triton", "interpreting", "vandermonde_triton", "works"]
 
 BLOCK_N = 32
 BLOCK_L = 128
@@ -38,6 +42,17 @@ def available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def interpreting() -> bool:
+    """Whether Triton's interpreter is switched on (``TRITON_INTERPRET=1``): kernels then run on the CPU."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def accepts(device: torch.device) -> bool:
+    """Whether the kernels can run on tensors of ``device``: CUDA, or the CPU under the interpreter."""
+    kind = torch.device(device).type
+    return kind == "cuda" or (kind == "cpu" and interpreting())
 
 
 @functools.cache
