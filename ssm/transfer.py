@@ -25,10 +25,12 @@ leading batch shape (...). Sequences are (B, H, L) (the internal layout).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
-from ._checks import check_tensor
-from .systems.rtf import STABLE_METHODS, rtf_filter, rtf_init, rtf_step, stable_denominator
+from ._checks import check_int, check_tensor
+from .systems.rtf import STABLE_METHODS, rtf_filter, rtf_init, rtf_kernel, rtf_step, stable_denominator
 
 __all__ = [
     "STABLE_METHODS",
@@ -39,6 +41,7 @@ __all__ = [
     "ssm_to_rtf",
     "ssm_to_rtf_dplr",
     "stable_denominator",
+    "to_rtf",
 ]
 
 # ssm_to_rtf(real=None) returns real coefficients when max |Im| <= _REAL_RTOL * max |.| (computed in
@@ -415,3 +418,75 @@ def rtf_to_ssm(
     B = torch.zeros(*batch, N + 1, dtype=dtype, device=a.device)
     B[..., 0] = 1
     return A, B, b.clone(), torch.zeros(batch, dtype=dtype, device=a.device)
+
+
+def to_rtf(layer, rate: float = 1.0, *, dtype: torch.dtype | None = None, check_length: int = 1024):
+    """An ``ssm.RTF`` layer with the same outputs as the LTI ``layer``: the exact transfer function of its
+    system (also reached as ``layer.to_rtf(...)``).
+
+    An RTF layer returns a copy of itself. Otherwise the family's ``transfer_function`` gives (b, a) in
+    float64 (b_0, the lag-0 tap, goes into the RTF layer's D, which keeps a strictly proper numerator);
+    D, the output projection, activation and GLU are copied. The result is built with
+    ``constraint="none"`` (the denominator is set, not mapped), in ``dtype`` (default: this layer's;
+    float64 coefficients survive conditioning that float32 ones do not).
+
+    Raises:
+        ValueError: the layer is bidirectional; or the conversion is ill-conditioned, which happens when
+            many poles cluster near z = 1 (small dt, large d_state: docs/convert_to_rtf.md): a
+            denominator root on or outside the unit circle, or a kernel of the converted coefficients
+            (in float64 and rounded to ``dtype``) that differs from this layer's over ``check_length``
+            taps by more than the tolerance of the dtype (1e-6 in float64, 1e-4 in float32).
+    """
+    from .layers.rtf import RTF  # deferred: the layers import this module's siblings
+
+    if isinstance(layer, RTF):
+        return copy.deepcopy(layer) if dtype is None else copy.deepcopy(layer).to(dtype)
+    if layer.bidirectional:
+        raise ValueError("to_rtf converts causal layers; got a bidirectional layer")
+    if not hasattr(layer.family, "transfer_function"):
+        raise ValueError(f"{type(layer).__name__} has no transfer-function conversion")
+    rate = layer._check_rate(rate)
+    L = check_int("check_length", check_length, minimum=1)
+    device = layer.D.device
+    dtype = layer.D.dtype if dtype is None else dtype
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64; got {dtype}")
+    wide = copy.deepcopy(layer).double()
+    with torch.no_grad():
+        system = wide.discrete_system(rate)
+        b, a = layer.family.transfer_function(system)  # (C, H, N+1), (H, N)
+        K = layer.family.kernel(system, L, **wide.kernel_options())[: layer.channels]  # (C, H, L)
+        C, H, N = b.shape[0], layer.d_model, a.shape[-1]
+        if N:
+            companion = torch.zeros(H, N, N, dtype=a.dtype)
+            companion[:, 0] = -a
+            companion[:, 1:, :-1] = torch.eye(N - 1, dtype=a.dtype)
+            radius = torch.linalg.eigvals(companion).abs().max().item()
+            if not radius < 1:
+                raise ValueError(
+                    f"the transfer function of this layer is ill-conditioned (clustered poles): its "
+                    f"denominator has a root of modulus {radius:.6g} >= 1 although the system is stable; "
+                    "a larger dt or a smaller d_state converts well"
+                )
+        rtol = 1e-6 if dtype == torch.float64 else 1e-4
+        rounded = (b.to(dtype).double(), a.to(dtype).double())
+        for what, (bb, aa) in (("float64", (b, a)), (str(dtype), rounded)):
+            K_rtf = rtf_kernel(bb.reshape(C * H, N + 1), aa.repeat(C, 1), L).reshape(C, H, L)
+            err = ((K_rtf - K).norm() / K.norm().clamp_min(1e-300)).item()
+            if not err <= rtol:
+                raise ValueError(
+                    f"the transfer function of this layer is ill-conditioned (clustered poles): with "
+                    f"{what} coefficients its kernel differs from the layer's by {err:.3g} relative over "
+                    f"{L} taps (tolerance {rtol:g}); a larger dt, a smaller d_state or "
+                    "dtype=torch.float64 converts well"
+                )
+        out = RTF(H, N, constraint="none", channels=layer.channels, transposed=layer.transposed,
+                  activation=layer.activation, glu=layer.glu, dropout=layer.drop.p,
+                  ssm_lr=layer._hint.get("lr"), ssm_weight_decay=layer._hint["weight_decay"],
+                  device=device, dtype=dtype)
+        b0 = b[..., 0]  # (C, H)
+        out.a.copy_(a)
+        out.b.copy_(b[..., 1:] - b0[..., None] * a)
+        out.D.copy_(layer.D.double() + b0)
+        out.out_proj.load_state_dict(layer.out_proj.state_dict())
+    return out.train(layer.training)

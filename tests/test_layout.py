@@ -15,15 +15,27 @@ from ssm import systems
 from ssm.layers import LAYERS
 
 PACKAGE = Path(ssm.__file__).parent
-VERBS = ("kernel", "step", "free_response", "final_state")
 
 
-@pytest.mark.parametrize("name", ["dense", "diag", "dplr", "rtf"])
-def test_every_family_has_the_verbs(name):
-    module = getattr(systems, name)
-    for verb in VERBS:
-        assert callable(getattr(module, verb, None)), f"ssm.systems.{name} lacks {verb}"
-    assert callable(getattr(module, "discretize", None) or getattr(module, "system", None))
+@pytest.mark.parametrize("name", sorted(systems.FAMILIES))
+def test_every_family_has_the_verbs_of_its_tier(name):
+    module = systems.FAMILIES[name]
+    assert systems.missing_verbs(module) == [], f"ssm.systems.{name}"
+    assert isinstance(module, systems.Family)
+    assert isinstance(module, systems.LTIFamily if module.TIER == "lti" else systems.ScanFamily)
+
+
+def test_every_family_module_is_registered():
+    modules = {p.stem for p in (PACKAGE / "systems").glob("*.py")} - {"__init__", "common"}
+    assert modules == set(systems.FAMILIES)
+
+
+def test_missing_verbs_names_what_is_missing():
+    import types
+
+    fake = types.SimpleNamespace(TIER="lti", discretize=len, step=len, final_state=len, kernel=len)
+    assert systems.missing_verbs(fake) == ["free_response"]
+    assert systems.missing_verbs(types.SimpleNamespace()) == ["TIER (one of ['lti', 'scan']; got None)"]
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))

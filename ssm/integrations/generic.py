@@ -79,5 +79,5 @@ def padded_forward(layer: SSMLayer, x: Tensor, keep: Tensor | None, *, strict: b
         if strict and not is_right_padding(keep.flip(1)):
             raise ValueError(f"{name}: a bidirectional layer needs right or left padding (each row's valid "
                              "positions in one block at the end or the start)")
-    return layer(x * keep[..., None].to(x.dtype))
+    return layer.masked_forward(x, keep)
 

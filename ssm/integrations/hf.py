@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import LAYERS
-from ..layers.base import SSMLayer
+from ..layers.base import SSMLayer, map_state
 from .generic import padded_forward
 
 __all__ = ["SSMAttention", "find_attention", "from_pretrained", "swap_attention"]
@@ -106,9 +106,10 @@ def _wrap_cache_batch_ops(cache) -> None:
 
         setattr(cache, name, method)
 
-    wrap("reorder_cache", lambda s, idx: s.index_select(0, idx.to(s.device)))
-    wrap("batch_select_indices", lambda s, idx: s[idx.to(s.device)])
-    wrap("batch_repeat_interleave", lambda s, r: s.repeat_interleave(r, dim=0))
+    # A layer's state may be a tuple of tensors (Mamba): every batch operation maps over its tensors.
+    wrap("reorder_cache", lambda s, idx: map_state(lambda t: t.index_select(0, idx.to(t.device)), s))
+    wrap("batch_select_indices", lambda s, idx: map_state(lambda t: t[idx.to(t.device)], s))
+    wrap("batch_repeat_interleave", lambda s, r: map_state(lambda t: t.repeat_interleave(r, dim=0), s))
     cache._ssm_wrapped = True
 
 
@@ -198,14 +199,16 @@ class SSMAttention(nn.Module):
                     "cannot be rewound or rebuilt from keys (was the cache cropped, or filled elsewhere?)"
                 )
             state = entry[1]
-        u = x if valid is None else x * valid[..., None].to(x.dtype)
         if L == 1:
+            u = x if valid is None else x * valid[..., None].to(x.dtype)
             if state is None:
                 state = self.layer.default_state(Bsz, device=x.device)
             y, state = self.layer.step(u[:, 0], state)
             y = y[:, None]
+        elif valid is None:
+            y, state = self.layer(x, state, return_state=True)
         else:
-            y, state = self.layer(u, state, return_state=True)
+            y, state = self.layer.masked_forward(x, valid, state, return_state=True)
         stub = x.new_zeros(Bsz, 1, L, 1)
         cache.update(stub, stub, self.layer_idx)
         states[self.layer_idx] = (cache.get_seq_length(self.layer_idx), state)

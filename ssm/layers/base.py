@@ -1,29 +1,27 @@
-"""The shared base of every SSM layer: shapes, the two forward paths, D skip, output projection.
+"""The base that every SSM layer shares, whatever its family's tier (docs/systems.md).
 
-A layer maps u (B, L, H) to y (B, L, H) in two equivalent ways:
+A layer maps u (B, L, H) to y (B, L, H) by a parallel path (``forward``) and a recurrent one (``step``) that
+agree; ``forward(x, state, return_state=True)`` continues from a state, so a stream in chunks equals one pass.
+The state is whatever structure the family needs (a tensor, or a tuple such as Mamba's convolution window
+and SSM state): nothing outside the layer looks inside it, callers go through ``default_state``, ``step``
+and ``forward(..., return_state=True)``.
 
-* convolutional (``forward``): y = activation(K * u + D u) -> dropout -> output linear, with the kernel
-  K (C, H, L) from a pure function in ``ssm.kernels``;
-* recurrent (``step``): one token at a time, x_k = Ab x_{k-1} + Bb u_k, y_k = C x_k + D u_k, then the same
-  pointwise post-processing.
-
-``forward(x, state)`` continues from a recurrent state, so a stream processed in chunks equals one pass.
-A subclass owns the parameters and provides ``family`` (its module in ``ssm.systems``), ``discrete_system``
-and ``default_state``; every path here calls the family's verbs (kernel, step, free_response or
-state_input, final_state) on that system and nothing else.
+This base holds what does not depend on the family: argument and state checks, the SSM parameters and their
+optimizer hints (``register_ssm``), ``build_ssm`` / ``reset_parameters``, the configuration carried in the
+state_dict (``_extra_state``) and the output stage (activation, dropout, projection, GLU). The LTI layers
+(S4, S4D, RTF, S5) add the convolution, the eval cache and the kernel in ``ssm.layers.lti.LTILayer``; the
+selective ones (Mamba, Mamba-2) their scan in ``ssm.layers.mamba``.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from types import ModuleType
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 from .._checks import (
@@ -35,8 +33,6 @@ from .._checks import (
     check_positive,
     check_real,
 )
-from ..ops.cauchy_triton import works as triton_works
-from ..ops.fftconv import fftconv
 
 ACTIVATIONS = ("gelu", "silu", "relu", "tanh", "identity")
 _ACT = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu, "tanh": torch.tanh, "identity": lambda t: t}
@@ -82,43 +78,52 @@ def check_input_dtype(x: Tensor) -> None:
                          f"got {x.dtype}")
 
 
+def state_leaves(state: Any) -> list[Tensor]:
+    """The tensors of a state, in order (a tensor, or nested tuples / lists of tensors)."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, (tuple, list)):
+        return [t for s in state for t in state_leaves(s)]
+    raise ValueError(f"a state is a tensor or a tuple of tensors; got {type(state).__name__}")
+
+
+def map_state(fn, state: Any) -> Any:
+    """``state`` with ``fn`` applied to every tensor, keeping the structure (e.g. ``lambda t: t[:, idx]``)."""
+    if isinstance(state, torch.Tensor):
+        return fn(state)
+    if isinstance(state, (tuple, list)):
+        return type(state)(map_state(fn, s) for s in state)
+    raise ValueError(f"a state is a tensor or a tuple of tensors; got {type(state).__name__}")
+
+
 class SSMLayer(nn.Module):
-    """Base class of S4, S4D and RTF.
+    """Base class of every SSM layer (S4, S4D, RTF, S5, Mamba, Mamba2).
 
     Args:
-        d_model: H, the number of features (independent SSMs, one per feature).
-        channels: C, output channels per feature, mixed by the output projection (C*H -> H).
-        bidirectional: add an anti-causal kernel (a second set of C channels applied backwards in time).
+        d_model: H, the number of features.
+        bidirectional: add a pass backwards in time (the output reads the future; no state passing).
         transposed: inputs/outputs are (B, H, L) instead of the default (B, L, H).
-        activation: applied to the SSM output before the projection, one of ``ACTIVATIONS``.
-        glu: the output projection maps to 2H and a GLU gates it back to H (S4's ``postact='glu'``).
-        dropout: dropout after the activation.
         ssm_lr, ssm_weight_decay: optimizer hints attached to the SSM parameters (read by ``ssm.optim``);
             ``ssm_lr=None`` lets them follow the global learning rate.
+
+    A subclass provides ``family`` (its module in ``ssm.systems``), ``ssm_init``, ``default_state``,
+    ``forward`` and ``step``, and calls ``init_output`` for its output stage.
     """
 
     def __init__(
         self,
         d_model: int,
         *,
-        channels: int = 1,
         bidirectional: bool = False,
         transposed: bool = False,
-        activation: str = "gelu",
-        glu: bool = False,
-        dropout: float = 0.0,
         ssm_lr: float | None = 1e-3,
         ssm_weight_decay: float = 0.0,
-        device=None,
         dtype=None,
     ) -> None:
         super().__init__()
-        self.d_model = H = check_int("d_model", d_model, minimum=1)
-        self.channels = check_int("channels", channels, minimum=1)
+        self.d_model = check_int("d_model", d_model, minimum=1)
         self.bidirectional = check_bool("bidirectional", bidirectional)
         self.transposed = check_bool("transposed", transposed)
-        self.activation = check_choice("activation", activation, ACTIVATIONS)
-        dropout = check_real("dropout", dropout, minimum=0.0, below=1.0)
         if ssm_lr is not None:
             ssm_lr = check_real("ssm_lr", ssm_lr, positive=True)
         ssm_weight_decay = check_real("ssm_weight_decay", ssm_weight_decay, minimum=0.0)
@@ -126,17 +131,9 @@ class SSMLayer(nn.Module):
         self._hint = {"weight_decay": ssm_weight_decay}
         if ssm_lr is not None:
             self._hint["lr"] = ssm_lr
-        factory = {"device": device, "dtype": dtype}
-        self.D = nn.Parameter(torch.randn(self.channels, H, **factory))
-        self.drop = nn.Dropout(dropout)
-        self.glu = check_bool("glu", glu)
-        self.out_proj = nn.Linear(self.channels * H, (2 if glu else 1) * H, **factory)
         self._ssm_names: list[str] = []
-        self.register_load_state_dict_pre_hook(_accept_missing_config)
         self._hinted_names: list[str] = []
-        self._backend_cache: dict[str, str] = {}
-        self._memo_store: dict[str, tuple] = {}
-        self._memo_snapshot: list[Tensor] | None = None
+        self.register_load_state_dict_pre_hook(_accept_missing_config)
 
     #: Opt-in check (off by default: it synchronizes a GPU) that ``forward`` raises a ``ValueError`` naming
     #: the batch index and the first position of a non-finite input, instead of letting the FFT spread it.
@@ -145,28 +142,74 @@ class SSMLayer(nn.Module):
     check_finite: bool = False
 
     # ---- what a subclass provides ------------------------------------------------------------------------
-    #: The family module in ``ssm.systems`` whose verbs (kernel, step, free_response, final_state) run the
-    #: system that ``discrete_system`` builds.
+    #: The family module in ``ssm.systems`` whose verbs this layer calls.
     family: ClassVar[ModuleType]
 
-    def discrete_system(self, rate: float = 1.0) -> NamedTuple:
-        """The layer's discrete system in its family's structured form (differentiable; see the subclass)."""
-        raise NotImplementedError
-
-    def default_state(self, batch_size: int, *, device=None) -> Tensor:
+    def default_state(self, batch_size: int, *, device=None) -> Any:
         """The zero state for a batch: the starting point of ``step`` and ``forward(x, state=...)``."""
         raise NotImplementedError
 
+    def ssm_init(self, real_dtype: torch.dtype) -> dict[str, tuple[Tensor, bool, bool]]:
+        """The initial SSM parameters, name -> (value, complex, optimizer hint), in the order they are drawn;
+        called on the CPU (inside ``torch.device("cpu")``) by ``build_ssm`` and ``reset_parameters``."""
+        raise NotImplementedError
+
+    # ---- the output stage ---------------------------------------------------------------------------------
+    def init_output(self, features: int, *, activation: str = "identity", glu: bool = False,
+                    dropout: float = 0.0, bias: bool = True, device=None, dtype=None) -> None:
+        """The output stage: y (B, L, features) -> activation -> dropout -> ``out_proj`` -> GLU -> (B, L, H).
+        """
+        self.activation = check_choice("activation", activation, ACTIVATIONS)
+        self.glu = check_bool("glu", glu)
+        self.drop = nn.Dropout(check_real("dropout", dropout, minimum=0.0, below=1.0))
+        out = (2 if self.glu else 1) * self.d_model
+        self.out_proj = nn.Linear(features, out, bias=check_bool("bias", bias), device=device, dtype=dtype)
+
+    def output(self, y: Tensor, like: Tensor) -> Tensor:
+        """The output stage on y (B, L, F) or (B, F); the result in the layout and dtype of the input ``like``
+        (autocast keeps its own dtype)."""
+        y = self.drop(_ACT[self.activation](y))
+        y = y.to(self.out_proj.weight.dtype) if not torch.is_autocast_enabled() else y
+        y = self.out_proj(y)
+        if self.glu:
+            y = F.glu(y, dim=-1)
+        if self.transposed and y.ndim == 3:
+            y = y.transpose(1, 2)
+        return y.to(like.dtype) if not torch.is_autocast_enabled() else y
+
+    # ---- SSM parameters, hints, initialization -----------------------------------------------------------
     def ssm_param(self, name: str) -> Tensor:
         """The SSM parameter ``name`` in float32 or wider: after ``.half()`` / ``.bfloat16()`` the system,
         kernel and state are still computed in float32 (as under autocast); gradients reach the parameter."""
         p = getattr(self, name)
         return p.float() if p.dtype in (torch.float16, torch.bfloat16) else p
 
-    def ssm_init(self, real_dtype: torch.dtype) -> dict[str, tuple[Tensor, bool, bool]]:
-        """The initial SSM parameters, name -> (value, complex, optimizer hint), in the order they are drawn;
-        called on the CPU (inside ``torch.device("cpu")``) by ``build_ssm`` and ``reset_parameters``."""
-        raise NotImplementedError
+    def register_ssm(
+        self, name: str, value: Tensor, *, complex_: bool = False, hint: bool = True
+    ) -> nn.Parameter:
+        """Register a parameter of the SSM system. With ``hint`` (Lambda, P, B, dt, the denominator, A_log)
+        it gets this layer's optimizer hints (lr, weight_decay; ``optimizer_hints``, read by ``ssm.optim``);
+        without (C, the numerators) it follows the global optimizer settings. Either way it keys the cache."""
+        param = complex_param(value) if complex_ else nn.Parameter(value)
+        self.register_parameter(name, param)
+        if name not in self._ssm_names:
+            self._ssm_names.append(name)
+        if hint and name not in self._hinted_names:
+            self._hinted_names.append(name)
+        return param
+
+    def ssm_parameters(self) -> list[nn.Parameter]:
+        """The parameters ``register_ssm`` marked (the system's), looked up by name, so a replaced Parameter
+        object counts too."""
+        return [p for p in (getattr(self, n, None) for n in self._ssm_names) if p is not None]
+
+    def optimizer_hints(self) -> dict[str, dict]:
+        """Parameter name -> its optimizer hint (lr, weight_decay), read by ``ssm.optim.param_groups``.
+
+        The hints live on the module, keyed by name, so they survive every route that makes new Parameter
+        objects (``copy.deepcopy``, ``load_state_dict(assign=True)``, ``to_empty``, ``.to("meta")``,
+        Hugging Face ``from_pretrained``, FSDP2 ``fully_shard``)."""
+        return {name: dict(self._hint) for name in self._hinted_names}
 
     def build_ssm(self, device=None, dtype=None) -> None:
         """Register the SSM parameters of ``ssm_init`` on ``device`` (None: the current default device, so
@@ -181,32 +224,48 @@ class SSMLayer(nn.Module):
             if param.dtype != dtype:
                 param.data = param.data.to(dtype)
 
+    def _real_dtype(self) -> torch.dtype:
+        p = next(iter(self.ssm_parameters()), None)
+        return torch.float64 if p is not None and p.dtype == torch.float64 else torch.float32
+
+    def reset_extra(self, real_dtype: torch.dtype) -> None:
+        """Re-initialize the parameters a subclass owns outside the SSM and the submodules (e.g. D)."""
+
     def reset_parameters(self) -> None:
-        """Restore the initialization of every parameter in place: D, the output projection and the SSM
-        parameters (new random draws where the initialization is random). After ``to_empty()`` this
-        gives a layer built on the meta device (FSDP2, Hugging Face) its real initial values."""
-        real_dtype = torch.float64 if self.D.dtype == torch.float64 else torch.float32
-        with torch.no_grad():
-            with torch.device("cpu"):
-                D = torch.randn(self.D.shape, dtype=real_dtype)
-            self.D.copy_(D)
-            self.out_proj.reset_parameters()
+        """Restore the initialization of every parameter in place: every submodule that has
+        ``reset_parameters`` (projections, convolutions, norms), the subclass's own (``reset_extra``: D, the
+        dt bias) and the SSM parameters (new random draws where the initialization is random). After
+        ``to_empty()`` this gives a layer built on the meta device (FSDP2, Hugging Face) its real values."""
+        real_dtype = self._real_dtype()
+        with torch.no_grad():  # in the order of construction, so a seeded reset equals a seeded build
+            self.reset_extra(real_dtype)
+            for module in self.modules():
+                if module is not self and hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
             with torch.device("cpu"):
                 values = self.ssm_init(real_dtype)
             for name, (value, complex_, _) in values.items():
                 getattr(self, name).copy_(torch.view_as_real(value.resolve_conj().contiguous()) if complex_
                                           else value)
 
+    # ---- configuration in the state_dict -----------------------------------------------------------------
+    #: Attributes shown by ``extra_repr`` after d_model, when the layer has them.
+    repr_names: ClassVar[tuple[str, ...]] = ("d_state", "init", "disc", "rank", "constraint", "blocks",
+                                             "backend")
+
     def extra_repr(self) -> str:
         parts = [str(self.d_model)]
-        for name in ("d_state", "init", "disc", "rank", "constraint", "blocks", "backend"):
+        for name in self.repr_names:
             if hasattr(self, name):
                 parts.append(f"{name}={getattr(self, name)!r}")
-        parts += [f"channels={self.channels}", f"bidirectional={self.bidirectional}"]
+        if hasattr(self, "channels"):
+            parts.append(f"channels={self.channels}")
+        parts.append(f"bidirectional={self.bidirectional}")
         if self.transposed:
             parts.append("transposed=True")
-        parts.append(f"activation={self.activation!r}")
-        if self.glu:
+        if getattr(self, "activation", "identity") != "identity" or hasattr(self, "channels"):
+            parts.append(f"activation={self.activation!r}")
+        if getattr(self, "glu", False):
             parts.append("glu=True")
         return ", ".join(parts)
 
@@ -238,194 +297,10 @@ class SSMLayer(nn.Module):
             raise ValueError(f"{type(self).__name__}: the state_dict was saved from a layer with another "
                              f"configuration: {'; '.join(diffs)}")
 
-    def kernel_options(self) -> dict:
-        """Keyword arguments of the family's ``kernel`` verb (the Cauchy / Vandermonde backend)."""
-        return {}
-
-    def resolved_backend(self, device: torch.device) -> str:
-        """``self.backend`` resolved once per device type: ``"auto"`` becomes ``"triton"`` on CUDA when the
-        package is installed and its kernel agrees with the torch path on a probe, else ``"auto"`` of
-        ``ssm.ops.cauchy`` (the torch path: materialized below 16 MiB, bounded-memory chunks above)."""
-        if self.backend != "auto":
-            return self.backend
-        if torch.compiler.is_compiling():
-            return "auto"  # a traced graph takes the torch path (no probe kernel, no guard on this cache)
-        hit = self._backend_cache.get(device.type)
-        if hit is None:
-            hit = "triton" if device.type == "cuda" and triton_works(device) else "auto"
-            self._backend_cache[device.type] = hit
-        return hit
-
-    def ssm_parameters(self) -> list[nn.Parameter]:
-        """The parameters ``register_ssm`` marked (the system's): a change of any of them invalidates the
-        cached system and kernel. Looked up by name, so a replaced Parameter object counts too."""
-        return [p for p in (getattr(self, n, None) for n in self._ssm_names) if p is not None]
-
-    # ---- helpers ------------------------------------------------------------------------------------------
-    def register_ssm(
-        self, name: str, value: Tensor, *, complex_: bool = False, hint: bool = True
-    ) -> nn.Parameter:
-        """Register a parameter of the SSM system. With ``hint`` (Lambda, P, B, dt, the denominator) it
-        gets this layer's optimizer hints (lr, weight_decay; ``optimizer_hints``, read by ``ssm.optim``);
-        without (C, the numerators) it follows the global optimizer settings. Either way it keys the cache."""
-        param = complex_param(value) if complex_ else nn.Parameter(value)
-        self.register_parameter(name, param)
-        if name not in self._ssm_names:
-            self._ssm_names.append(name)
-        if hint and name not in self._hinted_names:
-            self._hinted_names.append(name)
-        return param
-
-    def optimizer_hints(self) -> dict[str, dict]:
-        """Parameter name -> its optimizer hint (lr, weight_decay), read by ``ssm.optim.param_groups``.
-
-        The hints live on the module, keyed by name, so they survive every route that makes new Parameter
-        objects (``copy.deepcopy``, ``load_state_dict(assign=True)``, ``to_empty``, ``.to("meta")``,
-        Hugging Face ``from_pretrained``, FSDP2 ``fully_shard``)."""
-        return {name: dict(self._hint) for name in self._hinted_names}
-
+    # ---- checks shared by every forward and step ---------------------------------------------------------
     def _check_rate(self, rate: float) -> float:
         check_positive("rate", rate)
         return float(rate)
-
-    def _params_unchanged(self) -> bool:
-        snap = self._memo_snapshot
-        params = self.ssm_parameters()
-        if snap is None or len(snap) != len(params):
-            return False
-        for p, q in zip(params, snap):
-            if p.shape != q.shape or p.dtype != q.dtype or p.device != q.device or not torch.equal(p, q):
-                return False
-        return True
-
-    def memo(self, name: str, key: tuple, fn):
-        """``fn()``, cached under ``name`` in eval mode without autograd while ``key`` and the values of the
-        SSM parameters are unchanged; recomputed whenever a graph may be needed.
-
-        The values are compared with a stored copy (O(H N), beside the O(H N L) kernel), so every route
-        that changes a parameter counts: in-place on ``.data``, ``p.data = t``, a new Parameter object,
-        ``vector_to_parameters``, ``load_state_dict``, optimizer steps, ``.to()``, ``.half().float()``.
-        Under ``torch.compile`` / ``torch.export`` the cache is bypassed (its value comparison would break the
-        graph): the compiled graph recomputes ``fn()``.
-        """
-        if torch.compiler.is_compiling():
-            return fn()
-        if self.training or torch.is_grad_enabled():
-            self._memo_store.clear()
-            self._memo_snapshot = None
-            return fn()
-        if not self._params_unchanged():
-            self._memo_store.clear()
-            self._memo_snapshot = [p.detach().clone() for p in self.ssm_parameters()]
-        hit = self._memo_store.get(name)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        value = fn()
-        self._memo_store[name] = (key, value)
-        return value
-
-    def _system(self, rate: float) -> NamedTuple:
-        """``discrete_system(rate)`` in float32 or wider (autocast off), cached for inference."""
-        dev = self.D.device.type
-
-        def compute():
-            with torch.autocast(device_type=dev, enabled=False):
-                return self.discrete_system(rate)
-
-        return self.memo("system", (rate,), compute)
-
-    def _kernel_of(self, system: NamedTuple, L: int, rate: float) -> Tensor:
-        dev = self.D.device.type
-
-        def compute() -> Tensor:
-            with torch.autocast(device_type=dev, enabled=False):
-                return self.family.kernel(system, L, **self.kernel_options())
-
-        return self.memo("kernel", (L, rate), compute)
-
-    def kernel(self, L: int, rate: float = 1.0) -> Tensor:
-        """The convolution kernel (C', H, L) in float32 or wider, even under autocast; C' = 2C when
-        bidirectional (forward channels first).
-
-        In eval mode without autograd the kernel is cached (``memo``) and reused while the SSM parameters,
-        L and rate are unchanged, so repeated inference pays only for the convolution.
-        """
-        L = check_int("L", L, minimum=1)
-        rate = self._check_rate(rate)
-        return self._kernel_of(self._system(rate), L, rate)
-
-    def to_rtf(
-        self, rate: float = 1.0, *, dtype: torch.dtype | None = None, check_length: int = 1024
-    ) -> SSMLayer:
-        """An ``ssm.RTF`` layer with the same outputs: the exact transfer function of this layer's system.
-
-        An RTF layer returns a copy of itself. Otherwise the family's ``transfer_function`` gives (b, a) in
-        float64 (b_0, the lag-0 tap, goes into the RTF layer's D, which keeps a strictly proper numerator);
-        D, the output projection, activation and GLU are copied. The result is built with
-        ``constraint="none"`` (the denominator is set, not mapped), in ``dtype`` (default: this layer's;
-        float64 coefficients survive conditioning that float32 ones do not).
-
-        Raises:
-            ValueError: the layer is bidirectional; or the conversion is ill-conditioned, which happens when
-                many poles cluster near z = 1 (small dt, large d_state: docs/convert_to_rtf.md): a
-                denominator root on or outside the unit circle, or a kernel of the converted coefficients
-                (in float64 and rounded to ``dtype``) that differs from this layer's over ``check_length``
-                taps by more than the tolerance of the dtype (1e-6 in float64, 1e-4 in float32).
-        """
-        from ..systems.rtf import rtf_kernel
-        from .rtf import RTF
-
-        if isinstance(self, RTF):
-            return copy.deepcopy(self) if dtype is None else copy.deepcopy(self).to(dtype)
-        if self.bidirectional:
-            raise ValueError("to_rtf converts causal layers; got a bidirectional layer")
-        if not hasattr(self.family, "transfer_function"):
-            raise ValueError(f"{type(self).__name__} has no transfer-function conversion")
-        rate = self._check_rate(rate)
-        L = check_int("check_length", check_length, minimum=1)
-        device = self.D.device
-        dtype = self.D.dtype if dtype is None else dtype
-        if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"dtype must be torch.float32 or torch.float64; got {dtype}")
-        wide = copy.deepcopy(self).double()
-        with torch.no_grad():
-            system = wide.discrete_system(rate)
-            b, a = self.family.transfer_function(system)  # (C, H, N+1), (H, N)
-            K = self.family.kernel(system, L, **wide.kernel_options())[: self.channels]  # (C, H, L)
-            C, H, N = b.shape[0], self.d_model, a.shape[-1]
-            if N:
-                companion = torch.zeros(H, N, N, dtype=a.dtype)
-                companion[:, 0] = -a
-                companion[:, 1:, :-1] = torch.eye(N - 1, dtype=a.dtype)
-                radius = torch.linalg.eigvals(companion).abs().max().item()
-                if not radius < 1:
-                    raise ValueError(
-                        f"the transfer function of this layer is ill-conditioned (clustered poles): its "
-                        f"denominator has a root of modulus {radius:.6g} >= 1 although the system is stable; "
-                        "a larger dt or a smaller d_state converts well"
-                    )
-            rtol = 1e-6 if dtype == torch.float64 else 1e-4
-            rounded = (b.to(dtype).double(), a.to(dtype).double())
-            for what, (bb, aa) in (("float64", (b, a)), (str(dtype), rounded)):
-                K_rtf = rtf_kernel(bb.reshape(C * H, N + 1), aa.repeat(C, 1), L).reshape(C, H, L)
-                err = ((K_rtf - K).norm() / K.norm().clamp_min(1e-300)).item()
-                if not err <= rtol:
-                    raise ValueError(
-                        f"the transfer function of this layer is ill-conditioned (clustered poles): with "
-                        f"{what} coefficients its kernel differs from the layer's by {err:.3g} relative over "
-                        f"{L} taps (tolerance {rtol:g}); a larger dt, a smaller d_state or "
-                        "dtype=torch.float64 converts well"
-                    )
-            out = RTF(H, N, constraint="none", channels=self.channels, transposed=self.transposed,
-                      activation=self.activation, glu=self.glu, dropout=self.drop.p,
-                      ssm_lr=self._hint.get("lr"), ssm_weight_decay=self._hint["weight_decay"],
-                      device=device, dtype=dtype)
-            b0 = b[..., 0]  # (C, H)
-            out.a.copy_(a)
-            out.b.copy_(b[..., 1:] - b0[..., None] * a)
-            out.D.copy_(self.D.double() + b0)
-            out.out_proj.load_state_dict(self.out_proj.state_dict())
-        return out.train(self.training)
 
     def _to_BHL(self, x: Tensor) -> Tensor:
         if not isinstance(x, torch.Tensor) or x.ndim != 3:
@@ -438,6 +313,15 @@ class SSMLayer(nn.Module):
             raise ValueError(f"x must have d_model={self.d_model} features; got {H} (shape {tuple(x.shape)})")
         return x if self.transposed else x.transpose(1, 2)
 
+    def _check_step_input(self, x: Tensor) -> None:
+        if self.bidirectional:
+            raise ValueError("step is undefined for a bidirectional layer: its output depends on future "
+                             "inputs")
+        if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != self.d_model:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must have shape (B, d_model={self.d_model}) in step; got {got}")
+        check_input_dtype(x)
+
     def _check_finite(self, u: Tensor) -> None:
         """The opt-in check of ``check_finite``: name the first non-finite input (it synchronizes)."""
         bad = ~torch.isfinite(u).all(dim=1)  # (B, L)
@@ -446,19 +330,6 @@ class SSMLayer(nn.Module):
             raise ValueError(f"x has a non-finite value at batch index {b}, position {t}: the FFT "
                              "convolution would spread it to every output of that sequence, earlier "
                              "positions included")
-
-    def _post(self, y: Tensor) -> Tensor:
-        """(B, C, H, L) or (B, C, H) SSM outputs -> activation, dropout, projection -> (B, L, H) or (B, H)."""
-        if y.ndim == 4:
-            y = rearrange(y, "b c h l -> b l (c h)")
-        else:
-            y = rearrange(y, "b c h -> b (c h)")
-        y = self.drop(_ACT[self.activation](y))
-        y = y.to(self.out_proj.weight.dtype) if not torch.is_autocast_enabled() else y
-        y = self.out_proj(y)
-        if self.glu:
-            y = F.glu(y, dim=-1)
-        return y
 
     def _check_lengths(self, lengths: Tensor, Bsz: int, L: int) -> Tensor:
         if (not isinstance(lengths, torch.Tensor) or lengths.shape != (Bsz,) or lengths.is_floating_point()
@@ -471,18 +342,28 @@ class SSMLayer(nn.Module):
             raise ValueError(f"lengths must lie in [0, L={L}]; got {lengths.tolist()}")
         return lengths
 
-    def _check_state_tensor(self, state: Tensor, Bsz: int) -> None:
-        want = self.default_state(Bsz, device="meta")
-        if not isinstance(state, torch.Tensor) or tuple(state.shape) != tuple(want.shape):
-            got = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
-            raise ValueError(f"state must have shape {tuple(want.shape)} (see default_state); got {got}")
-        ok = (state.is_complex() if want.is_complex() else state.is_floating_point())
-        if not ok:
-            kinds = "complex64 or complex128" if want.is_complex() else "a floating dtype"
-            raise ValueError(f"state must be {kinds} (it is computed in {want.dtype} or wider); "
-                             f"got {state.dtype}")
+    def _check_state(self, state: Any, Bsz: int) -> None:
+        """``state`` has the structure, shapes and kinds of ``default_state(Bsz)``."""
+        want = state_leaves(self.default_state(max(Bsz, 1), device="meta"))
+        if Bsz == 0:
+            want = [w[:0] for w in want]
+        try:
+            got = state_leaves(state)
+        except ValueError:
+            got = None
+        shapes = [tuple(w.shape) for w in want]
+        if got is None or len(got) != len(want) or any(tuple(g.shape) != s for g, s in zip(got, shapes)):
+            have = ([tuple(g.shape) for g in got] if got is not None else type(state).__name__)
+            want_txt = shapes[0] if len(shapes) == 1 else tuple(shapes)
+            have_txt = have[0] if isinstance(have, list) and len(have) == 1 else have
+            raise ValueError(f"state must have shape {want_txt} (see default_state); got {have_txt}")
+        for g, w in zip(got, want):
+            ok = g.is_complex() if w.is_complex() else g.is_floating_point()
+            if not ok:
+                kinds = "complex64 or complex128" if w.is_complex() else "a floating dtype"
+                raise ValueError(f"state must be {kinds} (it is computed in {w.dtype} or wider); "
+                                 f"got {g.dtype}")
 
-    # ---- the two paths ------------------------------------------------------------------------------------
     def _prepare(self, x: Tensor, state, return_state: bool, lengths, rate: float):
         """The checks and padding shared by every ``forward``: (u (B, H, L) with padded inputs zeroed, rate,
         the result to return at once for an empty batch or sequence, else None)."""
@@ -494,93 +375,45 @@ class SSMLayer(nn.Module):
                              "pass state=None and return_state=False")
         if lengths is not None:
             self._check_lengths(lengths, Bsz, L)
-            if return_state:
+            if return_state and not self.ragged_state:
                 raise ValueError("return_state with lengths is not supported: pass equal-length chunks, or "
                                  "use step for ragged streams")
             mask = torch.arange(L, device=u.device)[None, :] < lengths.to(u.device)[:, None]  # (B, L)
-            u = u * mask[:, None, :].to(u.dtype)
+            if self.zero_padding:
+                u = u * mask[:, None, :].to(u.dtype)
         if state is not None:
-            self._check_state_tensor(state, Bsz)
+            self._check_state(state, Bsz)
         rate = self._check_rate(rate)
         if Bsz == 0 or L == 0:  # nothing to compute: an empty output (and the state unchanged)
-            y = x.new_zeros(x.shape) + 0 * self.D.sum().to(x.dtype)
+            y = x.new_zeros(x.shape) + 0 * sum(p.sum() for p in self.parameters()).to(x.dtype)
             if not return_state:
                 return u, rate, y
             if state is None:  # no step taken: the zero state, of this batch (batch 0 has no zero state)
-                state = self.default_state(Bsz, device=u.device) if Bsz else self.default_state(1)[:0]
+                state = (self.default_state(Bsz, device=u.device) if Bsz else
+                         map_state(lambda t: t[:0], self.default_state(1, device=u.device)))
             return u, rate, (y, state)
         if self.check_finite and not torch.compiler.is_compiling():  # value checks would break the graph
             self._check_finite(u)
         return u, rate, None
 
-    def forward(
-        self,
-        x: Tensor,
-        state: Tensor | None = None,
-        *,
-        return_state: bool = False,
-        lengths: Tensor | None = None,
-        rate: float = 1.0,
-    ):
-        """Convolutional path.
+    #: Right padding (``lengths``) by zeroing the padded inputs: exact for LTI layers, whose state stays zero
+    #: through zeros; a selective layer masks its own way (False).
+    zero_padding: ClassVar[bool] = True
+    #: ``return_state`` together with ``lengths`` (each row's state at its own end) is supported.
+    ragged_state: ClassVar[bool] = False
 
-        Args:
-            x: (B, L, H), or (B, H, L) when ``transposed``.
-            state: recurrent state to continue from (shape of ``default_state(B)``), or None for zero.
-            return_state: also return the state after the last position.
-            lengths: (B,) valid lengths; positions >= lengths[b] are padding and do not change any output at
-                a valid position (their inputs are zeroed, which matters for bidirectional layers).
-            rate: sampling-rate factor; dt is multiplied by ``rate``.
-        Returns:
-            y with the layout of x, or (y, next_state) when ``return_state``.
-        """
-        u, rate, empty = self._prepare(x, state, return_state, lengths, rate)
-        if empty is not None:
-            return empty
-        Bsz, H, L = u.shape
-        if u.dtype in (torch.float16, torch.bfloat16):
-            u = u.float()
-        system = self._system(rate)
-        K = self._kernel_of(system, L, rate)  # (C', H, L)
-        K_rev = None
-        if self.bidirectional:
-            K, K_rev = K[: self.channels], K[self.channels :]
-        u = u.to(K.dtype)
-        D = self.D.to(K.dtype)
-        if state is None:
-            y = fftconv(u, K, D, K_rev=K_rev, layout="BHL")  # (B, C, H, L)
-        elif hasattr(self.family, "state_input"):
-            # The state folded into the one convolution: conv(K, u + p) + q (+ D u).
-            # The D skip sees u + p inside fftconv, so D p is taken back where p is nonzero (n <= N steps).
-            p, q = self.family.state_input(system, state, L)  # (B, H, n), (B, C, H, n)
-            p = p.to(u.dtype)
-            n = p.shape[-1]
-            y = fftconv(u + F.pad(p, (0, L - n)), K, D, layout="BHL")  # (B, C, H, L)
-            y[..., :n] += q.to(y.dtype) - D[..., None] * p[:, None]
-        else:
-            y = fftconv(u, K, D, K_rev=K_rev, layout="BHL")
-            y = y + self.family.free_response(system, state, L).to(y.dtype)
-        next_state = self.family.final_state(system, u, state) if return_state else None
-        y = self._post(y)  # (B, L, H)
-        if self.transposed:
-            y = y.transpose(1, 2)
-        y = y.to(x.dtype) if not torch.is_autocast_enabled() else y
-        return (y, next_state) if return_state else y
+    def forward(self, x: Tensor, state: Any = None, *, return_state: bool = False,
+                lengths: Tensor | None = None, rate: float = 1.0):
+        raise NotImplementedError
 
-    def step(self, x: Tensor, state: Tensor, *, rate: float = 1.0) -> tuple[Tensor, Tensor]:
-        """Recurrent path: one token x (B, H) and the state -> (y (B, H), next_state)."""
-        if self.bidirectional:
-            raise ValueError("step is undefined for a bidirectional layer: its output depends on future "
-                             "inputs")
-        if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != self.d_model:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must have shape (B, d_model={self.d_model}) in step; got {got}")
-        check_input_dtype(x)
-        self._check_state_tensor(state, x.shape[0])
-        rate = self._check_rate(rate)
-        u = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        with torch.autocast(device_type=u.device.type, enabled=False):
-            y, next_state = self.family.step(self._system(rate), state, u)  # (B, C, H)
-        y = y.real.to(u.dtype) + self.D.to(u.dtype) * u[:, None, :]
-        y = self._post(y).to(x.dtype)
-        return y, next_state
+    def step(self, x: Tensor, state: Any, *, rate: float = 1.0) -> tuple[Tensor, Any]:
+        raise NotImplementedError
+
+    def masked_forward(self, x: Tensor, keep: Tensor, state: Any = None, *, return_state: bool = False):
+        """``self(x, state, return_state=...)`` with a key-padding mask ``keep`` (B, L), True = a real token,
+        for the integrations: the padded inputs are zeroed, which keeps an LTI layer's state at exactly its
+        value through left padding (and right padding never reaches a valid output of a causal layer). A
+        family for which zeroed inputs are not neutral (Mamba: projection and convolution biases) overrides
+        it."""
+        keep = (keep[:, None, :] if self.transposed else keep[..., None]).to(x.dtype)
+        return self(x * keep, state, return_state=return_state)

@@ -20,12 +20,12 @@ from torch import Tensor
 from .._checks import check_choice, check_int
 from ..systems import rtf as rtf_family
 from ..systems.rtf import RTFSystem, is_stable, rtf_init, stable_denominator
-from .base import SSMLayer
+from .lti import LTILayer
 
 RTF_CONSTRAINTS = ("montel", "reflection", "stable", "none")
 
 
-class RTF(SSMLayer):
+class RTF(LTILayer):
     """Rational transfer function layer.
 
     Args:
@@ -48,7 +48,7 @@ class RTF(SSMLayer):
 
             All three map the initial a = 0 to a = 0 (the paper's initialization). The default was
             ``"none"``; it changed because a few hundred Adam steps at lr 0.05 moved a pole to 1.7.
-        Other keyword arguments: see ``SSMLayer``. The SSM-parameter hints apply to the denominator; the
+        Other keyword arguments: see ``LTILayer``. The SSM-parameter hints apply to the denominator; the
             numerators follow the global optimizer settings.
 
     Initialization (as in the paper): a = 0, i.e. every pole at the origin, so the layer starts as an FIR

@@ -25,14 +25,15 @@ from .._checks import check_choice, check_int
 from ..hippo import RANKS, nplr
 from ..ops.cauchy import BACKENDS
 from ..systems import dplr
-from .base import SSMLayer, as_complex, check_dt_range, init_log_dt
+from .base import as_complex, check_dt_range, init_log_dt
+from .lti import LTILayer
 from .s4d import check_pair_d_state, diagonal_init, lambda_from_params, pair_state, real_part_param
 
 S4_INITS = ("legs", "legt", "lagt", "fout", "diag-lin", "diag-inv", "diag-legs", "diag-real")
 DPLR_DISCS = ("bilinear", "zoh")
 
 
-class S4(SSMLayer):
+class S4(LTILayer):
     """DPLR SSM layer (S4).
 
     Args:
@@ -47,7 +48,7 @@ class S4(SSMLayer):
         backend: the Cauchy backend of the bilinear kernel (``ssm.ops.cauchy.BACKENDS``): "auto" (Triton on
             CUDA when it is installed and works, else the torch path sized by memory), "naive", "chunked" or
             "triton".
-        Other keyword arguments: see ``SSMLayer``.
+        Other keyword arguments: see ``LTILayer``.
 
     Shapes: forward x (B, L, H) -> (B, L, H); step x (B, H), state (B, H, N/2) complex.
     """
@@ -121,7 +122,7 @@ class S4(SSMLayer):
         return dplr.discretize(Lambda, P, B, C, dt, self.disc)
 
     def kernel_options(self) -> dict:
-        return {"backend": self.resolved_backend(self.log_dt.device)}
+        return {"backend": self.backend}
 
     def default_state(self, batch_size: int, *, device=None) -> Tensor:
         return pair_state(self, batch_size, device)

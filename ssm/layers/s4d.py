@@ -15,7 +15,8 @@ from .._checks import check_choice, check_int
 from ..hippo import diag_init, nplr
 from ..ops.cauchy import BACKENDS
 from ..systems import diag
-from .base import SSMLayer, as_complex, check_dt_range, init_log_dt
+from .base import as_complex, check_dt_range, init_log_dt
+from .lti import LTILayer
 
 S4D_INITS = ("diag-lin", "diag-inv", "diag-legs", "diag-real", "lin", "inv", "legs", "real")
 DIAG_DISCS = ("zoh", "bilinear")
@@ -49,7 +50,7 @@ def check_pair_d_state(d_state: int) -> int:
     return N
 
 
-def pair_state(layer: SSMLayer, batch_size: int, device=None) -> Tensor:
+def pair_state(layer: LTILayer, batch_size: int, device=None) -> Tensor:
     """The zero state (B, H, N/2) of a conjugate-pair layer, complex64 (complex128 for a float64 layer)."""
     check_int("batch_size", batch_size, minimum=1)
     dtype = torch.complex128 if layer.log_dt.dtype == torch.float64 else torch.complex64
@@ -57,7 +58,7 @@ def pair_state(layer: SSMLayer, batch_size: int, device=None) -> Tensor:
                        device=device if device is not None else layer.log_dt.device)
 
 
-class S4D(SSMLayer):
+class S4D(LTILayer):
     """Diagonal SSM layer.
 
     Args:
@@ -68,7 +69,7 @@ class S4D(SSMLayer):
         backend: the Vandermonde backend (``ssm.ops.cauchy.BACKENDS``): "auto" (Triton on CUDA when it is
             installed and works, else the torch path sized by memory), "naive", "chunked" or "triton".
         dt_min, dt_max: range of the log-uniform initialization of dt.
-        Other keyword arguments: see ``SSMLayer``.
+        Other keyword arguments: see ``LTILayer``.
 
     Shapes: forward x (B, L, H) -> (B, L, H); step x (B, H), state (B, H, N/2) complex.
     """
@@ -133,7 +134,7 @@ class S4D(SSMLayer):
         return diag.discretize(Lambda, as_complex(p("B")), as_complex(p("C")), dt, self.disc)
 
     def kernel_options(self) -> dict:
-        return {"backend": self.resolved_backend(self.log_dt.device)}
+        return {"backend": self.backend}
 
     def default_state(self, batch_size: int, *, device=None) -> Tensor:
         return pair_state(self, batch_size, device)

@@ -30,7 +30,8 @@ from torch import Tensor
 from .._checks import check_bool, check_choice, check_int
 from ..hippo import nplr
 from ..systems import s5
-from .base import SSMLayer, as_complex, check_dt_range, init_log_dt
+from .base import as_complex, check_dt_range, init_log_dt
+from .lti import LTILayer
 from .s4d import lambda_from_params, real_part_param
 
 
@@ -57,7 +58,7 @@ def s5_init(
     return Lambda_j.repeat(blocks), torch.cat(Bs, 0), torch.cat(Cs, 1)
 
 
-class S5(SSMLayer):
+class S5(LTILayer):
     """S5 layer: one MIMO diagonal SSM shared by all features, run by a parallel scan.
 
     Args:
@@ -69,7 +70,7 @@ class S5(SSMLayer):
         dt_min, dt_max: range of the log-uniform initialization of dt (one per state).
         conj_sym: store one state per conjugate pair, output 2 Re(C x).
         bidirectional: a second scan backward in time, read by its own C (the paper's bidirectional S5).
-        Other keyword arguments: see ``SSMLayer`` (``channels`` is 1: the output projection mixes H
+        Other keyword arguments: see ``LTILayer`` (``channels`` is 1: the output projection mixes H
             features).
 
     Shapes: forward x (B, L, H) -> (B, L, H); step x (B, H), state (B, Q) complex, Q = P/2 or P.
@@ -133,7 +134,7 @@ class S5(SSMLayer):
         }
 
     def config(self) -> dict:
-        """``SSMLayer.config`` plus ``conj_sym`` (it changes the output, 2 Re or Re, not only shapes)."""
+        """``LTILayer.config`` plus ``conj_sym`` (it changes the output, 2 Re or Re, not only shapes)."""
         return {**super().config(), "conj_sym": self.conj_sym}
 
     # ---- parameters -> system ----------------------------------------------------------------------------
@@ -169,7 +170,7 @@ class S5(SSMLayer):
         lengths: Tensor | None = None,
         rate: float = 1.0,
     ):
-        """Scan path; the arguments and results are those of ``SSMLayer.forward``.
+        """Scan path; the arguments and results are those of ``LTILayer.forward``.
 
         y = post(scan(u) + D u) with ``ssm.systems.s5.scan`` from ``state`` (the state after the chunk comes
         from the same scan with ``return_state``); bidirectional adds a scan backward in time read by C[1].
@@ -186,8 +187,5 @@ class S5(SSMLayer):
             if self.bidirectional:
                 y = y + s5.scan(system, v, channel=1, reverse=True)[0]
             y = y + self.D[0].to(y.dtype) * v  # (B, L, H)
-        y = self._post(y.transpose(1, 2)[:, None])  # (B, L, H)
-        if self.transposed:
-            y = y.transpose(1, 2)
-        y = y.to(x.dtype) if not torch.is_autocast_enabled() else y
+        y = self.output(y, x)  # (B, L, H)
         return (y, next_state) if return_state else y

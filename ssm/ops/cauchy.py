@@ -15,8 +15,10 @@ Backends (chosen by ``resolve_backend``, shared with ``ssm.ops.vandermonde``):
   temporaries of ``CHUNK_BYTES`` each, never the (W, N, L) intermediate.
 - ``"triton"``: optional, CUDA tensors (CPU tensors under ``TRITON_INTERPRET=1``), needs ``pip install
   triton``; fused kernel that never materializes the intermediate (``ssm.ops.cauchy_triton``).
-- ``"auto"``: ``"naive"`` when the (W, N, L) temporary needs at most ``AUTO_NAIVE_MAX_BYTES``, else
-  ``"chunked"``.
+- ``"auto"``: ``"triton"`` on CUDA when the package is installed and its kernel agrees with the reference
+  on a probe (checked once per device); otherwise ``"naive"`` when the (W, N, L) temporary needs at most
+  ``AUTO_NAIVE_MAX_BYTES``, else ``"chunked"``. This is the one place a backend is resolved: the layers
+  pass their ``backend`` argument through.
 
 Here W is the number of distinct ``w`` rows (``w``'s batch size); batch dimensions of ``v`` along which ``w``
 is broadcast (output channels, the Woodbury B/P x C/Q products) share one 1 / (z - w) matrix. The operand
@@ -48,7 +50,8 @@ _TRITON_INSTALL = "pip install triton  (or: pip install 'ssm-layers[triton]')"
 
 
 def resolve_backend(backend: str, nbytes: int, device: torch.device) -> str:
-    """Resolve ``backend`` to a concrete backend, once per call of ``cauchy`` / ``vandermonde``.
+    """Resolve ``backend`` to a concrete backend, once per call of ``cauchy`` / ``vandermonde`` (the one
+    resolver of the package: layers pass their ``backend`` argument through to here).
 
     Args:
         backend: one of ``BACKENDS``.
@@ -67,10 +70,15 @@ def resolve_backend(backend: str, nbytes: int, device: torch.device) -> str:
     """
     check_choice("backend", backend, BACKENDS)
     if backend == "auto":
-        if traced_size(nbytes):
+        if traced_size(nbytes) or torch.compiler.is_compiling():
             # Under torch.compile / torch.export (the length may be symbolic): the chunked loop needs a
             # concrete length, so the materialized product is traced, whatever the size.
             return "naive"
+        if device.type == "cuda":
+            from . import cauchy_triton
+
+            if cauchy_triton.works(device):  # installed, compiles and agrees on a probe (once per device)
+                return "triton"
         return "naive" if nbytes <= AUTO_NAIVE_MAX_BYTES else "chunked"
     if backend == "triton":
         from . import cauchy_triton

@@ -28,6 +28,9 @@ from ..discretize import discretize as _discretize_dense
 from ..ops.scan import final_state as _scan_final_state
 from .common import SYMBOLIC_POWER_BITS, power_rows
 
+#: The family's tier (``ssm.systems``): linear time-invariant, so it adds kernel and free_response.
+TIER = "lti"
+
 # Block length b of ``kernel`` for a symbolic L (a dynamic length under torch.compile / torch.export).
 SYMBOLIC_BLOCK = 32
 _TOO_LONG = f"L must be < 2^{SYMBOLIC_POWER_BITS} under torch.compile / torch.export"

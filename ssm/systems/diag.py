@@ -16,6 +16,9 @@ from ..ops.scan import final_state as scan_final_state
 from ..ops.vandermonde import vandermonde
 from .common import check_kernel_args, complex_dtype
 
+#: The family's tier (``ssm.systems``): linear time-invariant, so it adds kernel and free_response.
+TIER = "lti"
+
 
 def diag_kernel(
     Lambda: torch.Tensor,

@@ -21,6 +21,9 @@ from .dense import free_response as dense_free_response
 from .dense import kernel as dense_kernel
 from .dense import step as dense_step
 
+#: The family's tier (``ssm.systems``): linear time-invariant, so it adds kernel and free_response.
+TIER = "lti"
+
 
 def dplr_dense(Lambda: torch.Tensor, P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     """A = diag(Lambda) - sum_r P_r Q_r^*: Lambda (H, N), P, Q (R, H, N) -> (H, N, N)."""

@@ -22,6 +22,9 @@ from torch import Tensor
 from .._checks import check_choice, check_int, check_positive, check_shape, check_tensor, traced_size
 from ..ops.fftconv import next_fast_len
 
+#: The family's tier (``ssm.systems``): linear time-invariant, so it adds kernel and free_response.
+TIER = "lti"
+
 STABLE_METHODS = ("reflection", "montel")
 
 # rtf_kernel evaluates H in float64 on M = max(RTF_OVERSAMPLE * L, RTF_MIN_POINTS) points (rounded up to a
@@ -343,6 +346,12 @@ def _check_system(sys: RTFSystem) -> RTFSystem:
 def _check_batch_state(name: str, x: Tensor, H: int, N: int, Bsz: int | None = None) -> Tensor:
     check_tensor(name, x, ndim=3)
     return check_shape(name, x, (Bsz, H, N), f"(B, H, N) with H = {H}, N = {N}")
+
+
+def discretize(b: Tensor, a: Tensor) -> RTFSystem:
+    """The family verb: an RTF is discrete by construction, so discretizing is building the system
+    (``system(b, a)``)."""
+    return system(b, a)
 
 
 def kernel(sys: RTFSystem, L: int) -> Tensor:

@@ -35,6 +35,9 @@ from torch import Tensor
 from .._checks import check_choice, check_int, check_shape, check_tensor
 from ..discretize import discretize_diag
 
+#: The family's tier (``ssm.systems``): linear time-invariant, so it adds kernel and free_response.
+TIER = "lti"
+
 S5_DISCS = ("zoh", "bilinear")
 #: Complex elements of one chunk's states (B * T * Q) that ``default_chunk`` aims at (32 MiB in complex64).
 CHUNK_ELEMENTS = 1 << 22

@@ -1,0 +1,222 @@
+"""The base of the linear time-invariant (LTI) layers S4, S4D, RTF and S5: the convolution, the eval cache,
+the kernel and state folding.
+
+* convolutional (``forward``): y = activation(K * u + D u) -> dropout -> output linear, with the kernel
+  K (C, H, L) of the family's ``kernel`` verb;
+* recurrent (``step``): one token at a time, x_k = Ab x_{k-1} + Bb u_k, y_k = C x_k + D u_k, then the same
+  output stage.
+
+A subclass owns the parameters and provides ``family`` (its module in ``ssm.systems``, of the LTI tier),
+``discrete_system`` and ``default_state``; every path here calls the family's verbs (kernel, step,
+free_response or state_input, final_state) on that system and nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from .._checks import check_int
+from ..ops.fftconv import fftconv
+from .base import SSMLayer
+
+
+class LTILayer(SSMLayer):
+    """Base class of S4, S4D, RTF and S5.
+
+    Args:
+        d_model: H, the number of features (independent SSMs, one per feature).
+        channels: C, output channels per feature, mixed by the output projection (C*H -> H).
+        bidirectional: add an anti-causal kernel (a second set of C channels applied backwards in time).
+        transposed: inputs/outputs are (B, H, L) instead of the default (B, L, H).
+        activation: applied to the SSM output before the projection, one of ``ACTIVATIONS``.
+        glu: the output projection maps to 2H and a GLU gates it back to H (S4's ``postact='glu'``).
+        dropout: dropout after the activation.
+        ssm_lr, ssm_weight_decay: optimizer hints attached to the SSM parameters (read by ``ssm.optim``);
+            ``ssm_lr=None`` lets them follow the global learning rate.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        channels: int = 1,
+        bidirectional: bool = False,
+        transposed: bool = False,
+        activation: str = "gelu",
+        glu: bool = False,
+        dropout: float = 0.0,
+        ssm_lr: float | None = 1e-3,
+        ssm_weight_decay: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(d_model, bidirectional=bidirectional, transposed=transposed, ssm_lr=ssm_lr,
+                         ssm_weight_decay=ssm_weight_decay, dtype=dtype)
+        self.channels = check_int("channels", channels, minimum=1)
+        self.D = nn.Parameter(torch.randn(self.channels, d_model, device=device, dtype=dtype))
+        self.init_output(self.channels * d_model, activation=activation, glu=glu, dropout=dropout,
+                         device=device, dtype=dtype)
+        self._memo_store: dict[str, tuple] = {}
+        self._memo_snapshot: list[Tensor] | None = None
+
+    def discrete_system(self, rate: float = 1.0) -> NamedTuple:
+        """The layer's discrete system in its family's structured form (differentiable; see the subclass)."""
+        raise NotImplementedError
+
+    def kernel_options(self) -> dict:
+        """Keyword arguments of the family's ``kernel`` verb (the Cauchy / Vandermonde backend)."""
+        return {}
+
+    def reset_extra(self, real_dtype: torch.dtype) -> None:
+        with torch.device("cpu"):
+            D = torch.randn(self.D.shape, dtype=real_dtype)
+        self.D.copy_(D)
+
+    # ---- the eval cache -----------------------------------------------------------------------------------
+    def _params_unchanged(self) -> bool:
+        snap = self._memo_snapshot
+        params = self.ssm_parameters()
+        if snap is None or len(snap) != len(params):
+            return False
+        for p, q in zip(params, snap):
+            if p.shape != q.shape or p.dtype != q.dtype or p.device != q.device or not torch.equal(p, q):
+                return False
+        return True
+
+    def memo(self, name: str, key: tuple, fn):
+        """``fn()``, cached under ``name`` in eval mode without autograd while ``key`` and the values of the
+        SSM parameters are unchanged; recomputed whenever a graph may be needed.
+
+        The values are compared with a stored copy (O(H N), beside the O(H N L) kernel), so every route
+        that changes a parameter counts: in-place on ``.data``, ``p.data = t``, a new Parameter object,
+        ``vector_to_parameters``, ``load_state_dict``, optimizer steps, ``.to()``, ``.half().float()``.
+        Under ``torch.compile`` / ``torch.export`` the cache is bypassed (its value comparison would break the
+        graph): the compiled graph recomputes ``fn()``.
+        """
+        if torch.compiler.is_compiling():
+            return fn()
+        if self.training or torch.is_grad_enabled():
+            self._memo_store.clear()
+            self._memo_snapshot = None
+            return fn()
+        if not self._params_unchanged():
+            self._memo_store.clear()
+            self._memo_snapshot = [p.detach().clone() for p in self.ssm_parameters()]
+        hit = self._memo_store.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = fn()
+        self._memo_store[name] = (key, value)
+        return value
+
+    def _system(self, rate: float) -> NamedTuple:
+        """``discrete_system(rate)`` in float32 or wider (autocast off), cached for inference."""
+        dev = self.D.device.type
+
+        def compute():
+            with torch.autocast(device_type=dev, enabled=False):
+                return self.discrete_system(rate)
+
+        return self.memo("system", (rate,), compute)
+
+    def _kernel_of(self, system: NamedTuple, L: int, rate: float) -> Tensor:
+        dev = self.D.device.type
+
+        def compute() -> Tensor:
+            with torch.autocast(device_type=dev, enabled=False):
+                return self.family.kernel(system, L, **self.kernel_options())
+
+        return self.memo("kernel", (L, rate), compute)
+
+    def kernel(self, L: int, rate: float = 1.0) -> Tensor:
+        """The convolution kernel (C', H, L) in float32 or wider, even under autocast; C' = 2C when
+        bidirectional (forward channels first).
+
+        In eval mode without autograd the kernel is cached (``memo``) and reused while the SSM parameters,
+        L and rate are unchanged, so repeated inference pays only for the convolution.
+        """
+        L = check_int("L", L, minimum=1)
+        rate = self._check_rate(rate)
+        return self._kernel_of(self._system(rate), L, rate)
+
+    def to_rtf(
+        self, rate: float = 1.0, *, dtype: torch.dtype | None = None, check_length: int = 1024
+    ) -> LTILayer:
+        """An ``ssm.RTF`` layer with the same outputs: ``ssm.transfer.to_rtf(self, ...)`` (its docstring says
+        when the conversion is refused)."""
+        from ..transfer import to_rtf  # deferred: the conversion builds an ``ssm.RTF``, an LTILayer
+
+        return to_rtf(self, rate, dtype=dtype, check_length=check_length)
+
+    def _post(self, y: Tensor, like: Tensor) -> Tensor:
+        """(B, C, H, L) or (B, C, H) SSM outputs -> the output stage -> the layout of ``like``."""
+        y = rearrange(y, "b c h l -> b l (c h)") if y.ndim == 4 else rearrange(y, "b c h -> b (c h)")
+        return self.output(y, like)
+
+    # ---- the two paths ------------------------------------------------------------------------------------
+    def forward(
+        self,
+        x: Tensor,
+        state: Tensor | None = None,
+        *,
+        return_state: bool = False,
+        lengths: Tensor | None = None,
+        rate: float = 1.0,
+    ):
+        """Convolutional path.
+
+        Args:
+            x: (B, L, H), or (B, H, L) when ``transposed``.
+            state: recurrent state to continue from (shape of ``default_state(B)``), or None for zero.
+            return_state: also return the state after the last position.
+            lengths: (B,) valid lengths; positions >= lengths[b] are padding and do not change any output at
+                a valid position (their inputs are zeroed, which matters for bidirectional layers).
+            rate: sampling-rate factor; dt is multiplied by ``rate``.
+        Returns:
+            y with the layout of x, or (y, next_state) when ``return_state``.
+        """
+        u, rate, empty = self._prepare(x, state, return_state, lengths, rate)
+        if empty is not None:
+            return empty
+        Bsz, H, L = u.shape
+        if u.dtype in (torch.float16, torch.bfloat16):
+            u = u.float()
+        system = self._system(rate)
+        K = self._kernel_of(system, L, rate)  # (C', H, L)
+        K_rev = None
+        if self.bidirectional:
+            K, K_rev = K[: self.channels], K[self.channels :]
+        u = u.to(K.dtype)
+        D = self.D.to(K.dtype)
+        if state is None:
+            y = fftconv(u, K, D, K_rev=K_rev, layout="BHL")  # (B, C, H, L)
+        elif hasattr(self.family, "state_input"):
+            # The state folded into the one convolution: conv(K, u + p) + q (+ D u).
+            # The D skip sees u + p inside fftconv, so D p is taken back where p is nonzero (n <= N steps).
+            p, q = self.family.state_input(system, state, L)  # (B, H, n), (B, C, H, n)
+            p = p.to(u.dtype)
+            n = p.shape[-1]
+            y = fftconv(u + F.pad(p, (0, L - n)), K, D, layout="BHL")  # (B, C, H, L)
+            y[..., :n] += q.to(y.dtype) - D[..., None] * p[:, None]
+        else:
+            y = fftconv(u, K, D, K_rev=K_rev, layout="BHL")
+            y = y + self.family.free_response(system, state, L).to(y.dtype)
+        next_state = self.family.final_state(system, u, state) if return_state else None
+        y = self._post(y, x)  # (B, L, H)
+        return (y, next_state) if return_state else y
+
+    def step(self, x: Tensor, state: Tensor, *, rate: float = 1.0) -> tuple[Tensor, Tensor]:
+        """Recurrent path: one token x (B, H) and the state -> (y (B, H), next_state)."""
+        self._check_step_input(x)
+        self._check_state(state, x.shape[0])
+        rate = self._check_rate(rate)
+        u = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            y, next_state = self.family.step(self._system(rate), state, u)  # (B, C, H)
+        y = y.real.to(u.dtype) + self.D.to(u.dtype) * u[:, None, :]
+        return self._post(y, x), next_state
