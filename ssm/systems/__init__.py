@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-from . import dense, diag, dplr, rtf, s5
+from . import dense, diag, dplr, rtf, s5, selective
 
 #: The verbs every family of a tier provides.
 VERBS = {
@@ -31,7 +31,7 @@ VERBS = {
     "lti": ("discretize", "step", "kernel", "free_response", "final_state"),
 }
 #: Every family module, by name.
-FAMILIES = {"dense": dense, "diag": diag, "dplr": dplr, "rtf": rtf, "s5": s5}
+FAMILIES = {"dense": dense, "diag": diag, "dplr": dplr, "rtf": rtf, "s5": s5, "selective": selective}
 
 
 @runtime_checkable
@@ -72,4 +72,4 @@ def missing_verbs(module) -> list[str]:
 
 
 __all__ = ["FAMILIES", "VERBS", "Family", "LTIFamily", "ScanFamily", "dense", "diag", "dplr", "missing_verbs",
-           "rtf", "s5"]
+           "rtf", "s5", "selective"]
