@@ -1,4 +1,5 @@
-"""Swap the attention of a Hugging Face GPT-2 for S4D or S4 and compare character-level language models.
+"""Swap the attention of a Hugging Face GPT-2 for S4D, S4, Mamba or Mamba-2 and compare character-level
+language models.
 
 The corpus is offline text: this repository's LICENSE plus /usr/share/common-licenses/* when present (the
 license texts of a Debian / Ubuntu system), bytes as tokens, the last 10% held out. Three GPT-2s of the same
@@ -8,7 +9,9 @@ shape (``--d-model`` 64, ``--layers`` 2, 4 heads, learned positions) train for `
 * ``attention``: the stock ``GPT2LMHeadModel``;
 * ``s4d`` / ``s4``: the same model after ``ssm.integrations.hf.swap_attention(model, "s4d", d_state=64)``.
   With N = 64 an S4D layer (N/2 complex Lambda, B, C per feature, dt, D, an H x H output projection) has
-  about as many parameters as GPT-2's attention (4 H^2 + 4 H); S4 adds the low-rank term P.
+  about as many parameters as GPT-2's attention (4 H^2 + 4 H); S4 adds the low-rank term P;
+* ``mamba`` / ``mamba2`` (``--models attention,s4d,mamba,mamba2``): the selective layers with expand=1 and
+  16 states, which also match attention's parameter count.
 
 Then it checks, for the S4D model, that cached ``generate`` equals uncached generation token for token, and
 prints the validation loss table (nats per character, and bits per character).
@@ -64,12 +67,19 @@ def batches(data: torch.Tensor, batch: int, seq_len: int, generator: torch.Gener
         yield torch.stack([data[s:s + seq_len] for s in starts.tolist()])
 
 
+# Parameter matching: GPT-2's attention has 4 H^2 + 4 H parameters per layer, as has S4D at N = 64; Mamba and
+# Mamba-2 match it with one inner channel per feature (expand=1) and 16 states.
+SELECTIVE = {"mamba": {"d_state": 16, "expand": 1}, "mamba2": {"d_state": 16, "expand": 1, "headdim": 16}}
+
+
 def build(kind: str, d_model: int, n_layers: int, seq_len: int, d_state: int) -> torch.nn.Module:
     config = transformers.GPT2Config(vocab_size=256, n_positions=max(seq_len, 64), n_embd=d_model,
                                      n_layer=n_layers,
                                      n_head=4, bos_token_id=None, eos_token_id=None, pad_token_id=0)
     model = transformers.GPT2LMHeadModel(config)
-    if kind != "attention":
+    if kind in SELECTIVE:
+        hf.swap_attention(model, kind, **SELECTIVE[kind])
+    elif kind != "attention":
         hf.swap_attention(model, kind, d_state=d_state)
     return model
 
@@ -104,7 +114,7 @@ def run(kind: str, args, train: torch.Tensor, val: torch.Tensor) -> dict:
     val_loss = evaluate(model, val, args.batch, args.seq_len, args.eval_batches)
     row = {"model": kind, "params": n_params, "val_loss": val_loss, "bpc": val_loss / math.log(2),
            "seconds": seconds}
-    if kind == "s4d":
+    if kind in ("s4d", "mamba"):
         prompt = val[:16][None]
         kw = {"max_new_tokens": 24, "do_sample": False, "pad_token_id": 0}
         cached = model.generate(prompt, attention_mask=torch.ones_like(prompt), **kw)

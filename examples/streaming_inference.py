@@ -61,8 +61,10 @@ def make_signal(length: int, *, seed: int = 0, dtype: torch.dtype = torch.float3
 
 def build_model(layer: str, *, d_model: int, n_layers: int, d_state: int, dtype: torch.dtype) -> ssm.SSMModel:
     """A causal SSM stack with one output per step, in eval mode (kernels cached per length)."""
+    # Mamba2's heads of 64 channels need a multiple of 64 inner channels: smaller widths take smaller heads
+    extra = {"headdim": math.gcd(64, 2 * d_model)} if layer == "mamba2" else None
     model = ssm.SSMModel(1, 1, d_model=d_model, n_layers=n_layers, layer=layer, d_state=d_state, pool="none",
-                         dtype=dtype)
+                         dtype=dtype, layer_kwargs=extra)
     return model.eval()
 
 

@@ -1,6 +1,7 @@
-"""ssm: structured state-space sequence layers (HiPPO, S4, S4D, RTF) for PyTorch.
+"""ssm: structured state-space sequence layers (HiPPO, S4, S4D, RTF, S5, Mamba, Mamba-2) for PyTorch.
 
-Public API: the layers ``S4``, ``S4D``, ``RTF`` (``ssm.layers``), the residual ``SSMBlock``, the stacked
+Public API: the layers ``S4``, ``S4D``, ``RTF``, ``S5``, ``Mamba``, ``Mamba2`` (``ssm.layers``), the residual
+``SSMBlock``, the stacked
 ``SSMModel``, and the pure-function modules ``hippo``, ``discretize``, ``systems`` (one module per SSM
 family), ``kernels``, ``transfer`` and ``optim``. ``ssm.reference`` (the float64 oracle of the tests) and
 ``ssm.data`` are imported on first access, so importing ``ssm`` never loads them.
@@ -12,10 +13,13 @@ import importlib
 
 from . import discretize, hippo, kernels, layers, optim, systems, transfer
 from .blocks import SSMBlock
-from .layers import RTF, S4, S4D, S5, SSMLayer
+from .layers import RTF, S4, S4D, S5, LTILayer, Mamba, Mamba2, SSMLayer
 from .models import SSMModel
 
 __all__ = [
+    "LTILayer",
+    "Mamba",
+    "Mamba2",
     "RTF",
     "S4",
     "S4D",

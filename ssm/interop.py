@@ -40,10 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .layers import S4, S4D, SSMLayer
+from .layers import S4, S4D, Mamba, Mamba2, SSMLayer
 from .systems.dplr import bilinear_dense, expand_pairs
 
-__all__ = ["from_official_s4"]
+__all__ = ["from_hf_mamba", "from_official_s4"]
 
 _TRANSFORMS = ("none", "exp", "relu", "sigmoid", "softplus")
 _ACTIVATION_NAMES = {None: "identity", "id": "identity", "linear": "identity", "swish": "silu"}
@@ -268,3 +268,75 @@ def _load(layer: SSMLayer, values: dict, weight: Tensor | None, bias: Tensor | N
     if not all(bool(torch.isfinite(p.detach()).all()) for p in layer.parameters()):
         raise ValueError("the converted parameters are not finite (is l_kernel right? I - Ab^L is singular)")
     return layer.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face's Mamba and Mamba-2 mixers -> ssm.Mamba / ssm.Mamba2 (same parameter names: a state-dict copy)
+
+
+def _mixers(module: torch.nn.Module, kinds: tuple[type, ...]) -> list[torch.nn.Module]:
+    return [m for m in module.modules() if isinstance(m, kinds)]
+
+
+def _hf_mamba_layer(mixer, mamba_cls, mamba2_cls):
+    """One transformers ``MambaMixer`` / ``Mamba2Mixer`` -> the ssm layer with its configuration, weights."""
+    act = getattr(mixer, "activation", "silu")
+    if act not in ("silu", "swish"):
+        raise ValueError(f"from_hf_mamba: the mixer's hidden_act must be 'silu' (Mamba's); got {act!r}")
+    p = next(mixer.parameters())
+    factory = {"device": p.device, "dtype": p.dtype}
+    if isinstance(mixer, mamba_cls):
+        layer = Mamba(mixer.hidden_size, mixer.ssm_state_size, d_conv=mixer.conv_kernel_size,
+                      expand=mixer.intermediate_size // mixer.hidden_size, dt_rank=mixer.time_step_rank,
+                      conv_bias=mixer.use_conv_bias, bias=mixer.use_bias, **factory)
+        if layer.d_inner != mixer.intermediate_size:
+            raise ValueError(f"from_hf_mamba: intermediate_size must be a multiple of hidden_size; got "
+                             f"{mixer.intermediate_size} and {mixer.hidden_size}")
+    else:
+        heads = mixer.num_heads
+        if heads * mixer.head_dim != mixer.intermediate_size:
+            raise ValueError(f"from_hf_mamba: num_heads * head_dim must equal expand * hidden_size; got "
+                             f"{heads} * {mixer.head_dim} and {mixer.intermediate_size}")
+        limit = tuple(float(v) for v in mixer.time_step_limit)
+        layer = Mamba2(mixer.hidden_size, mixer.ssm_state_size, d_conv=mixer.conv_kernel_size,
+                       expand=mixer.intermediate_size // mixer.hidden_size, headdim=mixer.head_dim,
+                       ngroups=mixer.n_groups, chunk_size=mixer.chunk_size, dt_limit=limit,
+                       conv_bias=mixer.use_conv_bias, bias=mixer.use_bias, norm_eps=mixer.layer_norm_epsilon,
+                       **factory)
+    missing, unexpected = layer.load_state_dict(mixer.state_dict(), strict=False)
+    missing = [k for k in missing if k != "_extra_state"]
+    if missing or unexpected:
+        raise ValueError(f"from_hf_mamba: the mixer's parameters do not match {type(layer).__name__}'s: "
+                         f"missing {missing}, unexpected {unexpected}")
+    return layer.train(mixer.training)
+
+
+def from_hf_mamba(module: torch.nn.Module):
+    """A transformers ``MambaMixer`` or ``Mamba2Mixer`` -> ``ssm.Mamba`` / ``ssm.Mamba2`` with the same
+    weights and outputs; a whole ``MambaModel``, ``Mamba2Model`` or ``*ForCausalLM`` -> a list with one layer
+    per mixer, in order.
+
+    The parameter names are mamba_ssm's on all three sides (``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``
+    or ``dt_bias``, ``A_log``, ``D``, ``norm``, ``out_proj``), so this is a state-dict copy with the
+    configuration read off the mixer. A state dict of mamba_ssm's own ``Mamba`` / ``Mamba2`` loads with
+    ``layer.load_state_dict`` directly.
+
+    Raises:
+        ValueError: ``module`` holds no Mamba mixer, or a mixer with an activation other than SiLU or
+            inconsistent sizes.
+    """
+    try:
+        from transformers.models.mamba.modeling_mamba import MambaMixer
+        from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
+    except ImportError as err:  # pragma: no cover - transformers is a test dependency
+        raise ImportError("from_hf_mamba needs transformers: pip install transformers") from err
+    if isinstance(module, (MambaMixer, Mamba2Mixer)):
+        return _hf_mamba_layer(module, MambaMixer, Mamba2Mixer)
+    if not isinstance(module, torch.nn.Module):
+        raise ValueError(f"module must be a transformers MambaMixer, Mamba2Mixer or a model holding them; "
+                         f"got {type(module).__name__}")
+    mixers = _mixers(module, (MambaMixer, Mamba2Mixer))
+    if not mixers:
+        raise ValueError(f"module must be a transformers MambaMixer, Mamba2Mixer or a model holding them; "
+                         f"{type(module).__name__} holds none")
+    return [_hf_mamba_layer(m, MambaMixer, Mamba2Mixer) for m in mixers]

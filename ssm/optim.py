@@ -23,7 +23,11 @@ def _module_hints(model: nn.Module) -> dict[int, tuple[str, dict]]:
         if not callable(get):
             continue
         for name, hint in get().items():
-            p = getattr(module, name, None)
+            owner, _, leaf = name.rpartition(".")  # a dotted name reaches into a submodule ("dt_proj.bias")
+            try:
+                p = getattr(module.get_submodule(owner) if owner else module, leaf, None)
+            except AttributeError:
+                p = None
             if isinstance(p, torch.Tensor):
                 hints[id(p)] = (f"{prefix}.{name}" if prefix else name, hint)
     return hints

@@ -44,3 +44,15 @@ def device(request) -> torch.device:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+# Keyword arguments that make every registered layer buildable at the tiny widths of the tests (Mamba2's
+# default headdim of 64 needs d_inner = expand * d_model to be a multiple of 64).
+SMALL = {"mamba2": {"headdim": 4, "chunk_size": 8}}
+
+
+def make_layer(name: str, d_model: int = 4, d_state: int = 8, **kwargs):
+    """``LAYERS[name](d_model, d_state, ...)`` at test sizes."""
+    from ssm.layers import LAYERS
+
+    return LAYERS[name](d_model, d_state, **{**SMALL.get(name, {}), **kwargs})

@@ -22,7 +22,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 # key in the ``bench`` fixture -> script file name (without .py)
 SCRIPTS = {"common": "bench_common", "plain_s4": "plain_s4", "layers": "layer_speed",
            "generation": "generation", "goals": "speed_goals", "state_passing": "state_passing",
-           "s5": "s5_speed", "device_check": "device_check"}
+           "s5": "s5_speed", "device_check": "device_check", "selective": "selective"}
 
 
 @contextlib.contextmanager
@@ -213,3 +213,18 @@ def test_device_check_smoke(bench, tmp_path, capsys):
     assert {r["layer"] for r in data["layers"]} == {"S4", "S4D", "RTF"}
     assert not any("error" in r for r in data["layers"])
     assert data["training"]["status"] == "ok" and data["training"]["tokens_per_s"] > 0
+
+
+def test_selective_script(bench, tmp_path):
+    """benchmarks/selective.py --quick: Mamba and Mamba-2 beside transformers' mixers (and mambapy when
+    installed) with the same weights; the verdicts mean nothing at these sizes, the agreement does."""
+    pytest.importorskip("transformers")
+    bench["selective"].main(["--quick", "--threads", "1", "--out", str(tmp_path), "--no-memory"])
+    data = _check_json(tmp_path / "selective.json", {"machine", "config", "rows", "steps", "verdicts",
+                                                     "agreement", "tables"})
+    assert {(r["model"], r["side"]) for r in data["rows"]} >= {("mamba", "ssm"), ("mamba", "hf"),
+                                                                ("mamba2", "ssm"), ("mamba2", "hf")}
+    assert all(r["median_s"] > 0 for r in data["rows"])
+    assert all(err < 1e-4 for errs in data["agreement"].values() for err in errs.values()), data["agreement"]
+    assert {(s["model"], s["B"]) for s in data["steps"]} == {("mamba", 1), ("mamba", 16), ("mamba2", 1),
+                                                             ("mamba2", 16)}

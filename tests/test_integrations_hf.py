@@ -189,7 +189,7 @@ def test_encoder_gets_a_bidirectional_layer_and_ignores_right_padding():
 
 def test_errors_name_what_was_expected():
     with pytest.raises(ValueError, match="layer must be one of"):
-        hf.swap_attention(gpt2(), "mamba")
+        hf.swap_attention(gpt2(), "hyena")
     with pytest.raises(ValueError, match="causal layer"):
         hf.swap_attention(gpt2(), "s4d", bidirectional=True)
     with pytest.raises(ValueError, match="JSON"):

@@ -40,9 +40,15 @@ def test_missing_verbs_names_what_is_missing():
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_every_layer_names_its_family(name):
+    """A layer's base matches its family's tier: LTI layers build a discrete system for the kernel."""
+    from ssm.layers import LTILayer
+
     cls = LAYERS[name]
     assert cls.family.__name__.startswith("ssm.systems.")
-    assert "discrete_system" in vars(cls) and "default_state" in vars(cls)
+    assert "default_state" in vars(cls) or "default_state" in vars(cls.__mro__[1])
+    assert issubclass(cls, LTILayer) == (cls.family.TIER == "lti")
+    if cls.family.TIER == "lti":
+        assert "discrete_system" in vars(cls)
 
 
 def test_no_private_name_crosses_a_file_boundary():

@@ -85,7 +85,7 @@ def test_model_bad_inputs():
     with pytest.raises(ValueError, match="pool"):
         ssm.SSMModel(3, 5, pool="max")
     with pytest.raises(ValueError, match="layer"):
-        ssm.SSMBlock(H, layer="mamba")
+        ssm.SSMBlock(H, layer="hyena")
 
 
 def test_param_groups_follow_hints():

@@ -256,7 +256,7 @@ def swap_attention(model: nn.Module, layer: str = "s4d", **layer_kwargs) -> nn.M
     Args:
         model: a ``transformers`` model: a causal LM (GPT-2, Llama, ... : causal layers, cached generation) or
             an encoder (BERT, ... : bidirectional layers unless ``bidirectional=False`` is given).
-        layer: a name in ``ssm.layers.LAYERS`` ("s4", "s4d", "rtf").
+        layer: a name in ``ssm.layers.LAYERS`` ("s4", "s4d", "rtf", "s5", "mamba", "mamba2").
         layer_kwargs: keyword arguments of the layer (``d_state``, ``init``, ``activation``, ...); d_model is
             the model's hidden size, device and dtype those of the replaced module. They must be JSON values:
             they are recorded in ``model.config.ssm_swap`` so that ``from_pretrained`` can rebuild the model.
