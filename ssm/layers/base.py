@@ -32,6 +32,7 @@ from .._checks import (
     check_int,
     check_positive,
     check_real,
+    traced,
 )
 
 ACTIVATIONS = ("gelu", "silu", "relu", "tanh", "identity")
@@ -336,7 +337,7 @@ class SSMLayer(nn.Module):
                 or lengths.is_complex() or lengths.dtype == torch.bool):
             raise ValueError(f"lengths must be an integer (not bool) tensor of shape ({Bsz},); "
                              f"got {lengths!r}")
-        if torch.compiler.is_compiling():  # the value check would break the graph; eager calls check
+        if traced():  # the value check would break the graph; eager calls check
             return lengths
         if bool((lengths < 0).any()) or bool((lengths > L).any()):
             raise ValueError(f"lengths must lie in [0, L={L}]; got {lengths.tolist()}")
@@ -392,7 +393,7 @@ class SSMLayer(nn.Module):
                 state = (self.default_state(Bsz, device=u.device) if Bsz else
                          map_state(lambda t: t[:0], self.default_state(1, device=u.device)))
             return u, rate, (y, state)
-        if self.check_finite and not torch.compiler.is_compiling():  # value checks would break the graph
+        if self.check_finite and not traced():  # value checks would break the graph
             self._check_finite(u)
         return u, rate, None
 
