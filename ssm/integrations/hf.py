@@ -417,6 +417,9 @@ def from_pretrained(path, model_class=None) -> nn.Module:
     """
     transformers = _transformers()
     path = Path(path)
+    if not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise ValueError(f"path must be a local directory written by save_pretrained; {path} {what}")
     config = transformers.AutoConfig.from_pretrained(path)
     swap = getattr(config, "ssm_swap", None)
     if not isinstance(swap, dict) or "layer" not in swap:

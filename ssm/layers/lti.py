@@ -190,6 +190,7 @@ class LTILayer(SSMLayer):
         u, rate, empty = self._prepare(x, state, return_state, lengths, rate)
         if empty is not None:
             return empty
+        state = self._outside_inference(state)
         Bsz, H, L = u.shape
         if u.dtype in (torch.float16, torch.bfloat16):
             u = u.float()
@@ -220,7 +221,8 @@ class LTILayer(SSMLayer):
     def step(self, x: Tensor, state: Tensor, *, rate: float = 1.0) -> tuple[Tensor, Tensor]:
         """Recurrent path: one token x (B, H) and the state -> (y (B, H), next_state)."""
         self._check_step_input(x)
-        self._check_state(state, x.shape[0])
+        self._check_state(state, x.shape[0], x.device)
+        state = self._outside_inference(state)
         rate = self._check_rate(rate)
         u = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         with torch.autocast(device_type=u.device.type, enabled=False):
