@@ -7,9 +7,9 @@ import os
 import subprocess
 import sys
 
-import harness
 import lra
 import pytest
+import training_harness as harness
 from test_examples_harness import Blobs, MeanPoolNet, tiny_cfg
 
 EXTRA = {"listops": dict(train=12, val=2, test=4, min_length=10, max_length=40)}

@@ -115,13 +115,6 @@ def _mask_stack(model: nn.Module, qualname: str) -> nn.Module:
     return getattr(model, "base_model", model)
 
 
-def _map_state(fn, state):
-    """``fn`` on every tensor of a layer's state (a tensor, or a tuple of them)."""
-    if isinstance(state, (tuple, list)):
-        return type(state)(_map_state(fn, s) for s in state)
-    return fn(state)
-
-
 def _wrap_cache_batch_ops(cache) -> None:
     """Make the cache's batch operations (beam search) apply to the SSM states too (once per cache)."""
     if getattr(cache, "_ssm_wrapped", False):
@@ -136,7 +129,7 @@ def _wrap_cache_batch_ops(cache) -> None:
         def method(arg):
             out = original(arg)
             for idx, (seen, s) in list(states.items()):
-                states[idx] = (seen, _map_state(lambda t: fn(t, arg), s))
+                states[idx] = (seen, fn(s, arg))
             return out
 
         setattr(cache, name, method)
