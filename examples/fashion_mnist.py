@@ -181,5 +181,6 @@ if __name__ == "__main__":
     try:
         main()
     # no data, --out naming a file, a damaged checkpoint, divergence: say so without a traceback
-    except (FileNotFoundError, NotADirectoryError, harness.CheckpointError, FloatingPointError) as err:
+    except (FileNotFoundError, NotADirectoryError, harness.CheckpointError, harness.OutDirInUse,
+            FloatingPointError) as err:
         sys.exit(f"error: {err}")

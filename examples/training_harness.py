@@ -620,6 +620,46 @@ class CheckpointError(RuntimeError):
     and says how to start afresh."""
 
 
+class OutDirInUse(RuntimeError):
+    """Another run holds the lock of the ``--out`` folder: two runs would mix their files."""
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def out_lock(out: Path, d: DistInfo | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on ``out/.lock`` (rank 0 takes it; every rank learns the outcome) for the
+    duration; ``OutDirInUse`` when another process holds it. An OS file lock (``fcntl.flock``): released by
+    the kernel when the process ends, even by SIGKILL, so a crashed run never leaves a stale lock."""
+    import fcntl
+
+    d = d or DistInfo()
+    fd, holder = None, ""
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            fd = None
+    holder = _broadcast(holder, d) if d.active else holder
+    if holder:
+        raise OutDirInUse(
+            f"--out {str(out)!r} is in use by another run (pid {holder}); two runs sharing one folder would "
+            "mix their checkpoints and metrics: wait for it, or pass another --out"
+        )
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -1213,7 +1253,7 @@ def train(
     if stop_after_steps is not None:
         check_int("stop_after_steps", stop_after_steps, minimum=1)
     out = check_out_dir(out_dir)
-    with distributed(cfg.device) as d:
+    with distributed(cfg.device) as d, out_lock(out, d):
         return _train(
             model, train_ds, val_ds, test_ds, cfg, out, d, collate_fn, resume, stop_after_epoch,
             stop_after_steps,

@@ -49,10 +49,21 @@ def traced_size(n: Any) -> bool:
     return isinstance(n, torch.SymInt) or torch.compiler.is_compiling()
 
 
+def traced() -> bool:
+    """Inside ``torch.compile`` / ``torch.export`` tracing or a ``torch.func`` transform (vmap, grad, jvp):
+    a value-dependent check or a cache would break the graph or the batching there."""
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        return torch._C._functorch.maybe_current_level() is not None
+    except AttributeError:  # a torch without functorch levels
+        return False
+
+
 def check_positive(name: str, value: Any) -> Any:
     """Check that a float or tensor is strictly positive (all entries)."""
     if isinstance(value, torch.Tensor):
-        if torch.compiler.is_compiling():
+        if traced():
             # A value-dependent check would break the compiled graph; eager calls (and tests) still check.
             return value
         if value.is_complex():

@@ -96,12 +96,31 @@ class _Keys:
     def has(self, key: str) -> bool:
         return self.prefix + key in self.sd
 
-    def take(self, key: str) -> Tensor:
+    def take(self, key: str, shape: tuple | None = None, *, integer: bool = False) -> Tensor:
+        """The tensor under ``key``, checked: ``shape`` (ints, or None for any size), real floating point
+        (or an integer scalar when ``integer``) and finite; a ValueError names the key otherwise."""
         full = self.prefix + key
         if full not in self.sd:
-            raise ValueError(f"the state dict has no {full!r}")
+            raise ValueError(f"the state dict has no {full!r}, which the conversion needs")
         self.left.discard(full)
-        return torch.as_tensor(self.sd[full]).detach().cpu()
+        v = self.sd[full]
+        if not isinstance(v, Tensor):
+            raise ValueError(f"{full!r} must be a tensor; got {type(v).__name__}")
+        v = v.detach().cpu()
+        if integer:
+            if v.numel() != 1 or v.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
+                raise ValueError(f"{full!r} must be an integer scalar; got {v.dtype} of shape "
+                                 f"{tuple(v.shape)}")
+            return v
+        if not v.is_floating_point():
+            raise ValueError(f"{full!r} must be a real floating-point tensor; got {v.dtype}")
+        if shape is not None and (v.ndim != len(shape) or any(s is not None and s != n
+                                                              for s, n in zip(shape, v.shape))):
+            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            raise ValueError(f"{full!r} must have shape {want}; got {tuple(v.shape)}")
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{full!r} holds non-finite values")
+        return v
 
     def finish(self) -> None:
         if self.left:
@@ -162,7 +181,10 @@ def from_official_s4(
     inner = "layer." if block else ""
     kernel = inner + "kernel."
     dplr = keys.has(kernel + "P")
-    inv_dt = keys.take(kernel + "inv_dt").to(torch.float64)
+    if keys.has(kernel + "l_kernel") and not dplr:
+        raise ValueError(f"the state dict has {keys.prefix + kernel + 'l_kernel'!r} (a DPLR kernel) but no "
+                         f"{keys.prefix + kernel + 'P'!r}, which the conversion needs")
+    inv_dt = keys.take(kernel + "inv_dt", (None, None)).to(torch.float64)
     if dt_fast:
         inv_dt = torch.sinh(inv_dt)
     dt = _transform(inv_dt, dt_transform)  # (H, 1) or (H, N/2)
@@ -173,24 +195,31 @@ def from_official_s4(
                          "no counterpart")
     dt = dt[:, 0]
     is_real = not keys.has(kernel + "A_imag")
-    re = -_transform(keys.take(kernel + "A_real").to(torch.float64), real_transform)
+    A_real = keys.take(kernel + "A_real", (None, None)).to(torch.float64)
+    S, N2 = A_real.shape
+    re = -_transform(A_real, real_transform)
     im = (torch.zeros_like(re) if is_real
-          else -_transform(keys.take(kernel + "A_imag").to(torch.float64), imag_transform))
+          else -_transform(keys.take(kernel + "A_imag", (S, N2)).to(torch.float64), imag_transform))
     Lambda = _tile(torch.complex(re, im), H, kernel + "A_real")  # (H, N/2)
     if is_real:  # real modes: C, B real (..., N); each becomes a pair with Im = 0 (2 Re(.) as officially)
-        B = _tile(keys.take(kernel + "B").to(torch.float64)[0], H, kernel + "B").to(torch.complex128)
-        C = keys.take(kernel + "C").to(torch.complex128)
+        B = keys.take(kernel + "B", (1, S, N2)).to(torch.float64)[0]
+        B = _tile(B, H, kernel + "B").to(torch.complex128)
+        C = keys.take(kernel + "C", (None, H, N2)).to(torch.complex128)
     else:
-        B = _tile(_complex(keys.take(kernel + "B"), kernel + "B")[0], H, kernel + "B")  # (H, N/2)
-        C = _complex(keys.take(kernel + "C"), kernel + "C")  # (C', H, N/2)
-    N2 = Lambda.shape[-1]
+        B = _complex(keys.take(kernel + "B", (1, S, N2, 2)), kernel + "B")[0]
+        B = _tile(B, H, kernel + "B")  # (H, N/2)
+        C = _complex(keys.take(kernel + "C", (None, H, N2, 2)), kernel + "C")  # (C', H, N/2)
     if dplr:
-        P = _tile(_complex(keys.take(kernel + "P"), kernel + "P"), H, kernel + "P")  # (R, H, N/2)
-        L = int(keys.take(kernel + "l_kernel").item()) if keys.has(kernel + "l_kernel") else 0
+        P = _complex(keys.take(kernel + "P", (None, S, N2, 2)), kernel + "P")
+        P = _tile(P, H, kernel + "P")  # (R, H, N/2)
+        # C~ = C (I - Ab^L) is what the kernel trains: without l_kernel, C cannot be recovered.
+        L = int(keys.take(kernel + "l_kernel", integer=True).item())
+        if L < 0:
+            raise ValueError(f"{keys.prefix + kernel + 'l_kernel'!r} must be >= 0; got {L}")
         if L > 0:
             C = _untilde(C, Lambda, P, dt, L)
         _set(kw, "disc", "bilinear", "the official DPLR kernel is bilinear")
-    D = keys.take(inner + "D").to(torch.float64)
+    D = keys.take(inner + "D", (None, H)).to(torch.float64)
     channels = D.shape[0]
     if C.shape[0] not in (channels, 2 * channels):
         raise ValueError(f"cannot map {keys.prefix + kernel + 'C'!r}: {C.shape[0]} kernel channels for D "
@@ -200,13 +229,12 @@ def from_official_s4(
     weight = bias = None
     if block and keys.has("output_linear.0.weight"):
         weight = keys.take("output_linear.0.weight").to(torch.float64)
-        if keys.has("output_linear.0.bias"):
-            bias = keys.take("output_linear.0.bias").to(torch.float64)
-        if weight.ndim == 3:  # a 1x1 Conv1d
+        if weight.ndim == 3 and weight.shape[-1] == 1:  # a 1x1 Conv1d
             weight = weight[..., 0]
         if weight.shape[0] not in (H, 2 * H) or weight.shape[1] != channels * H:
             raise ValueError(f"cannot map {keys.prefix + 'output_linear.0.weight'!r} of shape "
                              f"{tuple(weight.shape)}: expected ({H} or {2 * H}, {channels * H})")
+        bias = keys.take("output_linear.0.bias", (weight.shape[0],)).to(torch.float64)
         _set(kw, "glu", weight.shape[0] == 2 * H, "the output linear maps to 2H (final_act='glu')")
     else:
         if channels != 1:
@@ -228,15 +256,15 @@ def from_official_s4(
 
 def _from_minimal_s4d(state_dict, prefix: str, kw: dict) -> SSMLayer:
     k = _Keys(state_dict, prefix)
-    log_dt = k.take("kernel.log_dt").to(torch.float64)
-    log_A_real = k.take("kernel.log_A_real").to(torch.float64)
-    A_imag = k.take("kernel.A_imag").to(torch.float64)
-    C = _complex(k.take("kernel.C"), prefix + "kernel.C")[None]  # (1, H, N/2)
-    D = k.take("D").to(torch.float64)[None]  # (1, H)
-    weight = k.take("output_linear.0.weight").to(torch.float64)[..., 0]  # (2H, H)
-    bias = k.take("output_linear.0.bias").to(torch.float64)
-    k.finish()
+    log_A_real = k.take("kernel.log_A_real", (None, None)).to(torch.float64)
     H, N2 = log_A_real.shape
+    log_dt = k.take("kernel.log_dt", (H,)).to(torch.float64)
+    A_imag = k.take("kernel.A_imag", (H, N2)).to(torch.float64)
+    C = _complex(k.take("kernel.C", (H, N2, 2)), prefix + "kernel.C")[None]  # (1, H, N/2)
+    D = k.take("D", (H,)).to(torch.float64)[None]  # (1, H)
+    weight = k.take("output_linear.0.weight", (2 * H, H, 1)).to(torch.float64)[..., 0]  # (2H, H)
+    bias = k.take("output_linear.0.bias", (2 * H,)).to(torch.float64)
+    k.finish()
     _set(kw, "disc", "zoh", "the minimal S4D is zoh")
     _set(kw, "glu", True, "the minimal S4D ends in a GLU")
     _set(kw, "channels", 1, "the minimal S4D has one channel")
@@ -262,7 +290,6 @@ def _load(layer: SSMLayer, values: dict, weight: Tensor | None, bias: Tensor | N
         weight = torch.eye(H, layer.channels * H, dtype=torch.float64)
         bias = torch.zeros(H, dtype=torch.float64)
     sd["out_proj.weight"] = weight.to(sd["out_proj.weight"].dtype)
-    bias = bias if bias is not None else torch.zeros(weight.shape[0])
     sd["out_proj.bias"] = bias.to(sd["out_proj.bias"].dtype)
     layer.load_state_dict(sd)
     if not all(bool(torch.isfinite(p.detach()).all()) for p in layer.parameters()):

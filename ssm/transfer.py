@@ -439,18 +439,18 @@ def to_rtf(layer, rate: float = 1.0, *, dtype: torch.dtype | None = None, check_
     """
     from .layers.rtf import RTF  # deferred: the layers import this module's siblings
 
+    rate = layer._check_rate(rate)  # the checks come first, for an RTF layer too
+    L = check_int("check_length", check_length, minimum=1)
+    if dtype is not None and dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64; got {dtype}")
     if isinstance(layer, RTF):
         return copy.deepcopy(layer) if dtype is None else copy.deepcopy(layer).to(dtype)
     if layer.bidirectional:
         raise ValueError("to_rtf converts causal layers; got a bidirectional layer")
     if not hasattr(layer.family, "transfer_function"):
         raise ValueError(f"{type(layer).__name__} has no transfer-function conversion")
-    rate = layer._check_rate(rate)
-    L = check_int("check_length", check_length, minimum=1)
     device = layer.D.device
     dtype = layer.D.dtype if dtype is None else dtype
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64; got {dtype}")
     wide = copy.deepcopy(layer).double()
     with torch.no_grad():
         system = wide.discrete_system(rate)

@@ -189,3 +189,41 @@ def test_refusals_name_the_key():
         from_official_s4({**{"a." + k: v for k, v in sd.items()}, **{"b." + k: v for k, v in sd.items()}})
     with pytest.raises(ValueError, match="dt_transform"):
         from_official_s4(sd, dt_transform="tanh")
+
+
+def test_incomplete_or_malformed_dicts_are_refused_naming_the_key():
+    Lambda, P, B, C, dt = known()
+    H = 3
+    w, b = torch.randn(2 * H, H, dtype=f64), torch.randn(2 * H, dtype=f64)
+    sd, _ = dplr_state_dict(Lambda, P, B, C, dt, 16, torch.ones(1, H, dtype=f64), w, b)
+    drop = lambda key: {k: v for k, v in sd.items() if k != key}  # noqa: E731
+    cases = [
+        (drop("layer.kernel.l_kernel"), "'layer.kernel.l_kernel'"),  # C~ would be read as C
+        (drop("output_linear.0.bias"), "'output_linear.0.bias'"),  # would become zero
+        (drop("layer.kernel.P"), "'layer.kernel.P'"),  # with l_kernel: would load an S4D
+        (dict(sd, **{"layer.kernel.l_kernel": torch.tensor(1.5)}), "'layer.kernel.l_kernel'.*integer"),
+        (dict(sd, **{"layer.kernel.B": sd["layer.kernel.B"][:, :, :3]}), "'layer.kernel.B'.*shape"),
+        (dict(sd, **{"layer.kernel.A_imag": sd["layer.kernel.A_imag"][:2]}), "'layer.kernel.A_imag'.*shape"),
+        (dict(sd, **{"layer.kernel.P": sd["layer.kernel.P"][..., 0]}), "'layer.kernel.P'.*shape"),
+        (dict(sd, **{"layer.D": torch.ones(1, 2, dtype=f64)}), "'layer.D'.*shape"),
+        (dict(sd, **{"output_linear.0.bias": torch.ones(5, dtype=f64)}), "'output_linear.0.bias'.*shape"),
+        (dict(sd, **{"layer.kernel.inv_dt": torch.full((H, 1), math.nan)}), "'layer.kernel.inv_dt'.*finite"),
+        (dict(sd, **{"layer.kernel.A_real": [[0.0]]}), "'layer.kernel.A_real'.*tensor"),
+    ]
+    for bad, match in cases:
+        with pytest.raises(ValueError, match=match):
+            from_official_s4(bad)
+
+
+def test_minimal_s4d_malformed_keys_are_named():
+    H, N2 = 2, 3
+    sd = {"D": torch.ones(H), "kernel.log_dt": torch.zeros(H), "kernel.log_A_real": torch.zeros(H, N2),
+          "kernel.A_imag": torch.zeros(H, N2), "kernel.C": torch.zeros(H, N2, 2),
+          "output_linear.0.weight": torch.zeros(2 * H, H, 1), "output_linear.0.bias": torch.zeros(2 * H)}
+    assert isinstance(from_official_s4(sd), ssm.S4D)
+    for key, value in [("kernel.log_dt", torch.zeros(H + 1)), ("kernel.A_imag", torch.zeros(H, N2 + 1)),
+                       ("output_linear.0.weight", torch.zeros(2 * H, H)), ("D", torch.zeros(H, 1))]:
+        with pytest.raises(ValueError, match=f"'{key}'.*shape"):
+            from_official_s4(dict(sd, **{key: value}))
+    with pytest.raises(ValueError, match="'output_linear.0.bias'"):
+        from_official_s4({k: v for k, v in sd.items() if k != "output_linear.0.bias"})

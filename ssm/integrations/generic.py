@@ -6,6 +6,15 @@ state-space layer and are ignored; a key-padding mask is honoured: padded inputs
 layer (its state stays exactly zero through left padding, and right padding never reaches a valid output),
 and a bidirectional layer gets ``lengths`` from right padding and zeroed inputs for left padding.
 Cross-attention (a ``context``) has no sequence-layer equivalent and is refused.
+
+Mask conventions, (B, L) key-padding masks only:
+
+* under ``mask_arg`` (default ``"mask"``, x-transformers): bool True = keep; integer 1 = keep, 0 = pad (HF's
+  ``attention_mask``); float: additive, 0 = keep, ``-inf`` or a large negative (<= -1e4) = pad;
+* under ``key_padding_mask`` (``nn.MultiheadAttention``): bool True = pad; float additive as above;
+* both given: a position is kept when both keep it;
+* a float mask holding anything else (0./1., which reads either way), an integer mask beyond 0/1, and an
+  attention pattern under ``attn_mask`` or ``attention_mask`` (when not ``mask_arg``) are refused.
 """
 
 from __future__ import annotations
@@ -17,6 +26,12 @@ from .._checks import check_choice
 from ..layers import SSMLayer
 
 RETURNS = ("tensor", "tuple")
+#: Keywords whose bool masks mean True = pad (PyTorch's ``nn.MultiheadAttention`` convention).
+PAD_TRUE = ("key_padding_mask", "src_key_padding_mask")
+#: Keywords that carry an attention pattern (L, L) or a mask of unknown convention: refused unless None.
+REFUSED = ("attn_mask", "attention_mask")
+#: An additive float mask pads where it is at most this.
+ADDITIVE_PAD = -1e4
 
 
 class SSMMixer(nn.Module):
@@ -24,7 +39,9 @@ class SSMMixer(nn.Module):
 
     Args:
         layer: any ``ssm`` layer with the (B, L, H) layout.
-        mask_arg: the keyword under which the host passes its key-padding mask, (B, L) bool, True = keep.
+        mask_arg: the keyword under which the host passes its key-padding mask, (B, L): bool True = keep,
+            integer 1 = keep, float additive (0 = keep, -inf = pad); ``key_padding_mask`` (True = pad) is
+            read too. See the module docstring for the conventions.
         returns: ``"tensor"`` (the output alone) or ``"tuple"`` (``(output, None)``, for hosts that unpack
             ``out, intermediates = attn(...)``, as x-transformers' layers do).
     """
@@ -43,15 +60,41 @@ class SSMMixer(nn.Module):
         if kwargs.get("context") is not None or (args and isinstance(args[0], Tensor)):
             raise ValueError("SSMMixer replaces self-attention only: got a context (cross-attention), "
                              "which a sequence layer cannot attend to")
-        mask = kwargs.get(self.mask_arg)
-        if mask is not None:
-            if not isinstance(mask, Tensor) or mask.shape != x.shape[:2]:
-                got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-                raise ValueError(f"{self.mask_arg} must be a (B, L) key-padding mask like x's first two dims "
-                                 f"{tuple(x.shape[:2])}; got {got}")
-            mask = mask.bool()
-        y = padded_forward(self.layer, x, mask, strict=True, name=self.mask_arg)
+        keep = None
+        for key in dict.fromkeys((self.mask_arg, *PAD_TRUE, *REFUSED)):
+            mask = kwargs.get(key)
+            if mask is None:
+                continue
+            if key in REFUSED and key != self.mask_arg:
+                raise ValueError(f"{key}: SSMMixer reads a (B, L) key-padding mask under {self.mask_arg!r} "
+                                 "or key_padding_mask; an attention pattern cannot be honoured by a sequence "
+                                 f"layer (pass mask_arg={key!r} if it is a key-padding mask)")
+            k = key_padding_keep(mask, tuple(x.shape[:2]), name=key, true_is_pad=key in PAD_TRUE)
+            keep = k if keep is None else keep & k
+        y = padded_forward(self.layer, x, keep, strict=True, name=self.mask_arg)
         return (y, None) if self.returns == "tuple" else y
+
+
+def key_padding_keep(mask, shape: tuple, *, name: str, true_is_pad: bool = False) -> Tensor:
+    """The (B, L) bool keep-mask (True = a real token) that ``mask`` means under the module's conventions."""
+    if not isinstance(mask, Tensor) or tuple(mask.shape) != shape:
+        got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"{name} must be a (B, L) key-padding mask like x's first two dims {shape}; "
+                         f"got {got}")
+    if mask.dtype == torch.bool:
+        return ~mask if true_is_pad else mask
+    if mask.is_floating_point():
+        pad = mask <= ADDITIVE_PAD
+        if not bool(((mask == 0) | pad).all()):
+            bad = mask[(mask != 0) & ~pad].flatten()[0].item()
+            raise ValueError(f"{name}: a float mask is read as additive, 0 = keep and -inf (or <= "
+                             f"{ADDITIVE_PAD:g}) = pad; got the value {bad}: pass a bool keep/pad mask")
+        return ~pad
+    if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"{name}: an integer mask must hold 0 or 1 (1 = keep); "
+                         f"got {mask.unique().tolist()[:4]}")
+    keep = mask.bool()
+    return ~keep if true_is_pad else keep
 
 
 def is_right_padding(keep: Tensor) -> bool:

@@ -9,16 +9,19 @@
 position_embeddings=...)``) and unpacks ``(attn_output, attn_weights)``. ``SSMAttention`` accepts any such
 call and returns that pair. Around the layer it
 
-* ignores the key/value ``Cache`` in training (HF passes one by default) and runs the convolutional path;
-* in generation keeps the recurrent state on the ``Cache`` object (``cache.ssm_states``): the prefill runs
+* keeps the recurrent state on the key/value ``Cache`` object whenever the host passes one, in training mode
+  too (``model.train().generate(...)`` equals eval-mode generation up to dropout): the prefill runs
   ``layer(x, state, return_state=True)``, each new token ``layer.step``; and it appends a (B, 1, L, 1) stub to
   the cache's keys so ``cache.get_seq_length()`` advances (GPT-2 derives its position ids from it, and
   ``generate`` slices the new tokens by it). Beam search reorders the states with the cache;
-* honours padding: the 2-D ``attention_mask`` given to the model (captured by a hook on its base model; the
-  attention modules only see HF's 4-D mask) zeroes the inputs at padded positions. The layers are linear
-  time-invariant with zero initial state, so left padding (batched generation) leaves the state at exactly
-  zero until the first real token and each row equals its unpadded run; an encoder (bidirectional layer)
-  with right padding passes ``lengths``.
+* honours padding: the 2-D ``attention_mask`` given to each stack (captured by a hook on the encoder, the
+  decoder or the base model, whichever owns the token embedding; the attention modules only see HF's 4-D
+  mask) zeroes the inputs at padded positions. The layers are linear time-invariant with zero initial
+  state, so left padding (batched generation) leaves the state at exactly zero until the first real token
+  and each row equals its unpadded run; an encoder (bidirectional layer) with right padding passes
+  ``lengths``. A custom 4-D attention mask (an attention pattern) has no SSM meaning and is refused;
+* replaces only what computes attention: a host whose attention module also holds the output projection,
+  norm and residual (ALBERT) keeps them (``SSMAttention.post``); a module holding other norms is refused.
 
 ``transformers`` is imported on first use (``pip install "ssm-layers[hf]"``).
 """
@@ -58,13 +61,13 @@ def _cache_class():
 
 
 class _MaskContext:
-    """The 2-D padding mask (B, L_past + L) of the base model's current call, shared by its adapters."""
+    """The 2-D padding mask (B, L_past + L) of one stack's current call, shared by its adapters."""
 
     def __init__(self) -> None:
         self.mask: Tensor | None = None
 
 
-def _find_mask(forward, args: tuple, kwargs: dict) -> Tensor | None:
+def _find_mask(forward, args: tuple, kwargs: dict):
     mask = kwargs.get("attention_mask")
     if mask is None and args:
         try:
@@ -73,18 +76,43 @@ def _find_mask(forward, args: tuple, kwargs: dict) -> Tensor | None:
             names = []
         if "attention_mask" in names and names.index("attention_mask") < len(args):
             mask = args[names.index("attention_mask")]
-    return mask if isinstance(mask, Tensor) and mask.ndim == 2 else None
+    return mask
 
 
-def _install_mask_hooks(base: nn.Module, ctx: _MaskContext) -> None:
+def _install_mask_hooks(stack: nn.Module, ctx: _MaskContext) -> None:
     def capture(module, args, kwargs):
-        ctx.mask = _find_mask(module.forward, args, kwargs)
+        mask = _find_mask(module.forward, args, kwargs)
+        if isinstance(mask, Tensor) and mask.ndim != 2:
+            raise ValueError(
+                f"attention_mask must be a 2-D (B, L) padding mask for a model with ssm layers; got shape "
+                f"{tuple(mask.shape)}: a custom attention pattern has no meaning for a state-space layer"
+            )
+        ctx.mask = mask if isinstance(mask, Tensor) else None
 
     def clear(module, args, kwargs, output):
         ctx.mask = None
 
-    base.register_forward_pre_hook(capture, with_kwargs=True)
-    base.register_forward_hook(clear, with_kwargs=True, always_call=True)
+    stack.register_forward_pre_hook(capture, with_kwargs=True)
+    stack.register_forward_hook(clear, with_kwargs=True, always_call=True)
+
+
+def _takes_attention_mask(module: nn.Module) -> bool:
+    try:
+        return "attention_mask" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _mask_stack(model: nn.Module, qualname: str) -> nn.Module:
+    """The module whose 2-D ``attention_mask`` applies to the attention at ``qualname``: its nearest ancestor
+    that takes an ``attention_mask`` and owns a token embedding (GPT-2's ``transformer``, BART's encoder and
+    decoder, BERT's ``bert``, not BERT's ``encoder``, which gets the 4-D mask); the base model if none."""
+    parts = qualname.split(".")
+    for n in range(len(parts) - 1, -1, -1):
+        m = model.get_submodule(".".join(parts[:n])) if n else model
+        if _takes_attention_mask(m) and any(isinstance(c, nn.Embedding) for c in m.children()):
+            return m
+    return getattr(model, "base_model", model)
 
 
 def _wrap_cache_batch_ops(cache) -> None:
@@ -121,11 +149,14 @@ class SSMAttention(nn.Module):
         layer_idx: the index of this module in the host's key/value cache.
         causal: a decoder's attention (cached generation, state passing); False for an encoder, whose layer
             may be bidirectional.
+        post: the host's parts after the attention that its attention module held (ALBERT: output dense,
+            dropout, residual and LayerNorm), called as ``post(hidden_states, y)``; None for most hosts.
 
     ``forward(hidden_states, *args, **kwargs)`` takes the host's call and returns ``(y, None)``.
     """
 
-    def __init__(self, layer: SSMLayer, *, layer_idx: int, causal: bool = True) -> None:
+    def __init__(self, layer: SSMLayer, *, layer_idx: int, causal: bool = True,
+                 post: nn.Module | None = None) -> None:
         super().__init__()
         if not isinstance(layer, SSMLayer):
             raise ValueError(f"layer must be an ssm.SSMLayer; got {type(layer).__name__}")
@@ -136,6 +167,7 @@ class SSMAttention(nn.Module):
         self.layer = layer
         self.layer_idx = int(layer_idx)
         self.causal = bool(causal)
+        self.post = post
         self._mask_context: _MaskContext | None = None
 
     def extra_repr(self) -> str:
@@ -175,10 +207,10 @@ class SSMAttention(nn.Module):
             raise ValueError(f"hidden_states must be (B, L, H); got {got}")
         Bsz, L, _ = x.shape
         valid = self._valid(Bsz, L, kwargs)
-        cache = self._find_cache(args, kwargs) if self.causal and not self.training else None
-        if cache is not None:
-            return self._cached(x, valid, cache), None
-        return padded_forward(self.layer, x, valid), None
+        # The cache is used in training mode too: generation and incremental forwards mean the same there.
+        cache = self._find_cache(args, kwargs) if self.causal else None
+        y = self._cached(x, valid, cache) if cache is not None else padded_forward(self.layer, x, valid)
+        return (y if self.post is None else self.post(x, y)), None
 
     def _cached(self, x: Tensor, valid: Tensor | None, cache) -> Tensor:
         """Continue the recurrent state kept on the cache: prefill by the convolution with state passing,
@@ -283,21 +315,29 @@ def swap_attention(model: nn.Module, layer: str = "s4d", **layer_kwargs) -> nn.M
     targets = find_attention(model)
     if not targets:
         raise ValueError(f"found no self-attention modules to replace in {type(model).__name__}")
-    base = getattr(model, "base_model", model)
-    ctx = getattr(base, "_ssm_mask_context", None)
-    if ctx is None:
-        ctx = _MaskContext()
-        _install_mask_hooks(base, ctx)
-        base._ssm_mask_context = ctx
+    # Build every adapter before changing anything: a refusal part-way leaves the model as it was.
+    plan = []
     for i, (qualname, module) in enumerate(targets):
         causal = _host_is_causal(model, module)
         kwargs = dict(layer_kwargs)
         kwargs.setdefault("bidirectional", not causal)
+        post = _post_parts(qualname, module)
         ref = next(module.parameters(), None)
         factory = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
         ssm_layer = LAYERS[name](H, **kwargs, **factory)
         idx = getattr(module, "layer_idx", None)
-        adapter = SSMAttention(ssm_layer, layer_idx=idx if isinstance(idx, int) else i, causal=causal)
+        try:
+            adapter = SSMAttention(ssm_layer, layer_idx=idx if isinstance(idx, int) else i, causal=causal,
+                                   post=post)
+        except ValueError as e:
+            raise ValueError(f"{qualname}: {e} (nothing was replaced)") from None
+        plan.append((qualname, adapter, _mask_stack(model, qualname)))
+    for qualname, adapter, stack in plan:
+        ctx = getattr(stack, "_ssm_mask_context", None)
+        if ctx is None:
+            ctx = _MaskContext()
+            _install_mask_hooks(stack, ctx)
+            stack._ssm_mask_context = ctx
         adapter._mask_context = ctx
         parent_name, _, attr = qualname.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -305,6 +345,38 @@ def swap_attention(model: nn.Module, layer: str = "s4d", **layer_kwargs) -> nn.M
     if config is not None:
         config.ssm_swap = {"layer": name, "layer_kwargs": dict(layer_kwargs)}
     return model
+
+
+class _PostNorm(nn.Module):
+    """ALBERT's tail of the attention module: ``LayerNorm(x + dropout(dense(y)))``."""
+
+    def __init__(self, dense: nn.Module, dropout: nn.Module, norm: nn.Module) -> None:
+        super().__init__()
+        self.dense, self.dropout, self.LayerNorm = dense, dropout, norm
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.LayerNorm(x + self.dropout(self.dense(y)))
+
+
+def _is_norm(m: nn.Module) -> bool:
+    return "Norm" in type(m).__name__
+
+
+def _post_parts(qualname: str, module: nn.Module) -> nn.Module | None:
+    """The parts of a host attention module that act after the attention (a residual norm), kept by the
+    adapter; norms of queries and keys (``q_norm``, ``k_norm``) belong to the attention and go with it."""
+    norms = [n for n, c in module.named_children() if _is_norm(c) and not n.lower().startswith(("q", "k"))]
+    if not norms:
+        return None
+    dense, norm = getattr(module, "dense", None), getattr(module, "LayerNorm", None)
+    if norms == ["LayerNorm"] and isinstance(dense, nn.Linear):
+        dropout = getattr(module, "output_dropout", None)
+        return _PostNorm(dense, dropout if isinstance(dropout, nn.Module) else nn.Identity(), norm)
+    raise ValueError(
+        f"{qualname} ({type(module).__name__}) also holds {norms}, which act after the attention: the "
+        "adapter would drop them, and keeps them only for ALBERT-style modules (dense, output_dropout, "
+        "LayerNorm); nothing was replaced"
+    )
 
 
 def _read_weights(path: Path) -> dict[str, Tensor]:
@@ -338,6 +410,9 @@ def from_pretrained(path, model_class=None) -> nn.Module:
     """
     transformers = _transformers()
     path = Path(path)
+    if not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise ValueError(f"path must be a local directory written by save_pretrained; {path} {what}")
     config = transformers.AutoConfig.from_pretrained(path)
     swap = getattr(config, "ssm_swap", None)
     if not isinstance(swap, dict) or "layer" not in swap:

@@ -32,6 +32,7 @@ from .._checks import (
     check_int,
     check_positive,
     check_real,
+    traced,
 )
 
 ACTIVATIONS = ("gelu", "silu", "relu", "tanh", "identity")
@@ -336,14 +337,14 @@ class SSMLayer(nn.Module):
                 or lengths.is_complex() or lengths.dtype == torch.bool):
             raise ValueError(f"lengths must be an integer (not bool) tensor of shape ({Bsz},); "
                              f"got {lengths!r}")
-        if torch.compiler.is_compiling():  # the value check would break the graph; eager calls check
+        if traced():  # the value check would break the graph; eager calls check
             return lengths
         if bool((lengths < 0).any()) or bool((lengths > L).any()):
             raise ValueError(f"lengths must lie in [0, L={L}]; got {lengths.tolist()}")
         return lengths
 
-    def _check_state(self, state: Any, Bsz: int) -> None:
-        """``state`` has the structure, shapes and kinds of ``default_state(Bsz)``."""
+    def _check_state(self, state: Any, Bsz: int, device: torch.device | None = None) -> None:
+        """``state`` has the structure, shapes and kinds of ``default_state(Bsz)``, on ``device`` (x's)."""
         want = state_leaves(self.default_state(max(Bsz, 1), device="meta"))
         if Bsz == 0:
             want = [w[:0] for w in want]
@@ -363,6 +364,16 @@ class SSMLayer(nn.Module):
                 kinds = "complex64 or complex128" if w.is_complex() else "a floating dtype"
                 raise ValueError(f"state must be {kinds} (it is computed in {w.dtype} or wider); "
                                  f"got {g.dtype}")
+            if device is not None and g.device != torch.device(device):
+                raise ValueError(f"state must be on x's device {torch.device(device)}; got one on {g.device}")
+
+    @staticmethod
+    def _outside_inference(state: Any) -> Any:
+        """A state made under ``torch.inference_mode``, copied out of it when autograd may need it (an
+        inference tensor cannot be saved for backward)."""
+        if state is None or torch.is_inference_mode_enabled():
+            return state
+        return map_state(lambda t: t.clone() if t.is_inference() else t, state)
 
     def _prepare(self, x: Tensor, state, return_state: bool, lengths, rate: float):
         """The checks and padding shared by every ``forward``: (u (B, H, L) with padded inputs zeroed, rate,
@@ -382,7 +393,7 @@ class SSMLayer(nn.Module):
             if self.zero_padding:
                 u = u * mask[:, None, :].to(u.dtype)
         if state is not None:
-            self._check_state(state, Bsz)
+            self._check_state(state, Bsz, u.device)
         rate = self._check_rate(rate)
         if Bsz == 0 or L == 0:  # nothing to compute: an empty output (and the state unchanged)
             y = x.new_zeros(x.shape) + 0 * sum(p.sum() for p in self.parameters()).to(x.dtype)
@@ -392,7 +403,7 @@ class SSMLayer(nn.Module):
                 state = (self.default_state(Bsz, device=u.device) if Bsz else
                          map_state(lambda t: t[:0], self.default_state(1, device=u.device)))
             return u, rate, (y, state)
-        if self.check_finite and not torch.compiler.is_compiling():  # value checks would break the graph
+        if self.check_finite and not traced():  # value checks would break the graph
             self._check_finite(u)
         return u, rate, None
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .._checks import check_int
+from .._checks import check_int, traced
 from ..ops.fftconv import fftconv
 from .base import SSMLayer
 
@@ -61,8 +61,8 @@ class LTILayer(SSMLayer):
         self.D = nn.Parameter(torch.randn(self.channels, d_model, device=device, dtype=dtype))
         self.init_output(self.channels * d_model, activation=activation, glu=glu, dropout=dropout,
                          device=device, dtype=dtype)
-        self._memo_store: dict[str, tuple] = {}
-        self._memo_snapshot: list[Tensor] | None = None
+        # (snapshot of the SSM parameter values, {name: (key, inputs, value)}), replaced as one object.
+        self._memo: tuple[list[Tensor], dict] | None = None
 
     def discrete_system(self, rate: float = 1.0) -> NamedTuple:
         """The layer's discrete system in its family's structured form (differentiable; see the subclass)."""
@@ -78,40 +78,47 @@ class LTILayer(SSMLayer):
         self.D.copy_(D)
 
     # ---- the eval cache -----------------------------------------------------------------------------------
-    def _params_unchanged(self) -> bool:
-        snap = self._memo_snapshot
+    def _params_equal(self, snap: list[Tensor]) -> bool:
         params = self.ssm_parameters()
-        if snap is None or len(snap) != len(params):
+        if len(snap) != len(params):
             return False
         for p, q in zip(params, snap):
             if p.shape != q.shape or p.dtype != q.dtype or p.device != q.device or not torch.equal(p, q):
                 return False
         return True
 
-    def memo(self, name: str, key: tuple, fn):
+    def memo(self, name: str, key: tuple, fn, *, inputs: tuple = ()):
         """``fn()``, cached under ``name`` in eval mode without autograd while ``key`` and the values of the
         SSM parameters are unchanged; recomputed whenever a graph may be needed.
 
         The values are compared with a stored copy (O(H N), beside the O(H N L) kernel), so every route
         that changes a parameter counts: in-place on ``.data``, ``p.data = t``, a new Parameter object,
         ``vector_to_parameters``, ``load_state_dict``, optimizer steps, ``.to()``, ``.half().float()``.
-        Under ``torch.compile`` / ``torch.export`` the cache is bypassed (its value comparison would break the
-        graph): the compiled graph recomputes ``fn()``.
+        Thread-safe in what it stores: a value is stored only in the cache generation whose snapshot the
+        parameters still equal after ``fn()`` ran, and only if its ``inputs`` (earlier cached values that
+        ``fn`` reads, such as the system a kernel is built from) are that generation's own, so a call that
+        raced a ``load_state_dict`` never leaves a stale value behind.
+        Under ``torch.compile`` / ``torch.export`` and under ``torch.func`` transforms (``vmap`` over stacked
+        parameters) the cache is bypassed (its value comparison would break the graph or the batching).
         """
-        if torch.compiler.is_compiling():
+        if traced():
             return fn()
         if self.training or torch.is_grad_enabled():
-            self._memo_store.clear()
-            self._memo_snapshot = None
+            self._memo = None
             return fn()
-        if not self._params_unchanged():
-            self._memo_store.clear()
-            self._memo_snapshot = [p.detach().clone() for p in self.ssm_parameters()]
-        hit = self._memo_store.get(name)
-        if hit is not None and hit[0] == key:
-            return hit[1]
+        memo = self._memo
+        if memo is None or not self._params_equal(memo[0]):
+            memo = ([p.detach().clone() for p in self.ssm_parameters()], {})
+            self._memo = memo
+        snap, store = memo
+        hit = store.get(name)
+        if hit is not None and hit[0] == key and len(hit[1]) == len(inputs) and all(
+                a is b for a, b in zip(hit[1], inputs)):
+            return hit[2]
         value = fn()
-        self._memo_store[name] = (key, value)
+        own = all(any(v[2] is x for v in store.values()) for x in inputs)
+        if own and self._memo is memo and self._params_equal(snap):
+            store[name] = (key, inputs, value)
         return value
 
     def _system(self, rate: float) -> NamedTuple:
@@ -131,7 +138,7 @@ class LTILayer(SSMLayer):
             with torch.autocast(device_type=dev, enabled=False):
                 return self.family.kernel(system, L, **self.kernel_options())
 
-        return self.memo("kernel", (L, rate), compute)
+        return self.memo("kernel", (L, rate), compute, inputs=(system,))
 
     def kernel(self, L: int, rate: float = 1.0) -> Tensor:
         """The convolution kernel (C', H, L) in float32 or wider, even under autocast; C' = 2C when
@@ -183,6 +190,7 @@ class LTILayer(SSMLayer):
         u, rate, empty = self._prepare(x, state, return_state, lengths, rate)
         if empty is not None:
             return empty
+        state = self._outside_inference(state)
         Bsz, H, L = u.shape
         if u.dtype in (torch.float16, torch.bfloat16):
             u = u.float()
@@ -213,7 +221,8 @@ class LTILayer(SSMLayer):
     def step(self, x: Tensor, state: Tensor, *, rate: float = 1.0) -> tuple[Tensor, Tensor]:
         """Recurrent path: one token x (B, H) and the state -> (y (B, H), next_state)."""
         self._check_step_input(x)
-        self._check_state(state, x.shape[0])
+        self._check_state(state, x.shape[0], x.device)
+        state = self._outside_inference(state)
         rate = self._check_rate(rate)
         u = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         with torch.autocast(device_type=u.device.type, enabled=False):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import check_choice, check_int
+from .._checks import check_choice, check_int, traced
 from ..systems import rtf as rtf_family
 from ..systems.rtf import RTFSystem, is_stable, rtf_init, stable_denominator
 from .lti import LTILayer
@@ -117,6 +117,8 @@ class RTF(LTILayer):
             # assertion in the graph instead (the eager message names the features).
             torch._assert_async(ok.all(), f"RTF with constraint={self.constraint!r} has poles on or outside "
                                 "the unit circle: use constraint='montel' (the default)")
+            return a
+        if traced():  # a torch.func transform (vmap over stacked parameters): no Python branch on values
             return a
         if not bool(ok.all()):
             bad = (~ok).nonzero().flatten().tolist()

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from torch.autograd.function import once_differentiable
 
-from .._checks import check_choice, check_tensor, traced_size
+from .._checks import check_choice, check_tensor, traced, traced_size
 
 __all__ = ["cauchy", "cauchy_ref", "resolve_backend", "BACKENDS", "AUTO_NAIVE_MAX_BYTES", "CHUNK_BYTES"]
 
@@ -74,7 +74,7 @@ def resolve_backend(backend: str, nbytes: int, device: torch.device) -> str:
             # Under torch.compile / torch.export (the length may be symbolic): the chunked loop needs a
             # concrete length, so the materialized product is traced, whatever the size.
             return "naive"
-        if device.type == "cuda":
+        if device.type == "cuda" and not traced():  # a torch.func transform cannot batch a Triton kernel
             from . import cauchy_triton
 
             if cauchy_triton.works(device):  # installed, compiles and agrees on a probe (once per device)
@@ -166,10 +166,10 @@ class _CauchyChunked(torch.autograd.Function):
         grad_z[l]       = -sum_{w, e, n} g[w, e, l] conj(v[w, e, n]) conj(r[w, n, l])^2
     """
 
+    generate_vmap_rule = True  # forward and setup_context apart: torch.func transforms run it
+
     @staticmethod
-    def forward(ctx, v: torch.Tensor, z: torch.Tensor, w: torch.Tensor, chunk: int) -> torch.Tensor:
-        ctx.save_for_backward(v, z, w)
-        ctx.chunk = chunk
+    def forward(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor, chunk: int) -> torch.Tensor:
         length = z.shape[0]
         out = v.new_empty(v.shape[0], v.shape[1], length)
         wc = w.unsqueeze(-1)
@@ -177,6 +177,12 @@ class _CauchyChunked(torch.autograd.Function):
             r = (z[s : s + chunk] - wc).reciprocal()  # (W, N, c)
             out[:, :, s : s + chunk] = torch.bmm(v, r)
         return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        v, z, w, chunk = inputs
+        ctx.save_for_backward(v, z, w)
+        ctx.chunk = chunk
 
     @staticmethod
     @once_differentiable

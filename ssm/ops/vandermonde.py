@@ -85,10 +85,10 @@ class _VandermondeBlocked(torch.autograd.Function):
         grad_a[w, n]    = sum_e conj(v[w, e, n]) (the same sum with G[w, e, i, j] times l = s i + j)
     """
 
+    generate_vmap_rule = True  # forward and setup_context apart: torch.func transforms run it
+
     @staticmethod
-    def forward(ctx, v: torch.Tensor, a: torch.Tensor, length: int) -> torch.Tensor:
-        ctx.save_for_backward(v, a)
-        ctx.length = length
+    def forward(v: torch.Tensor, a: torch.Tensor, length: int) -> torch.Tensor:
         W, E, N = v.shape
         s, q = _blocks(length)
         X = _powers(a, s, q)  # (W, N, q)
@@ -96,6 +96,12 @@ class _VandermondeBlocked(torch.autograd.Function):
         vx = v.unsqueeze(2) * X.transpose(1, 2).unsqueeze(1)  # (W, E, q, N)
         out = torch.bmm(vx.reshape(W, E * q, N), Y)  # (W, E q, s)
         return out.reshape(W, E, q * s)[..., :length]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        v, a, length = inputs
+        ctx.save_for_backward(v, a)
+        ctx.length = length
 
     @staticmethod
     @once_differentiable

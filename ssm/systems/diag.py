@@ -20,6 +20,23 @@ from .common import check_kernel_args, complex_dtype
 TIER = "lti"
 
 
+def bilinear_log(x: Tensor) -> Tensor:
+    """log Ab of the bilinear map Ab = (1 + x/2) / (1 - x/2), x = dt Lambda.
+
+    ``log(1 + x/2) - log(1 - x/2)`` cancels at small dt (|x| ~ 1e-6 keeps about one float32 digit): there,
+    |x/2| < 1/2, it is 2 atanh(x/2), accurate to rounding. Ab vanishes at x = -2 (K_k = 0 for k >= 1,
+    continuously in x): the numerator is floored at the smallest normal number, so log Ab and its gradient
+    stay finite.
+    """
+    w = x / 2
+    small = w.abs() < 0.5
+    num = 1 + w
+    tiny = torch.finfo(x.real.dtype).tiny
+    num = torch.where(num.abs() < tiny, torch.full_like(num, tiny), num)
+    near = 2 * torch.atanh(torch.where(small, w, torch.zeros_like(w)))  # no inf in the branch not taken
+    return torch.where(small, near, torch.log(num) - torch.log(1 - w))
+
+
 def diag_kernel(
     Lambda: torch.Tensor,
     B: torch.Tensor,
@@ -68,12 +85,7 @@ def diag_kernel(
     if disc == "zoh":
         Bb, log_Ab = dtc * B * phi1(x), x
     else:
-        # Ab = (1 + x/2) / (1 - x/2) vanishes at x = -2 (K_k = 0 for k >= 1 there, continuously in x): its
-        # numerator is floored at the smallest normal number, so log Ab stays finite and so does its gradient.
-        num, den = 1 + x / 2, 1 - x / 2
-        tiny = torch.finfo(x.real.dtype).tiny
-        num = torch.where(num.abs() < tiny, torch.full_like(num, tiny), num)
-        Bb, log_Ab = dtc * B / den, torch.log(num) - torch.log(den)
+        Bb, log_Ab = dtc * B / (1 - x / 2), bilinear_log(x)
     K = vandermonde(C * Bb, log_Ab, L, log=True, backend=backend).real  # (..., H, L)
     return 2 * K if conj_pairs else K
 
@@ -119,10 +131,7 @@ def discretize(Lambda: Tensor, B: Tensor, C: Tensor, dt: Tensor, disc: str = "zo
     if disc == "zoh":
         log_Ab = x
     else:
-        num = 1 + x / 2
-        tiny = torch.finfo(dt.dtype).tiny
-        num = torch.where(num.abs() < tiny, torch.full_like(num, tiny), num)
-        log_Ab = torch.log(num) - torch.log(1 - x / 2)
+        log_Ab = bilinear_log(x)
     return DiagSystem(Lambda, B, C, dt, disc, Ab, Bb, log_Ab)
 
 

@@ -600,7 +600,9 @@ def stable_denominator(a_raw: torch.Tensor, method: str = "reflection") -> torch
     N = a_raw.shape[-1]
     eps = torch.finfo(a_raw.dtype).eps
     if method == "montel":
-        scale = 1 - STABLE_MARGIN_ULPS * (N + 1) * eps
+        # The margin is that of float32 (or of a narrower dtype) whatever the dtype: 4 (N + 1) eps is far
+        # above rounding (3e-5 at N = 64), so .double() of a layer would otherwise change its filter.
+        scale = 1 - STABLE_MARGIN_ULPS * (N + 1) * max(eps, torch.finfo(torch.float32).eps)
         return scale * a_raw / (1 + a_raw.abs().sum(-1, keepdim=True))
     k = (1 - STABLE_MARGIN_ULPS * eps) * torch.tanh(a_raw)
     a = k[..., :0]

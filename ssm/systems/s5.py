@@ -158,14 +158,19 @@ def _chunk_states(u: Tensor, Wb: Tensor, pw: Tensor, x_in: Tensor) -> Tensor:
 
 
 class _Scan(torch.autograd.Function):
-    """y = Re-projected states of x_k = a x_{k-1} + complex(u_k Wb); see ``scan``. Custom backward."""
+    """y = Re-projected states of x_k = a x_{k-1} + complex(u_k Wb); see ``scan``. Custom backward.
+
+    ``forward`` / ``setup_context`` apart (the chunk carries are a third, non-differentiable output), so that
+    ``torch.func`` transforms (vmap, grad, jacrev) run it; the vmap rule is generated."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, u: Tensor, Wb: Tensor, Wc: Tensor, a: Tensor, x0: Tensor, chunk: int):
+    def forward(u: Tensor, Wb: Tensor, Wc: Tensor, a: Tensor, x0: Tensor, chunk: int):
         Bsz, L, H = u.shape
         Q = a.shape[0]
         pw = powers(a, max(chunk, 1))
-        y = u.new_empty(Bsz, L, H)
+        y = None
         x = x0
         carries = []
         for s in range(0, L, chunk):
@@ -173,14 +178,22 @@ class _Scan(torch.autograd.Function):
             carries.append(x)
             v = _chunk_states(u[:, s:e], Wb, pw, x)
             x = v[:, -1].clone()
-            y[:, s:e] = torch.view_as_real(v).reshape(Bsz, e - s, 2 * Q) @ Wc
-            del v
-        ctx.chunk = chunk
-        ctx.save_for_backward(u, Wb, Wc, a, torch.stack(carries))
-        return y, x
+            yc = torch.view_as_real(v).reshape(Bsz, e - s, 2 * Q) @ Wc
+            if y is None:  # allocated from a result, so batched under vmap when any input is
+                y = yc.new_empty(Bsz, L, H)
+            y[:, s:e] = yc
+            del v, yc
+        return y, x, torch.stack(carries)
 
     @staticmethod
-    def backward(ctx, gy: Tensor, gx_last: Tensor):
+    def setup_context(ctx, inputs, output):
+        u, Wb, Wc, a, _, chunk = inputs
+        ctx.chunk = chunk
+        ctx.mark_non_differentiable(output[2])
+        ctx.save_for_backward(u, Wb, Wc, a, output[2])
+
+    @staticmethod
+    def backward(ctx, gy: Tensor, gx_last: Tensor, _g_carries):
         u, Wb, Wc, a, carries = ctx.saved_tensors
         chunk = ctx.chunk
         Bsz, L, H = u.shape
@@ -279,7 +292,7 @@ def scan(
     Wb, Wc = projections(sys, channel)
     if reverse:
         u = u.flip(1)
-    y, x = _Scan.apply(u.contiguous(), Wb.contiguous(), Wc.contiguous(), sys.Ab, x0, T)
+    y, x, _ = _Scan.apply(u.contiguous(), Wb.contiguous(), Wc.contiguous(), sys.Ab, x0, T)
     return (y.flip(1) if reverse else y), x
 
 
