@@ -49,6 +49,28 @@ def as_complex(p: Tensor) -> Tensor:
     return torch.view_as_complex(p if p.is_contiguous() else p.contiguous())
 
 
+class _ParamStrides(torch.autograd.Function):
+    """The identity, whose gradient has the strides of its input (see ``with_param_strides``)."""
+
+    @staticmethod
+    def forward(ctx, p: Tensor) -> Tensor:
+        ctx.stride = p.stride()
+        return p.view_as(p)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        return g if g.stride() == ctx.stride else g.new_empty_strided(g.shape, ctx.stride).copy_(g)
+
+
+def with_param_strides(p: Tensor) -> Tensor:
+    """``p`` itself, but its gradient is laid out with ``p``'s strides, size-1 dimensions included.
+
+    Autograd's layout contract leaves the strides of size-1 dimensions free, and a gradient reaching C
+    (1, H, N/2, 2) through a broadcast or ``view_as_complex`` takes others; DDP's bucket views require them
+    exactly and warn "Grad strides do not match bucket view strides" on every rank (issue 23)."""
+    return _ParamStrides.apply(p) if p.requires_grad and torch.is_grad_enabled() else p
+
+
 def check_dt_range(dt_min: float, dt_max: float) -> tuple[float, float]:
     """(dt_min, dt_max) as floats: finite, positive, dt_min <= dt_max."""
     for name, value in (("dt_min", dt_min), ("dt_max", dt_max)):
@@ -182,7 +204,7 @@ class SSMLayer(nn.Module):
     def ssm_param(self, name: str) -> Tensor:
         """The SSM parameter ``name`` in float32 or wider: after ``.half()`` / ``.bfloat16()`` the system,
         kernel and state are still computed in float32 (as under autocast); gradients reach the parameter."""
-        p = getattr(self, name)
+        p = with_param_strides(getattr(self, name))
         return p.float() if p.dtype in (torch.float16, torch.bfloat16) else p
 
     def register_ssm(
@@ -191,7 +213,8 @@ class SSMLayer(nn.Module):
         """Register a parameter of the SSM system. With ``hint`` (Lambda, P, B, dt, the denominator, A_log)
         it gets this layer's optimizer hints (lr, weight_decay; ``optimizer_hints``, read by ``ssm.optim``);
         without (C, the numerators) it follows the global optimizer settings. Either way it keys the cache."""
-        param = complex_param(value) if complex_ else nn.Parameter(value)
+        # contiguous: a strided view (Lambda.imag) would make a parameter whose storage holds other values
+        param = complex_param(value) if complex_ else nn.Parameter(value.contiguous())
         self.register_parameter(name, param)
         if name not in self._ssm_names:
             self._ssm_names.append(name)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .._checks import check_int, traced
 from ..ops.fftconv import fftconv
-from .base import SSMLayer
+from .base import SSMLayer, with_param_strides
 
 
 class LTILayer(SSMLayer):
@@ -200,7 +200,7 @@ class LTILayer(SSMLayer):
         if self.bidirectional:
             K, K_rev = K[: self.channels], K[self.channels :]
         u = u.to(K.dtype)
-        D = self.D.to(K.dtype)
+        D = with_param_strides(self.D).to(K.dtype)
         if state is None:
             y = fftconv(u, K, D, K_rev=K_rev, layout="BHL")  # (B, C, H, L)
         elif hasattr(self.family, "state_input"):
@@ -227,5 +227,5 @@ class LTILayer(SSMLayer):
         u = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         with torch.autocast(device_type=u.device.type, enabled=False):
             y, next_state = self.family.step(self._system(rate), state, u)  # (B, C, H)
-        y = y.real.to(u.dtype) + self.D.to(u.dtype) * u[:, None, :]
+        y = y.real.to(u.dtype) + with_param_strides(self.D).to(u.dtype) * u[:, None, :]
         return self._post(y, x), next_state
