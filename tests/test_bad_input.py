@@ -209,11 +209,16 @@ def test_flattened_parameters_fail_loudly():
 
 def test_state_dict_carries_the_configuration():
     zoh, bil = ssm.S4(4, 8, disc="zoh"), ssm.S4(4, 8)
+    unexpected = 'Unexpected key\\(s\\) in state_dict: "_extra_state"'
+    with pytest.warns(UserWarning, match="disc='zoh' in the state_dict but disc='bilinear' in this layer"):
+        with pytest.raises(RuntimeError, match=unexpected):
+            bil.load_state_dict(zoh.state_dict())
+    assert bil.disc == "bilinear"
     with pytest.raises(ValueError, match="disc='zoh' in the state_dict but disc='bilinear' in this layer"):
-        bil.load_state_dict(zoh.state_dict())
-    with pytest.raises(ValueError, match="constraint"):
+        bil.set_extra_state(zoh.get_extra_state())
+    with pytest.warns(UserWarning, match="constraint"), pytest.raises(RuntimeError, match=unexpected):
         ssm.RTF(4, 8).load_state_dict(ssm.RTF(4, 8, constraint="none").state_dict())
-    with pytest.raises(ValueError, match="activation"):
+    with pytest.warns(UserWarning, match="activation"), pytest.raises(RuntimeError, match=unexpected):
         ssm.S4D(4, 8).load_state_dict(ssm.S4D(4, 8, activation="silu").state_dict())
     same = ssm.S4(4, 8, disc="zoh")
     same.load_state_dict(zoh.state_dict())
@@ -221,6 +226,21 @@ def test_state_dict_carries_the_configuration():
     torch.testing.assert_close(same(x), zoh(x))
     old = {k: v for k, v in zoh.state_dict().items() if not k.endswith("_extra_state")}
     same.load_state_dict(old)  # checkpoints from before the configuration was carried still load
+
+
+def test_extra_state_mismatch_is_listed_under_strict_false():
+    """Another layer type under strict=False: the configuration mismatch is listed with PyTorch's other
+    missing and unexpected keys (not raised first), the shared parameters load, the layer keeps its own."""
+    s4, s4d = ssm.SSMModel(2, 3, d_model=4, n_layers=1, layer="s4", d_state=8), ssm.SSMModel(
+        2, 3, d_model=4, n_layers=1, layer="s4d", d_state=8)
+    with pytest.warns(UserWarning, match="disc='bilinear' in the state_dict but disc='zoh' in this layer"):
+        result = s4d.load_state_dict(s4.state_dict(), strict=False)
+    assert result.missing_keys == []
+    assert sorted(result.unexpected_keys) == ["blocks.0.layer.P", "blocks.0.layer._extra_state"]
+    assert s4d.blocks[0].layer.disc == "zoh"
+    assert torch.equal(s4d.blocks[0].layer.log_dt, s4.blocks[0].layer.log_dt)
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match='"blocks.0.layer._extra_state"'):
+        s4d.load_state_dict(s4.state_dict())
 
 
 def test_optimizer_hints_survive_fsdp2_fully_shard():

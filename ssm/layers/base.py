@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from types import ModuleType
 from typing import Any, ClassVar
 
@@ -308,18 +309,43 @@ class SSMLayer(nn.Module):
 
     def set_extra_state(self, state) -> None:
         """Refuse a state_dict saved from a layer with another configuration (e.g. zoh into bilinear)."""
+        problem = self._config_mismatch(state)
+        if problem is not None:
+            raise ValueError(problem)
+
+    def _config_mismatch(self, state) -> str | None:
+        """Why the saved ``_extra_state`` does not fit this layer, or None when it does."""
         try:
             raw = bytes(state.tolist()).decode() if isinstance(state, torch.Tensor) else None
             saved = json.loads(raw) if raw is not None else dict(state)
         except (ValueError, TypeError, UnicodeDecodeError):
-            raise ValueError(f"the state_dict's _extra_state of {type(self).__name__} is not a layer "
-                             f"configuration; got {state!r}") from None
+            return (f"the state_dict's _extra_state of {type(self).__name__} is not a layer configuration; "
+                    f"got {state!r}")
         mine = self.config()
         diffs = [f"{k}={saved[k]!r} in the state_dict but {k}={mine.get(k)!r} in this layer"
                  for k in sorted(saved) if saved[k] != mine.get(k)]
         if diffs:
-            raise ValueError(f"{type(self).__name__}: the state_dict was saved from a layer with another "
-                             f"configuration: {'; '.join(diffs)}")
+            return (f"{type(self).__name__}: the state_dict was saved from a layer with another "
+                    f"configuration: {'; '.join(diffs)}")
+        return None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """PyTorch's, but an ``_extra_state`` of another configuration is reported like the other mismatches,
+        in ``unexpected_keys`` (the reason as a warning), not raised before PyTorch lists them: strict loading
+        fails with all of them, ``strict=False`` returns them. The layer keeps its own configuration."""
+        key = prefix + "_extra_state"
+        problem = self._config_mismatch(state_dict[key]) if key in state_dict else None
+        if problem is not None:
+            warnings.warn(f"{problem}; the layer keeps its own (the key is listed as unexpected)",
+                          stacklevel=2)
+            state_dict = {k: v for k, v in state_dict.items() if k != key}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if problem is not None:
+            if key in missing_keys:  # PyTorch lists the extra state it was not given as missing
+                missing_keys.remove(key)
+            unexpected_keys.append(key)
 
     # ---- checks shared by every forward and step ---------------------------------------------------------
     def _check_rate(self, rate: float) -> float:
