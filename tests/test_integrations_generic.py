@@ -82,3 +82,49 @@ def test_refuses_cross_attention_and_bad_masks():
         SSMMixer(ssm.S4D(4, 8), returns="dict")
     with pytest.raises(ValueError, match="transposed"):
         SSMMixer(ssm.S4D(4, 8, transposed=True))
+
+
+# ---- x-transformers, the real package ---------------------------------------------------------------------
+
+def _x_transformers_net(name: str):
+    """A 2-layer x-transformers decoder whose self-attention modules are SSMMixers (float64)."""
+    xt = pytest.importorskip("x_transformers")
+    torch.manual_seed(0)
+    net = xt.TransformerWrapper(num_tokens=16, max_seq_len=64, use_abs_pos_emb=False,
+                                attn_layers=xt.Decoder(dim=8, depth=2, heads=2, rotary_pos_emb=True))
+    for layer_type, layer in zip(net.attn_layers.layer_types, net.attn_layers.layers):
+        if layer_type == "a":
+            layer[1] = SSMMixer(ssm.layers.LAYERS[name](8, 4))
+    return xt, net.double()
+
+
+def test_x_transformers_wrapper_trains_and_generates_with_the_state_as_its_cache():
+    xt, net = _x_transformers_net("s4d")
+    x = torch.randint(0, 16, (2, 10))
+    wrapper = xt.AutoregressiveWrapper(net)
+    loss = wrapper(x)  # TransformerWrapper calls attention with return_intermediates=True
+    loss.backward()
+    assert torch.isfinite(loss) and net.attn_layers.layers[0][1].layer.log_dt.grad.abs().sum() > 0
+    net.eval()
+    full = net(x)
+    # prefill 9 tokens, then one cached token: the state in cached_kv continues the recurrence
+    _, inter = net(x[:, :-1], return_intermediates=True)
+    assert inter.attn_intermediates[0].cached_kv  # the SSM state, where x-transformers keeps its cache
+    step, _ = net(x, cache=inter, return_intermediates=True)
+    torch.testing.assert_close(step[:, -1], full[:, -1], **tol(torch.float64))
+    greedy = {"filter_logits_fn": "top_k", "filter_kwargs": {"k": 1}}
+    cached = wrapper.generate(x[:, :4], 8, cache_kv=True, **greedy)
+    assert torch.equal(cached, wrapper.generate(x[:, :4], 8, cache_kv=False, **greedy))
+    beams = wrapper.beam_search(x[:, :4], 5, beams=3)  # the beams repeat and select the states by batch
+    assert torch.equal(beams, wrapper.beam_search(x[:, :4], 5, beams=3, cache_kv=False))
+
+
+def test_x_transformers_cache_needs_a_causal_layer():
+    xt = pytest.importorskip("x_transformers")
+    mixer = SSMMixer(ssm.S4D(4, 4, bidirectional=True)).eval()
+    x = torch.randn(1, 3, 4)
+    _, inter = mixer(x, return_intermediates=True)
+    assert isinstance(inter, xt.attend.Intermediates) and inter.cached_kv is None
+    with pytest.raises(ValueError, match="causal layer"):
+        mixer(x[:, :1], cache=xt.attend.Intermediates(cached_kv=[torch.zeros(1, 1, 8)]),
+              return_intermediates=True)

@@ -15,6 +15,10 @@ Mask conventions, (B, L) key-padding masks only:
 * both given: a position is kept when both keep it;
 * a float mask holding anything else (0./1., which reads either way), an integer mask beyond 0/1, and an
   attention pattern under ``attn_mask`` or ``attention_mask`` (when not ``mask_arg``) are refused.
+
+Inside x-transformers (``TransformerWrapper``), which calls attention with ``return_intermediates=True`` and
+``cache=`` the previous call's ``Intermediates``, the mixer answers with an ``Intermediates`` whose
+``cached_kv`` carries the layer's recurrent state, so cached generation continues the state token by token.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch import Tensor, nn
 
 from .._checks import check_choice
 from ..layers import SSMLayer
+from ..layers.base import map_state, state_leaves
 
 RETURNS = ("tensor", "tuple")
 #: Keywords whose bool masks mean True = pad (PyTorch's ``nn.MultiheadAttention`` convention).
@@ -60,6 +65,8 @@ class SSMMixer(nn.Module):
         if kwargs.get("context") is not None or (args and isinstance(args[0], Tensor)):
             raise ValueError("SSMMixer replaces self-attention only: got a context (cross-attention), "
                              "which a sequence layer cannot attend to")
+        cache = kwargs.get("cache")
+        L = x.shape[1]
         keep = None
         for key in dict.fromkeys((self.mask_arg, *PAD_TRUE, *REFUSED)):
             mask = kwargs.get(key)
@@ -69,10 +76,58 @@ class SSMMixer(nn.Module):
                 raise ValueError(f"{key}: SSMMixer reads a (B, L) key-padding mask under {self.mask_arg!r} "
                                  "or key_padding_mask; an attention pattern cannot be honoured by a sequence "
                                  f"layer (pass mask_arg={key!r} if it is a key-padding mask)")
+            # with a cache, x-transformers passes the mask of the whole sequence and x holds its new positions
+            if cache is not None and isinstance(mask, Tensor) and mask.ndim == 2 and mask.shape[1] > L:
+                mask = mask[:, -L:]
             k = key_padding_keep(mask, tuple(x.shape[:2]), name=key, true_is_pad=key in PAD_TRUE)
             keep = k if keep is None else keep & k
-        y = padded_forward(self.layer, x, keep, strict=True, name=self.mask_arg)
-        return (y, None) if self.returns == "tuple" else y
+        if not kwargs.get("return_intermediates", False) and cache is None:
+            y = padded_forward(self.layer, x, keep, strict=True, name=self.mask_arg)
+            return (y, None) if self.returns == "tuple" else y
+        return self._x_transformers(x, keep, cache)
+
+    def _x_transformers(self, x: Tensor, mask: Tensor | None, cache):
+        """x-transformers' call: ``(y, Intermediates)``, the layer's state in ``cached_kv`` (eval mode, causal
+        layer), continued from ``cache.cached_kv`` when the host passes the previous call's intermediates."""
+        from x_transformers.attend import Intermediates
+
+        state = None
+        if cache is not None:
+            if self.layer.bidirectional:
+                raise ValueError("cached generation needs a causal layer; got bidirectional=True (pass "
+                                 "cache_kv=False to generate, or use a causal layer)")
+            if not cache.cached_kv:
+                raise ValueError("the cache holds no SSM state for this layer: it was not filled by "
+                                 "SSMMixer in eval mode")
+            state = self._unpack(cache.cached_kv, x.device)
+        if self.layer.bidirectional or (self.training and cache is None):
+            # no state to hand on: training, or a layer that reads the future
+            return padded_forward(self.layer, x, mask, strict=True, name=self.mask_arg), Intermediates()
+        if x.shape[1] == 1 and state is not None:
+            u = x if mask is None else x * mask[..., None].to(x.dtype)
+            y, state = self.layer.step(u[:, 0], state)
+            y = y[:, None]
+        elif mask is None:
+            y, state = self.layer(x, state, return_state=True)
+        else:
+            y, state = self.layer.masked_forward(x, mask, state, return_state=True)
+        return y, Intermediates(cached_kv=self._pack(state))
+
+    @staticmethod
+    def _pack(state) -> list[Tensor]:
+        """The state's tensors as (B, 1, -1): x-transformers' batch operations on ``cached_kv`` (beam repeat,
+        beam selection: dim 0) apply as they should, and its key-window crop ``t[..., -n:, :]`` is a no-op."""
+        return [t.reshape(t.shape[0], 1, -1) for t in state_leaves(state)]
+
+    def _unpack(self, packed, device):
+        """Inverse of ``_pack``: the structure of ``default_state`` refilled; the batch from dim 0."""
+        packed = list(packed)
+        template = self.layer.default_state(packed[0].shape[0], device=device)
+        if len(packed) != len(state_leaves(template)):
+            raise ValueError(f"cache.cached_kv holds {len(packed)} tensors; this layer's state has "
+                             f"{len(state_leaves(template))}: was the cache filled by another module?")
+        it = iter(packed)
+        return map_state(lambda t: next(it).reshape(t.shape), template)
 
 
 def key_padding_keep(mask, shape: tuple, *, name: str, true_is_pad: bool = False) -> Tensor:
