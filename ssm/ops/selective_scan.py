@@ -157,19 +157,21 @@ class _Operand:
         torch.mul(v.view(T, batch, self.groups, self.per, 1), Mc.unsqueeze(3), out=o)
         return out
 
-    def contract(self, H: Tensor, Mc: Tensor) -> Tensor:
-        """sum_n H[t, b, d, n] M[t, b, g(d), n]: (T, B, D, N) -> (T, B, D)."""
+    def contract(self, H: Tensor, Mc: Tensor, tmp: Tensor) -> Tensor:
+        """sum_n H[t, b, d, n] M[t, b, g(d), n]: (T, B, D, N) -> (T, B, D), through the buffer ``tmp``
+        (a product and a sum: several times faster on CPU than einsum's batched GEMV with N columns)."""
         T, batch, dim, N = H.shape
         if self.shared:
-            return torch.einsum("tbdn,dn->tbd", H, Mc)
-        Hg = H.view(T, batch, self.groups, self.per, N)
-        return torch.matmul(Hg, Mc.unsqueeze(-1)).view(T, batch, dim)
+            return torch.mul(H, Mc, out=tmp).sum(-1)
+        prod = tmp.view(T, batch, self.groups, self.per, N)
+        torch.mul(H.view(T, batch, self.groups, self.per, N), Mc.unsqueeze(3), out=prod)
+        return tmp.sum(-1)
 
-    def grad(self, H: Tensor, v: Tensor) -> Tensor:
+    def grad(self, H: Tensor, v: Tensor, tmp: Tensor) -> Tensor:
         """Gradient of the operand from sum over channels of H[t, b, d, n] v[t, b, d]."""
         T, batch, dim, N = H.shape
         if self.shared:
-            return torch.einsum("tbdn,tbd->dn", H, v)
+            return torch.mul(H, v.unsqueeze(-1), out=tmp).sum((0, 1))
         Hg = H.view(T, batch, self.groups, self.per, N)
         vg = v.view(T, batch, self.groups, 1, self.per)
         return torch.matmul(vg, Hg).squeeze(3)  # (T, B, G, N)
@@ -194,8 +196,7 @@ def _chunk_forward(ws: dict, u: Tensor, delta: Tensor, A: Tensor, Bo: _Operand, 
     H = ws["H"][: T + 1]
     H[0].copy_(h)
     for k in range(T):
-        torch.mul(dA[k], H[k], out=H[k + 1])
-        H[k + 1].add_(dBu[k])
+        torch.addcmul(dBu[k], dA[k], H[k], out=H[k + 1])
     return dA, dBu, H
 
 
@@ -204,6 +205,7 @@ def _workspace(chunk: int, shape: tuple[int, ...], like: Tensor) -> dict:
         "dA": like.new_empty((chunk, *shape)),
         "dBu": like.new_empty((chunk, *shape)),
         "H": like.new_empty((chunk + 1, *shape)),
+        "tmp": like.new_empty((chunk, *shape)),
     }
 
 
@@ -224,7 +226,7 @@ class _SelectiveScan(torch.autograd.Function):
         for i, (t0, t1) in enumerate(spans):
             starts[i].copy_(h)
             _, _, H = _chunk_forward(ws, u, delta, A, Bo, t0, t1, h)
-            y[t0:t1] = Co.contract(H[1:], Co.chunk(t0, t1))
+            y[t0:t1] = Co.contract(H[1:], Co.chunk(t0, t1), ws["tmp"][: t1 - t0])
             h = H[-1].clone()
         ctx.save_for_backward(u, delta, A, Bm, Cm, starts)
         ctx.chunk = chunk
@@ -253,7 +255,8 @@ class _SelectiveScan(torch.autograd.Function):
             dA, dBu, H = _chunk_forward(ws, u, delta, A, Bo, t0, t1, starts[i])
             Cc, Bc, gyc, dc = Co.chunk(t0, t1), Bo.chunk(t0, t1), gy[t0:t1], delta[t0:t1]
             # dC from y_t = C_t h_t
-            gCc = Co.grad(H[1:], gyc)
+            tmp = ws["tmp"][:T]
+            gCc = Co.grad(H[1:], gyc, tmp)
             if Co.shared:
                 gC += gCc
             else:
@@ -266,14 +269,15 @@ class _SelectiveScan(torch.autograd.Function):
             carry = dA[0] * G[0]
             # X = dLoss / d(delta_t A) = G_t exp(delta_t A) h_{t-1}; dA then holds X
             X = dA.mul_(H[:T]).mul_(G)
-            gA += torch.einsum("tbdn,tbd->dn", X, dc)
-            gdu = Bo.contract(G, Bc)  # dLoss / d(delta_t u_t)
-            gBc = Bo.grad(G, dc * u[t0:t1])
+            gA += torch.mul(X, dc.unsqueeze(-1), out=tmp).sum((0, 1))
+            gXA = torch.mul(X, A, out=tmp).sum(-1)
+            gdu = Bo.contract(G, Bc, tmp)  # dLoss / d(delta_t u_t)
+            gBc = Bo.grad(G, dc * u[t0:t1], tmp)
             if Bo.shared:
                 gB += gBc
             else:
                 gB[t0:t1] = gBc
-            gdelta[t0:t1] = torch.einsum("tbdn,dn->tbd", X, A) + gdu * u[t0:t1]
+            gdelta[t0:t1] = gXA + gdu * u[t0:t1]
             gu[t0:t1] = gdu * dc
         return gu, gdelta, gA, gB, gC, carry, None
 
