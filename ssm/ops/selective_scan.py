@@ -30,12 +30,38 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .._checks import check_bool, check_int, check_tensor
+from .._checks import check_bool, check_choice, check_int, check_tensor
 
-__all__ = ["selective_scan_fn", "selective_scan_ref", "CHUNK"]
+__all__ = ["selective_scan_fn", "selective_scan_ref", "resolve_scan_backend", "BACKENDS", "CHUNK"]
+
+BACKENDS = ("auto", "torch", "triton")
+_TRITON_INSTALL = "pip install triton  (or: pip install 'ssm-layers[triton]')"
 
 #: Time steps per chunk of ``selective_scan_fn`` (measured on CPU: benchmarks/selective.py).
 CHUNK = 16
+
+
+def resolve_scan_backend(backend: str, device: torch.device) -> str:
+    """``"torch"`` or ``"triton"`` for ``backend`` (one of ``BACKENDS``) and tensors on ``device``.
+
+    ``"auto"`` is ``"triton"`` for CUDA tensors when triton imports, else ``"torch"``. ``"triton"`` needs CUDA
+    tensors, or the Triton interpreter (``TRITON_INTERPRET=1``) for CPU tensors: else ``ValueError``; without
+    the triton package, ``ImportError`` with the install command.
+    """
+    import os
+
+    from . import selective_scan_triton
+
+    check_choice("backend", backend, BACKENDS)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and selective_scan_triton.available() else "torch"
+    if backend == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1); got tensors on "
+                             f"{device.type!r}")
+        if not selective_scan_triton.available():
+            raise ImportError(f"backend 'triton' needs the triton package: {_TRITON_INSTALL}")
+    return backend
 
 
 def _check_bc(name: str, value, batch: int, dim: int, dstate: int, length: int) -> Tensor:
@@ -214,7 +240,14 @@ class _SelectiveScan(torch.autograd.Function):
     h0 (B, D, N) -> y = C h (L, B, D) and the last state (B, D, N). See the module docstring."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, Bm, Cm, h0, chunk):
+    def forward(ctx, u, delta, A, Bm, Cm, h0, chunk, backend):
+        ctx.chunk = chunk
+        if backend == "triton":
+            from .selective_scan_triton import selective_scan_forward_triton
+
+            y, starts, h = selective_scan_forward_triton(u, delta, A, Bm, Cm, h0, chunk)
+            ctx.save_for_backward(u, delta, A, Bm, Cm, starts)
+            return y, h
         length, batch, dim = u.shape
         N = A.shape[1]
         Bo, Co = _Operand(Bm, dim), _Operand(Cm, dim)
@@ -229,7 +262,6 @@ class _SelectiveScan(torch.autograd.Function):
             y[t0:t1] = Co.contract(H[1:], Co.chunk(t0, t1), ws["tmp"][: t1 - t0])
             h = H[-1].clone()
         ctx.save_for_backward(u, delta, A, Bm, Cm, starts)
-        ctx.chunk = chunk
         return y, h
 
     @staticmethod
@@ -279,7 +311,7 @@ class _SelectiveScan(torch.autograd.Function):
                 gB[t0:t1] = gBc
             gdelta[t0:t1] = gXA + gdu * u[t0:t1]
             gu[t0:t1] = gdu * dc
-        return gu, gdelta, gA, gB, gC, carry, None
+        return gu, gdelta, gA, gB, gC, carry, None, None
 
 
 def _time_major_bc(M: Tensor, dtype: torch.dtype) -> Tensor:
@@ -293,7 +325,7 @@ def _time_major_bc(M: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                      return_last_state=False, *, initial_state=None, chunk_size=None):
+                      return_last_state=False, *, initial_state=None, chunk_size=None, backend="auto"):
     """Selective scan with mamba_ssm's signature: out = (C h + D u) * silu(z), h_t = exp(delta_t A) h_{t-1}
     + delta_t B_t u_t (module docstring).
 
@@ -305,17 +337,21 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         initial_state: (B, D, N) state before the first step (default zero; not in mamba_ssm).
         chunk_size: time steps per chunk (default ``CHUNK``); memory O(B D N chunk_size) besides the
             chunk-start states.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (``resolve_scan_backend``): the forward pass as a
+            fused Triton kernel (``ssm.ops.selective_scan_triton``); the backward is the torch one.
 
     Returns:
         out (B, D, L) in u's dtype, or (out, last_state (B, D, N) in float32, float64 for float64 inputs).
     """
     _check_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
     chunk = CHUNK if chunk_size is None else check_int("chunk_size", chunk_size, minimum=1)
+    backend = resolve_scan_backend(backend, u.device)
     ct = _compute_dtype(u, delta, A, B, C, initial_state)
     batch, dim, length = u.shape
     dlt = _delta(delta, delta_bias, delta_softplus, ct).permute(2, 0, 1).contiguous()  # (L, B, D)
     uc = u.to(ct).permute(2, 0, 1).contiguous()
     h0 = u.new_zeros((batch, dim, A.shape[1]), dtype=ct) if initial_state is None else initial_state.to(ct)
-    y, last = _SelectiveScan.apply(uc, dlt, A.to(ct), _time_major_bc(B, ct), _time_major_bc(C, ct), h0, chunk)
+    y, last = _SelectiveScan.apply(uc, dlt, A.to(ct), _time_major_bc(B, ct), _time_major_bc(C, ct), h0,
+                                   chunk, backend)
     out = _gate(y.permute(1, 2, 0), u, D, z, u.dtype)
     return (out, last) if return_last_state else out
