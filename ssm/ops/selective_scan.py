@@ -35,6 +35,8 @@ from .._checks import check_bool, check_choice, check_int, check_tensor
 __all__ = ["selective_scan_fn", "selective_scan_ref", "resolve_scan_backend", "BACKENDS", "CHUNK"]
 
 BACKENDS = ("auto", "torch", "triton")
+#: Whether ``"auto"`` picks the Triton forward for CUDA tensors (off until it has run on a GPU).
+AUTO_TRITON = False
 _TRITON_INSTALL = "pip install triton  (or: pip install 'ssm-layers[triton]')"
 
 #: Time steps per chunk of ``selective_scan_fn`` (measured on CPU: benchmarks/selective.py).
@@ -44,7 +46,8 @@ CHUNK = 16
 def resolve_scan_backend(backend: str, device: torch.device) -> str:
     """``"torch"`` or ``"triton"`` for ``backend`` (one of ``BACKENDS``) and tensors on ``device``.
 
-    ``"auto"`` is ``"triton"`` for CUDA tensors when triton imports, else ``"torch"``. ``"triton"`` needs CUDA
+    ``"auto"`` is ``"torch"`` for now: the Triton kernel has been checked under the interpreter only, not yet
+    on a GPU (``AUTO_TRITON`` turns it on for CUDA tensors when triton imports). ``"triton"`` needs CUDA
     tensors, or the Triton interpreter (``TRITON_INTERPRET=1``) for CPU tensors: else ``ValueError``; without
     the triton package, ``ImportError`` with the install command.
     """
@@ -54,7 +57,8 @@ def resolve_scan_backend(backend: str, device: torch.device) -> str:
 
     check_choice("backend", backend, BACKENDS)
     if backend == "auto":
-        return "triton" if device.type == "cuda" and selective_scan_triton.available() else "torch"
+        use = AUTO_TRITON and device.type == "cuda" and selective_scan_triton.available()
+        return "triton" if use else "torch"
     if backend == "triton":
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1); got tensors on "

@@ -59,6 +59,8 @@ def test_backend_resolution(monkeypatch):
         resolve_scan_backend("cuda", cpu)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         resolve_scan_backend("triton", cpu)
+    monkeypatch.setattr("ssm.ops.selective_scan.AUTO_TRITON", True)
+    assert resolve_scan_backend("auto", cuda) == ("triton" if selective_scan_triton.available() else "torch")
     monkeypatch.setattr(selective_scan_triton, "available", lambda: False)
     assert resolve_scan_backend("auto", cuda) == "torch"
     with pytest.raises(ImportError, match="pip install triton"):
