@@ -282,8 +282,7 @@ class _SelectiveScan(torch.autograd.Function):
         gA = torch.zeros_like(A)
         gB = torch.zeros_like(Bm) if Bo.shared else torch.empty_like(Bm)
         gC = torch.zeros_like(Cm) if Co.shared else torch.empty_like(Cm)
-        if gy is None:
-            gy = torch.zeros_like(u)
+        gy = torch.zeros_like(u) if gy is None else gy.contiguous()  # time-major, as the chunks read it
         carry = torch.zeros_like(starts[0]) if gh is None else gh
         for i in reversed(range(len(spans))):
             t0, t1 = spans[i]
