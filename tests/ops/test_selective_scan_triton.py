@@ -20,8 +20,8 @@ SCRIPT = """
 import torch
 from ssm.ops.selective_scan import selective_scan_fn
 torch.manual_seed(0)
-b, d, n, L, g = 2, 40, 3, 11, 4
-for dtype, tol, forms in ((torch.float32, 1e-5, (((d, n), (b, g, n, L)), ((b, n, L), (d, n)))),
+b, d, n, L, g = 2, 40, 3, 7, 4
+for dtype, tol, forms in ((torch.float32, 1e-5, (((d, n), (b, g, n, L)),)),
                           (torch.float64, 1e-12, (((b, g, n, L), (b, n, L)),))):
     for Bs, Cs in forms:
         shapes = [(b, d, L), (b, d, L), (d, n), Bs, Cs, (d,), (b, d, L), (d,), (b, d, n)]
