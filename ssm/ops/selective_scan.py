@@ -30,12 +30,42 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .._checks import check_bool, check_int, check_tensor
+from .._checks import check_bool, check_choice, check_int, check_tensor
 
-__all__ = ["selective_scan_fn", "selective_scan_ref", "CHUNK"]
+__all__ = ["selective_scan_fn", "selective_scan_ref", "resolve_scan_backend", "BACKENDS", "CHUNK"]
+
+BACKENDS = ("auto", "torch", "triton")
+#: Whether ``"auto"`` picks the Triton forward for CUDA tensors (off until it has run on a GPU).
+AUTO_TRITON = False
+_TRITON_INSTALL = "pip install triton  (or: pip install 'ssm-layers[triton]')"
 
 #: Time steps per chunk of ``selective_scan_fn`` (measured on CPU: benchmarks/selective.py).
 CHUNK = 16
+
+
+def resolve_scan_backend(backend: str, device: torch.device) -> str:
+    """``"torch"`` or ``"triton"`` for ``backend`` (one of ``BACKENDS``) and tensors on ``device``.
+
+    ``"auto"`` is ``"torch"`` for now: the Triton kernel has been checked under the interpreter only, not yet
+    on a GPU (``AUTO_TRITON`` turns it on for CUDA tensors when triton imports). ``"triton"`` needs CUDA
+    tensors, or the Triton interpreter (``TRITON_INTERPRET=1``) for CPU tensors: else ``ValueError``; without
+    the triton package, ``ImportError`` with the install command.
+    """
+    import os
+
+    from . import selective_scan_triton
+
+    check_choice("backend", backend, BACKENDS)
+    if backend == "auto":
+        use = AUTO_TRITON and device.type == "cuda" and selective_scan_triton.available()
+        return "triton" if use else "torch"
+    if backend == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1); got tensors on "
+                             f"{device.type!r}")
+        if not selective_scan_triton.available():
+            raise ImportError(f"backend 'triton' needs the triton package: {_TRITON_INSTALL}")
+    return backend
 
 
 def _check_bc(name: str, value, batch: int, dim: int, dstate: int, length: int) -> Tensor:
@@ -157,19 +187,21 @@ class _Operand:
         torch.mul(v.view(T, batch, self.groups, self.per, 1), Mc.unsqueeze(3), out=o)
         return out
 
-    def contract(self, H: Tensor, Mc: Tensor) -> Tensor:
-        """sum_n H[t, b, d, n] M[t, b, g(d), n]: (T, B, D, N) -> (T, B, D)."""
+    def contract(self, H: Tensor, Mc: Tensor, tmp: Tensor) -> Tensor:
+        """sum_n H[t, b, d, n] M[t, b, g(d), n]: (T, B, D, N) -> (T, B, D), through the buffer ``tmp``
+        (a product and a sum: several times faster on CPU than einsum's batched GEMV with N columns)."""
         T, batch, dim, N = H.shape
         if self.shared:
-            return torch.einsum("tbdn,dn->tbd", H, Mc)
-        Hg = H.view(T, batch, self.groups, self.per, N)
-        return torch.matmul(Hg, Mc.unsqueeze(-1)).view(T, batch, dim)
+            return torch.mul(H, Mc, out=tmp).sum(-1)
+        prod = tmp.view(T, batch, self.groups, self.per, N)
+        torch.mul(H.view(T, batch, self.groups, self.per, N), Mc.unsqueeze(3), out=prod)
+        return tmp.sum(-1)
 
-    def grad(self, H: Tensor, v: Tensor) -> Tensor:
+    def grad(self, H: Tensor, v: Tensor, tmp: Tensor) -> Tensor:
         """Gradient of the operand from sum over channels of H[t, b, d, n] v[t, b, d]."""
         T, batch, dim, N = H.shape
         if self.shared:
-            return torch.einsum("tbdn,tbd->dn", H, v)
+            return torch.mul(H, v.unsqueeze(-1), out=tmp).sum((0, 1))
         Hg = H.view(T, batch, self.groups, self.per, N)
         vg = v.view(T, batch, self.groups, 1, self.per)
         return torch.matmul(vg, Hg).squeeze(3)  # (T, B, G, N)
@@ -194,8 +226,7 @@ def _chunk_forward(ws: dict, u: Tensor, delta: Tensor, A: Tensor, Bo: _Operand, 
     H = ws["H"][: T + 1]
     H[0].copy_(h)
     for k in range(T):
-        torch.mul(dA[k], H[k], out=H[k + 1])
-        H[k + 1].add_(dBu[k])
+        torch.addcmul(dBu[k], dA[k], H[k], out=H[k + 1])
     return dA, dBu, H
 
 
@@ -204,6 +235,7 @@ def _workspace(chunk: int, shape: tuple[int, ...], like: Tensor) -> dict:
         "dA": like.new_empty((chunk, *shape)),
         "dBu": like.new_empty((chunk, *shape)),
         "H": like.new_empty((chunk + 1, *shape)),
+        "tmp": like.new_empty((chunk, *shape)),
     }
 
 
@@ -212,7 +244,14 @@ class _SelectiveScan(torch.autograd.Function):
     h0 (B, D, N) -> y = C h (L, B, D) and the last state (B, D, N). See the module docstring."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, Bm, Cm, h0, chunk):
+    def forward(ctx, u, delta, A, Bm, Cm, h0, chunk, backend):
+        ctx.chunk = chunk
+        if backend == "triton":
+            from .selective_scan_triton import selective_scan_forward_triton
+
+            y, starts, h = selective_scan_forward_triton(u, delta, A, Bm, Cm, h0, chunk)
+            ctx.save_for_backward(u, delta, A, Bm, Cm, starts)
+            return y, h
         length, batch, dim = u.shape
         N = A.shape[1]
         Bo, Co = _Operand(Bm, dim), _Operand(Cm, dim)
@@ -224,10 +263,9 @@ class _SelectiveScan(torch.autograd.Function):
         for i, (t0, t1) in enumerate(spans):
             starts[i].copy_(h)
             _, _, H = _chunk_forward(ws, u, delta, A, Bo, t0, t1, h)
-            y[t0:t1] = Co.contract(H[1:], Co.chunk(t0, t1))
+            y[t0:t1] = Co.contract(H[1:], Co.chunk(t0, t1), ws["tmp"][: t1 - t0])
             h = H[-1].clone()
         ctx.save_for_backward(u, delta, A, Bm, Cm, starts)
-        ctx.chunk = chunk
         return y, h
 
     @staticmethod
@@ -244,8 +282,7 @@ class _SelectiveScan(torch.autograd.Function):
         gA = torch.zeros_like(A)
         gB = torch.zeros_like(Bm) if Bo.shared else torch.empty_like(Bm)
         gC = torch.zeros_like(Cm) if Co.shared else torch.empty_like(Cm)
-        if gy is None:
-            gy = torch.zeros_like(u)
+        gy = torch.zeros_like(u) if gy is None else gy.contiguous()  # time-major, as the chunks read it
         carry = torch.zeros_like(starts[0]) if gh is None else gh
         for i in reversed(range(len(spans))):
             t0, t1 = spans[i]
@@ -253,7 +290,8 @@ class _SelectiveScan(torch.autograd.Function):
             dA, dBu, H = _chunk_forward(ws, u, delta, A, Bo, t0, t1, starts[i])
             Cc, Bc, gyc, dc = Co.chunk(t0, t1), Bo.chunk(t0, t1), gy[t0:t1], delta[t0:t1]
             # dC from y_t = C_t h_t
-            gCc = Co.grad(H[1:], gyc)
+            tmp = ws["tmp"][:T]
+            gCc = Co.grad(H[1:], gyc, tmp)
             if Co.shared:
                 gC += gCc
             else:
@@ -266,16 +304,17 @@ class _SelectiveScan(torch.autograd.Function):
             carry = dA[0] * G[0]
             # X = dLoss / d(delta_t A) = G_t exp(delta_t A) h_{t-1}; dA then holds X
             X = dA.mul_(H[:T]).mul_(G)
-            gA += torch.einsum("tbdn,tbd->dn", X, dc)
-            gdu = Bo.contract(G, Bc)  # dLoss / d(delta_t u_t)
-            gBc = Bo.grad(G, dc * u[t0:t1])
+            gA += torch.mul(X, dc.unsqueeze(-1), out=tmp).sum((0, 1))
+            gXA = torch.mul(X, A, out=tmp).sum(-1)
+            gdu = Bo.contract(G, Bc, tmp)  # dLoss / d(delta_t u_t)
+            gBc = Bo.grad(G, dc * u[t0:t1], tmp)
             if Bo.shared:
                 gB += gBc
             else:
                 gB[t0:t1] = gBc
-            gdelta[t0:t1] = torch.einsum("tbdn,dn->tbd", X, A) + gdu * u[t0:t1]
+            gdelta[t0:t1] = gXA + gdu * u[t0:t1]
             gu[t0:t1] = gdu * dc
-        return gu, gdelta, gA, gB, gC, carry, None
+        return gu, gdelta, gA, gB, gC, carry, None, None
 
 
 def _time_major_bc(M: Tensor, dtype: torch.dtype) -> Tensor:
@@ -289,7 +328,7 @@ def _time_major_bc(M: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                      return_last_state=False, *, initial_state=None, chunk_size=None):
+                      return_last_state=False, *, initial_state=None, chunk_size=None, backend="auto"):
     """Selective scan with mamba_ssm's signature: out = (C h + D u) * silu(z), h_t = exp(delta_t A) h_{t-1}
     + delta_t B_t u_t (module docstring).
 
@@ -301,17 +340,21 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         initial_state: (B, D, N) state before the first step (default zero; not in mamba_ssm).
         chunk_size: time steps per chunk (default ``CHUNK``); memory O(B D N chunk_size) besides the
             chunk-start states.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (``resolve_scan_backend``): the forward pass as a
+            fused Triton kernel (``ssm.ops.selective_scan_triton``); the backward is the torch one.
 
     Returns:
         out (B, D, L) in u's dtype, or (out, last_state (B, D, N) in float32, float64 for float64 inputs).
     """
     _check_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
     chunk = CHUNK if chunk_size is None else check_int("chunk_size", chunk_size, minimum=1)
+    backend = resolve_scan_backend(backend, u.device)
     ct = _compute_dtype(u, delta, A, B, C, initial_state)
     batch, dim, length = u.shape
     dlt = _delta(delta, delta_bias, delta_softplus, ct).permute(2, 0, 1).contiguous()  # (L, B, D)
     uc = u.to(ct).permute(2, 0, 1).contiguous()
     h0 = u.new_zeros((batch, dim, A.shape[1]), dtype=ct) if initial_state is None else initial_state.to(ct)
-    y, last = _SelectiveScan.apply(uc, dlt, A.to(ct), _time_major_bc(B, ct), _time_major_bc(C, ct), h0, chunk)
+    y, last = _SelectiveScan.apply(uc, dlt, A.to(ct), _time_major_bc(B, ct), _time_major_bc(C, ct), h0,
+                                   chunk, backend)
     out = _gate(y.permute(1, 2, 0), u, D, z, u.dtype)
     return (out, last) if return_last_state else out

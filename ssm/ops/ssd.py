@@ -133,15 +133,17 @@ def mamba_chunk_scan_ref(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=Non
     return (out, state) if return_final_states else out
 
 
-def _segsum(a: Tensor) -> Tensor:
-    """S[..., i, j] = a[..., j+1] + ... + a[..., i] for j <= i, -inf above the diagonal; a (..., Q).
+def _decay_t(a: Tensor, invalid: Tensor | None = None) -> Tensor:
+    """E[..., j, i] = exp(S[i, j]) = exp(a[..., j+1] + ... + a[..., i]) for j <= i, else 0; a (..., Q).
 
-    Summed per segment (a masked cumsum), not as cumsum[i] - cumsum[j], which would cancel catastrophically
-    when the cumsums are large."""
+    The transpose of exp(S): each segment is summed (a masked cumsum along the contiguous last axis), not
+    taken as cumsum[i] - cumsum[j], which cancels catastrophically when the cumsums are large; ``invalid``
+    (..., Q, Q) in the same (j, i) layout zeroes more pairs (other documents)."""
     Q = a.shape[-1]
-    strict = torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril(-1)
-    S = a.unsqueeze(-1).expand(*a.shape, Q).masked_fill(~strict, 0).cumsum(-2)
-    return S.masked_fill(~torch.ones_like(strict).tril(), -math.inf)
+    later = torch.ones(Q, Q, dtype=torch.bool, device=a.device).triu(1)  # k > j
+    T = torch.where(later, a.unsqueeze(-2), a.new_zeros(())).cumsum(-1)  # sum over j < k <= i
+    before = ~torch.ones_like(later).triu()  # i < j
+    return T.masked_fill_(before if invalid is None else before | invalid, -math.inf).exp_()
 
 
 def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
@@ -177,21 +179,21 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     Cc = F.pad(C.to(ct), (0, 0, 0, 0, 0, pad)).view(b, nc, Q, g, n)
     dtc = dtc.view(b, nc, Q, g, hg).permute(0, 1, 3, 4, 2)  # (b, c, g, hg, Q)
     a = dtc * A.to(ct).view(g, hg, 1)
-    S = _segsum(a)  # (b, c, g, hg, Q, Q)
-    same_prev = None
+    invalid = same_prev = None
     if seq_idx is not None:
         seq = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1).view(b, nc, Q)
-        S = S.masked_fill((seq[:, :, :, None] != seq[:, :, None, :])[:, :, None, None], -math.inf)
+        invalid = (seq[:, :, :, None] != seq[:, :, None, :])[:, :, None, None]  # (b, c, 1, 1, Q, Q)
         # the document of the state entering each chunk: that of the previous chunk's end (0 before the first)
         prev = F.pad(seq[:, :-1, -1], (1, 0))  # (b, c)
         same_prev = seq == prev[:, :, None]  # (b, c, Q): positions that see the entering state
-    Xt = X.permute(0, 1, 3, 4, 2, 5)  # (b, c, g, hg, Q, p)
-    # intra-chunk: y_diag = ((C B^T) * exp(S) * dt_j) x
-    CB = torch.matmul(Cc.transpose(2, 3), Bc.permute(0, 1, 3, 4, 2)).unsqueeze(3)  # (b, c, g, 1, Q, Q)
-    W = CB * torch.exp(S) * dtc.unsqueeze(-2)
-    Y = torch.matmul(W, Xt)  # (b, c, g, hg, Q, p)
+    E = _decay_t(a, invalid)  # (b, c, g, hg, Q, Q): E[j, i] = exp(S[i, j])
+    Xt = X.permute(0, 1, 3, 4, 2, 5).contiguous()  # (b, c, g, hg, Q, p)
+    # intra-chunk: y_diag = ((C B^T) * exp(S) * dt_j) x, built transposed: W^T[j, i] = B_j . C_i E[j, i] dt_j
+    BC = torch.matmul(Bc.transpose(2, 3), Cc.permute(0, 1, 3, 4, 2)).unsqueeze(3)  # (b, c, g, 1, Q, Q)
+    Wt = BC * E * dtc.unsqueeze(-1)
+    Y = torch.matmul(Wt.transpose(-1, -2), Xt)  # (b, c, g, hg, Q, p)
     # the state each chunk adds: s_c = sum_j exp(S[Q-1, j]) dt_j x_j B_j^T
-    w_end = torch.exp(S[..., -1, :]) * dtc  # (b, c, g, hg, Q)
+    w_end = E[..., :, -1] * dtc  # (b, c, g, hg, Q)
     s = torch.matmul((Xt * w_end.unsqueeze(-1)).transpose(-1, -2), Bc.transpose(2, 3).unsqueeze(3))
     # inter-chunk recurrence over c: h_c = exp(sum of the chunk's a) h_{c-1} + s_c
     decay = torch.exp(a.sum(-1))  # (b, c, g, hg)

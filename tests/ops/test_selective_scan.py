@@ -118,7 +118,7 @@ def test_state_passing_equals_one_pass():
 
 @pytest.mark.parametrize("bc", [("shared", "grouped"), ("token", "shared"), ("grouped", "token")])
 def test_gradcheck(bc):
-    ops = operands(b=2, d=4, n=2, L=7, bc=bc, g=2)
+    ops = operands(b=1, d=4, n=2, L=7, bc=bc, g=2)
     names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
     inputs = [ops[k].clone().requires_grad_() for k in names]
 
