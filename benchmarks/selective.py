@@ -12,9 +12,10 @@ Sides (one layer each, float32, training mode, the same weights loaded into ever
 * ``mambapy`` (Mamba only, when ``pip install mambapy`` is there): a parallel (Blelloch) scan in torch.
 
 Measured, medians of interleaved runs (A B C A B C ...): forward (no_grad) and forward + backward of the
-output's sum; peak memory of forward + backward at ``--mem-L`` in a separate worker
-(``bench_common.MemoryProbe``; at
-``--mem-batch``, as transformers materializes (B, D, L, N) tensors there); the time per generated token of
+output's sum (transformers' fwd+bwd only up to ``--hf-bwd-max-L``: its autograd through a Python loop over L
+grows quadratically, about a minute at L = 256 and 13 minutes at 1024); peak memory at ``--mem-L`` and
+``--mem-batch`` in a separate worker (``bench_common.MemoryProbe``): the forward of every side (transformers
+materializes (B, D, L, N) tensors) and our forward + backward; the time per generated token of
 ``layer.step`` at B = 1 and 16 against transformers' cached decoding (a one-layer ``MambaModel`` /
 ``Mamba2Model`` with ``cache``, so it also pays a norm and a residual). The targets of issue #19: Mamba
 fwd+bwd <= 0.5x transformers' and <= mambapy's; Mamba-2 fwd+bwd <= 0.7x transformers'; peak memory <= 0.25x.
@@ -141,13 +142,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--H", type=int, default=256)
     parser.add_argument("--N", type=int, default=16,
                         help="d_state of Mamba (Mamba-2 uses 4N: 64 by default)")
-    parser.add_argument("--L", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--L", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--hf-bwd-max-L", type=int, default=256,
+                        help="transformers' fwd+bwd only up to this L (its autograd through the Python loop "
+                             "grows quadratically: about a minute at 256, about 13 minutes at 1024)")
     parser.add_argument("--mem-L", type=int, default=16384)
     parser.add_argument("--mem-batch", type=int, default=2)
     parser.add_argument("--models", nargs="+", default=["mamba", "mamba2"], choices=["mamba", "mamba2"])
     args = parser.parse_args(argv)
     if args.quick:
-        args.batch, args.H, args.N, args.L = 2, 64, 4, [64]
+        args.batch, args.H, args.N, args.L, args.hf_bwd_max_L = 2, 64, 4, [64], 64
         args.mem_L, args.mem_batch, args.repeats = 256, 1, 1
     common.setup(args)
     info = common.machine_info(args.device)
@@ -161,20 +165,26 @@ def main(argv: list[str] | None = None) -> dict:
         sides = list(build_sides(model, H, N))
         for L in args.L:
             for mode in ("fwd", "fwd+bwd"):
+                skip = mode == "fwd+bwd" and L > args.hf_bwd_max_L
                 fns = {s: build_case(model, s, B, H, N, L, backward=mode == "fwd+bwd", device=args.device)
-                       for s in sides}
+                       for s in sides if not (skip and s == "hf")}
                 t = common.timeit_many(fns, device=args.device, repeats=args.repeats)
-                for s in sides:
+                for s in fns:
                     rows.append({"model": model, "side": s, "L": L, "mode": mode,
                                  "median_s": t[s]["median_s"],
                                  "ratio_vs_hf": common.ratio(t["ssm"]["median_s"], t[s]["median_s"])})
                 print(f"  {model} L={L} {mode}: " + ", ".join(f"{s} {common.fmt_time(t[s]['median_s'])}"
-                                                              for s in sides), flush=True)
+                                                              for s in fns), flush=True)
         if not args.no_memory:
+            # transformers' fwd+bwd at mem_L would take hours: its forward is measured, ours both ways
             with common.MemoryProbe(__file__, "build_case", device=args.device) as probe:
                 for s in sides:
-                    memory[(model, s)] = probe.measure(dict(model=model, side=s, B=args.mem_batch, H=H, N=N,
-                                                            L=args.mem_L, device=args.device))
+                    for mode in ("fwd", "fwd+bwd"):
+                        if s != "ssm" and mode == ("fwd+bwd" if s == "hf" else "fwd"):
+                            continue
+                        memory[(model, s, mode)] = probe.measure(dict(
+                            model=model, side=s, B=args.mem_batch, H=H, N=N, L=args.mem_L,
+                            backward=mode == "fwd+bwd", device=args.device))
         for b in (1, 16):
             fns = build_steps(model, b, H, N)
             t = common.timeit_many(fns, warmup=3, repeats=max(args.repeats, 5) * 4)
@@ -202,20 +212,20 @@ def main(argv: list[str] | None = None) -> dict:
                             verdicts.append({"model": model, "L": L, "what": f"fwd+bwd / {s}", "ratio": r,
                                              "target": target, "pass": bool(r is not None and r <= target)})
     for model in args.models:
-        ours = memory.get((model, "ssm"), {}).get("peak_bytes")
-        theirs = memory.get((model, "hf"), {}).get("peak_bytes")
+        ours = memory.get((model, "ssm", "fwd"), {}).get("peak_bytes")
+        theirs = memory.get((model, "hf", "fwd"), {}).get("peak_bytes")
         if ours and theirs:
             r = ours / theirs
             verdicts.append({"model": model, "L": args.mem_L,
-                             "what": f"peak memory / hf (B={args.mem_batch})", "ratio": r,
+                             "what": f"peak memory fwd / hf (B={args.mem_batch})", "ratio": r,
                              "target": TARGETS[model]["memory"],
                              "pass": r <= TARGETS[model]["memory"]})
     table = common.format_table(["model", "L", "mode", "ssm", "hf", "ssm/hf", "mambapy", "ssm/mambapy"],
                                 table_rows)
     mem_table = common.format_table(
-        ["model", "side", f"peak fwd+bwd B={args.mem_batch} L={args.mem_L}"],
-        [[m, s, common.fmt_bytes(v.get("peak_bytes")) if v.get("peak_bytes") else v.get("error", "-")]
-         for (m, s), v in memory.items()])
+        ["model", "side", "mode", f"peak B={args.mem_batch} L={args.mem_L}"],
+        [[m, s, mode, common.fmt_bytes(v.get("peak_bytes")) if v.get("peak_bytes") else v.get("error", "-")]
+         for (m, s, mode), v in memory.items()])
     step_table = common.format_table(
         ["model", "B", "ssm step", "hf cached decode", "ssm/hf"],
         [[m, b, common.fmt_time(v["ssm"]), common.fmt_time(v["hf"]), common.fmt_ratio(common.ratio(v["ssm"],
@@ -230,7 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {"benchmark": "selective", "machine": info,
                "config": {"B": B, "H": H, "N": args.N, "L": args.L, "mem_L": args.mem_L,
                           "mem_batch": args.mem_batch, "repeats": args.repeats, "quick": args.quick},
-               "rows": rows, "memory": [{"model": m, "side": s, **v} for (m, s), v in memory.items()],
+               "rows": rows,
+               "memory": [{"model": m, "side": s, "mode": mode, **v} for (m, s, mode), v in memory.items()],
                "steps": [{"model": m, "B": b, **v} for (m, b), v in steps.items()], "verdicts": verdicts,
                "agreement": agree,
                "tables": {"time": table, "memory": mem_table, "steps": step_table, "targets": verdict_table}}
