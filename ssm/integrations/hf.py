@@ -39,13 +39,19 @@ from ..layers import LAYERS
 from ..layers.base import SSMLayer, map_state
 from .generic import padded_forward
 
-__all__ = ["SSMAttention", "find_attention", "from_pretrained", "swap_attention"]
+__all__ = ["SWAP_MODEL_TYPE", "SSMAttention", "find_attention", "from_pretrained", "register_auto_classes",
+           "swap_attention", "trainer_optimizers"]
 
 #: Attribute names under which host blocks keep their self-attention module.
 ATTENTION_NAMES = ("attn", "self_attn", "self_attention", "attention", "self", "mixer")
 #: Keyword names under which hosts pass their key/value cache to the attention module.
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 INSTALL = 'pip install "ssm-layers[hf]"  (or: pip install transformers)'
+#: The ``model_type`` a swapped model's config.json records (the host's own goes into ``ssm_swap``), so that
+#: transformers' Auto classes never build the stock model with random attention from it: they load it
+#: through ``from_pretrained`` once ``register_auto_classes`` ran (importing this module runs it), and refuse
+#: the unknown model type otherwise.
+SWAP_MODEL_TYPE = "ssm_swap"
 
 
 def _transformers():
@@ -343,8 +349,29 @@ def swap_attention(model: nn.Module, layer: str = "s4d", **layer_kwargs) -> nn.M
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, adapter)
     if config is not None:
-        config.ssm_swap = {"layer": name, "layer_kwargs": dict(layer_kwargs)}
+        previous = getattr(config, "ssm_swap", None)
+        base = previous.get("base_model_type") if isinstance(previous, dict) else None
+        config.ssm_swap = {"layer": name, "layer_kwargs": dict(layer_kwargs),
+                           "base_model_type": base or getattr(type(config), "model_type", None)}
+        _mark_swapped(config)
     return model
+
+
+_SWAPPED_CONFIGS: dict[type, type] = {}
+
+
+def _mark_swapped(config) -> None:
+    """Give ``config`` a subclass of its class whose ``model_type`` is ``SWAP_MODEL_TYPE``: what
+    ``save_pretrained`` writes then names no stock architecture (everything else is the host's config)."""
+    cls = type(config)
+    if getattr(cls, "_ssm_swapped", False):
+        return
+    sub = _SWAPPED_CONFIGS.get(cls)
+    if sub is None:
+        sub = type(f"SSMSwapped{cls.__name__}", (cls,), {"model_type": SWAP_MODEL_TYPE, "_ssm_swapped": True,
+                                                          "__module__": __name__})
+        _SWAPPED_CONFIGS[cls] = sub
+    config.__class__ = sub
 
 
 class _PostNorm(nn.Module):
@@ -396,36 +423,68 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
     raise ValueError(f"no model.safetensors, model.safetensors.index.json or pytorch_model.bin in {path}")
 
 
-def from_pretrained(path, model_class=None) -> nn.Module:
+def from_pretrained(path, model_class=None, *, dtype=None, device_map=None, torch_dtype=None,
+                    **config_kwargs) -> nn.Module:
     """Load a model that ``swap_attention`` changed and ``save_pretrained`` wrote.
 
     ``model_class.from_pretrained`` would build the original attention modules and drop the SSM weights, so
     this builds the model from its config, swaps in the layers recorded in ``config.ssm_swap`` and loads the
     weights into them. The SSM optimizer hints live on the layers (``SSMLayer.optimizer_hints``), so
     ``ssm.optim.param_groups`` of the loaded model equals that of the saved one. Returns it in eval mode.
+    transformers' Auto classes (``AutoModelForCausalLM.from_pretrained(path)``) land here too.
 
     Args:
         path: the directory given to ``save_pretrained``.
         model_class: a ``transformers`` model class (or Auto class); default: ``config.architectures[0]``.
+        dtype: the parameters' dtype (a ``torch.dtype``, its name, or "auto" for the one the config records;
+            ``torch_dtype`` is its former name, as in transformers).
+        device_map: one device for the whole model ("cpu", "cuda:0", a ``torch.device``, or "auto": CUDA
+            when available); a per-module map needs accelerate's dispatch and is refused.
+        config_kwargs: attributes of the config to override, as transformers' ``from_pretrained`` takes them
+            (``output_hidden_states=True``, ...); any other keyword is refused by name.
     """
     transformers = _transformers()
+    register_auto_classes()
     path = Path(path)
     if not (path / "config.json").is_file():
         what = "does not exist" if not path.exists() else "has no config.json"
         raise ValueError(f"path must be a local directory written by save_pretrained; {path} {what}")
-    config = transformers.AutoConfig.from_pretrained(path)
-    swap = getattr(config, "ssm_swap", None)
+    if dtype is not None and torch_dtype is not None:
+        raise ValueError("pass dtype or torch_dtype (its former name), not both")
+    dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype)
+    device = _resolve_device(device_map)
+    raw = json.loads((path / "config.json").read_text())
+    swap = raw.get("ssm_swap")
     if not isinstance(swap, dict) or "layer" not in swap:
         raise ValueError(f"{path}/config.json has no ssm_swap entry: it was not saved after swap_attention")
-    if model_class is None:
-        archs = getattr(config, "architectures", None) or []
-        if not archs or not hasattr(transformers, archs[0]):
+    base = swap.get("base_model_type") or raw.get("model_type")
+    if base not in transformers.CONFIG_MAPPING:
+        raise ValueError(f"{path}/config.json: the host model type {base!r} is not one transformers knows")
+    fields = {k: v for k, v in raw.items() if k != "model_type"}
+    config, unused = transformers.CONFIG_MAPPING[base].from_dict(fields, return_unused_kwargs=True,
+                                                                 **config_kwargs)
+    if unused:
+        raise ValueError(f"from_pretrained got keyword arguments that are neither config attributes nor its "
+                         f"own (dtype, device_map): {sorted(unused)}")
+    if dtype == "auto":
+        recorded = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        dtype = _resolve_dtype(recorded) if recorded not in (None, "auto") else None
+    if model_class is None or getattr(model_class, "_ssm_auto_mapping", None) is not None:
+        mapping = getattr(model_class, "_ssm_auto_mapping", None)
+        if mapping is not None:  # reached through an Auto class: its task's class for the host type
+            name = mapping.get(base)
+            if name is None:
+                raise ValueError(f"this Auto class has no model class for the host model type {base!r}")
+        else:
+            archs = getattr(config, "architectures", None) or []
+            name = archs[0] if archs else None
+        if not name or not hasattr(transformers, name):
             raise ValueError("config.architectures does not name a transformers class; pass model_class=")
-        model_class = getattr(transformers, archs[0])
+        model_class = getattr(transformers, name)
     build = getattr(model_class, "from_config", None) or model_class._from_config
     model = build(config)
     swap_attention(model, swap["layer"], **swap.get("layer_kwargs", {}))
-    weights = _read_weights(path)
+    weights = _with_prefix_of(model, _read_weights(path))
     result = model.load_state_dict(weights, strict=False)
     if result.unexpected_keys:
         raise ValueError(f"{path} holds weights this model does not have: {result.unexpected_keys[:5]}")
@@ -440,7 +499,117 @@ def from_pretrained(path, model_class=None) -> nn.Module:
                   if names <= missing]
         if untied:
             raise ValueError(f"{path} lacks weights for {sorted(untied)[:5]}")
+    if dtype is not None:
+        model = model.to(dtype)
+    if device is not None:
+        model = model.to(device)
     return model.eval()
+
+
+def _with_prefix_of(model: nn.Module, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Weights saved from a model with a head (``transformer.h.0...``) for its base model, or the reverse:
+    the base model's prefix taken off or put on, as transformers' own loading does."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if not prefix:
+        return weights
+    dot = prefix + "."
+    ours = any(k.startswith(dot) for k in model.state_dict())
+    theirs = any(k.startswith(dot) for k in weights)
+    if theirs and not ours:
+        return {k[len(dot):]: v for k, v in weights.items() if k.startswith(dot)}
+    if ours and not theirs:
+        return {dot + k: v for k, v in weights.items()}
+    return weights
+
+
+def _resolve_dtype(dtype):
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype.removeprefix("torch."), None), torch.dtype):
+        return getattr(torch, dtype.removeprefix("torch."))
+    raise ValueError(f"dtype must be a torch.dtype, its name or 'auto'; got {dtype!r}")
+
+
+def _resolve_device(device_map):
+    if device_map is None:
+        return None
+    if device_map == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, (str, torch.device, int)):
+        try:
+            return torch.device(device_map)
+        except (RuntimeError, TypeError):
+            pass
+    raise ValueError(f"device_map must be one device ('cpu', 'cuda:0', a torch.device) or 'auto'; got "
+                     f"{device_map!r} (a per-module map needs accelerate's dispatch, which is not supported)")
+
+
+_AUTO_TASKS = {  # Auto class -> the name of its mapping in transformers.models.auto.modeling_auto
+    "AutoModel": "MODEL_MAPPING_NAMES",
+    "AutoModelForCausalLM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "AutoModelForMaskedLM": "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+    "AutoModelForSequenceClassification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    "AutoModelForTokenClassification": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+    "AutoModelForSeq2SeqLM": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+}
+_REGISTERED: list[bool] = []
+_HUB_KWARGS = ("trust_remote_code", "_from_auto", "adapter_kwargs", "_commit_hash", "cache_dir",
+               "force_download", "local_files_only", "proxies", "revision", "token", "resume_download",
+               "user_agent")
+
+
+def register_auto_classes() -> None:
+    """Teach transformers' Auto classes the swapped checkpoints (model type ``SWAP_MODEL_TYPE``): then
+    ``AutoModelForCausalLM.from_pretrained(path)`` (and AutoModel, ...ForMaskedLM,
+    ...ForSequenceClassification, ...ForTokenClassification, ...ForSeq2SeqLM) returns what
+    ``from_pretrained(path)`` does. Importing this module runs it; idempotent."""
+    if _REGISTERED:
+        return
+    transformers = _transformers()
+    from transformers.models.auto import modeling_auto
+
+    base = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
+    config_cls = type("SSMSwapConfig", (base,), {"model_type": SWAP_MODEL_TYPE, "__module__": __name__})
+    transformers.AutoConfig.register(SWAP_MODEL_TYPE, config_cls, exist_ok=True)
+    for auto_name, mapping_name in _AUTO_TASKS.items():
+        auto = getattr(transformers, auto_name, None)
+        mapping = getattr(modeling_auto, mapping_name, None)
+        if auto is None or mapping is None:
+            continue
+
+        def load(cls, path, *args, config=None, **kwargs):
+            if args:
+                raise ValueError(f"from_pretrained of a swapped model takes no positional model arguments; "
+                                 f"got {len(args)}")
+            # what the Auto class adds for the hub means nothing for a local directory
+            for key in _HUB_KWARGS:
+                kwargs.pop(key, None)
+            subfolder = kwargs.pop("subfolder", "") or ""
+            return from_pretrained(Path(path) / subfolder, cls, **kwargs)
+
+        loader = type(f"SSMSwapLoader{auto_name[len('AutoModel'):]}", (), {
+            "config_class": config_cls, "_ssm_auto_mapping": mapping, "from_pretrained": classmethod(load),
+            "__module__": __name__})
+        auto.register(config_cls, loader, exist_ok=True)
+    _REGISTERED.append(True)
+
+
+def trainer_optimizers(model: nn.Module, *, lr: float, weight_decay: float = 0.0,
+                       betas: tuple[float, float] = (0.9, 0.999)) -> tuple[torch.optim.Optimizer, None]:
+    """``optimizers=`` for a Hugging Face ``Trainer`` that keeps the SSM parameter groups:
+    ``Trainer(model, args, ..., optimizers=trainer_optimizers(model, lr=args.learning_rate,
+    weight_decay=args.weight_decay))``. The Trainer's own optimizer would put the SSM parameters (Lambda, B,
+    dt, A_log) under weight decay at the global learning rate; this is ``ssm.optim.make_optimizer`` (their
+    own lr and no weight decay) with ``None`` for the scheduler, which the Trainer then builds as usual."""
+    from ..optim import make_optimizer
+
+    return make_optimizer(model, lr=lr, weight_decay=weight_decay, betas=betas), None
+
+
+try:  # the Auto classes learn the swapped checkpoints as soon as this module is imported
+    register_auto_classes()
+except ImportError:  # without transformers every function here raises its install message instead
+    pass
 
 
 def _get(model: nn.Module, name: str):
