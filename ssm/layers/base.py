@@ -393,28 +393,41 @@ class SSMLayer(nn.Module):
         return lengths
 
     def _check_state(self, state: Any, Bsz: int, device: torch.device | None = None) -> None:
-        """``state`` has the structure, shapes and kinds of ``default_state(Bsz)``, on ``device`` (x's)."""
-        want = state_leaves(self.default_state(max(Bsz, 1), device="meta"))
-        if Bsz == 0:
-            want = [w[:0] for w in want]
+        """``state`` has the structure, shapes and kinds of ``default_state(Bsz)``, on ``device`` (x's).
+        What is expected is worked out once per batch size and parameter dtypes, so a step pays only
+        comparisons."""
+        shapes, kinds = self._state_spec(Bsz)
         try:
             got = state_leaves(state)
         except ValueError:
             got = None
-        shapes = [tuple(w.shape) for w in want]
-        if got is None or len(got) != len(want) or any(tuple(g.shape) != s for g, s in zip(got, shapes)):
+        if got is None or len(got) != len(shapes) or any(g.shape != s for g, s in zip(got, shapes)):
             have = ([tuple(g.shape) for g in got] if got is not None else type(state).__name__)
             want_txt = shapes[0] if len(shapes) == 1 else tuple(shapes)
             have_txt = have[0] if isinstance(have, list) and len(have) == 1 else have
             raise ValueError(f"state must have shape {want_txt} (see default_state); got {have_txt}")
-        for g, w in zip(got, want):
-            ok = g.is_complex() if w.is_complex() else g.is_floating_point()
-            if not ok:
-                kinds = "complex64 or complex128" if w.is_complex() else "a floating dtype"
-                raise ValueError(f"state must be {kinds} (it is computed in {w.dtype} or wider); "
-                                 f"got {g.dtype}")
-            if device is not None and g.device != torch.device(device):
-                raise ValueError(f"state must be on x's device {torch.device(device)}; got one on {g.device}")
+        where = None if device is None else torch.device(device)
+        for g, (complex_, dtype) in zip(got, kinds):
+            if not (g.is_complex() if complex_ else g.is_floating_point()):
+                kind = "complex64 or complex128" if complex_ else "a floating dtype"
+                raise ValueError(f"state must be {kind} (it is computed in {dtype} or wider); got {g.dtype}")
+            if where is not None and g.device != where:
+                raise ValueError(f"state must be on x's device {where}; got one on {g.device}")
+
+    def _state_spec(self, Bsz: int) -> tuple[list[tuple[int, ...]], list[tuple[bool, torch.dtype]]]:
+        """(shapes, [(complex, dtype)]) of the leaves of ``default_state(Bsz)`` (built once on meta), kept
+        per (Bsz, parameter dtypes) in the instance."""
+        key = (Bsz, tuple(p.dtype for p in self.ssm_parameters()))
+        specs = self.__dict__.setdefault("_state_specs", {})
+        spec = specs.get(key)
+        if spec is None:
+            want = state_leaves(self.default_state(max(Bsz, 1), device="meta"))
+            shapes = [(0, *w.shape[1:]) if Bsz == 0 else tuple(w.shape) for w in want]
+            spec = (shapes, [(w.is_complex(), w.dtype) for w in want])
+            if len(specs) >= 16:
+                specs.clear()
+            specs[key] = spec
+        return spec
 
     @staticmethod
     def _outside_inference(state: Any) -> Any:

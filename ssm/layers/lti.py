@@ -162,7 +162,7 @@ class LTILayer(SSMLayer):
 
     def _post(self, y: Tensor, like: Tensor) -> Tensor:
         """(B, C, H, L) or (B, C, H) SSM outputs -> the output stage -> the layout of ``like``."""
-        y = rearrange(y, "b c h l -> b l (c h)") if y.ndim == 4 else rearrange(y, "b c h -> b (c h)")
+        y = rearrange(y, "b c h l -> b l (c h)") if y.ndim == 4 else y.flatten(1)  # (B, L, C H) or (B, C H)
         return self.output(y, like)
 
     # ---- the two paths ------------------------------------------------------------------------------------
@@ -218,14 +218,31 @@ class LTILayer(SSMLayer):
         y = self._post(y, x)  # (B, L, H)
         return (y, next_state) if return_state else y
 
+    def _step_constants(self, rate: float):
+        """The family's ``prepare_step(discrete_system(rate))`` in float32 or wider, cached for inference
+        (``memo``): the per-token step then reads constants only."""
+        dev = self.D.device.type
+
+        def compute():
+            with torch.autocast(device_type=dev, enabled=False):
+                return self.family.prepare_step(self.discrete_system(rate))
+
+        return self.memo("step", (rate,), compute)
+
     def step(self, x: Tensor, state: Tensor, *, rate: float = 1.0) -> tuple[Tensor, Tensor]:
-        """Recurrent path: one token x (B, H) and the state -> (y (B, H), next_state)."""
+        """Recurrent path: one token x (B, H) and the state -> (y (B, H), next_state).
+
+        A family with ``prepare_step`` steps from constants prepared once per parameter values (cached in
+        eval mode without autograd, like the kernel); the others call ``step`` on the system."""
         self._check_step_input(x)
         self._check_state(state, x.shape[0], x.device)
         state = self._outside_inference(state)
         rate = self._check_rate(rate)
         u = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         with torch.autocast(device_type=u.device.type, enabled=False):
-            y, next_state = self.family.step(self._system(rate), state, u)  # (B, C, H)
-        y = y.real.to(u.dtype) + with_param_strides(self.D).to(u.dtype) * u[:, None, :]
+            if hasattr(self.family, "prepare_step"):
+                y, next_state = self.family.step_prepared(self._step_constants(rate), state, u)  # (B, C, H)
+            else:
+                y, next_state = self.family.step(self._system(rate), state, u)
+        y = torch.addcmul(y.real.to(u.dtype), with_param_strides(self.D).to(u.dtype), u[:, None, :])
         return self._post(y, x), next_state

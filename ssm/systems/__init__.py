@@ -13,8 +13,10 @@ Linear time-invariant families (tier ``"lti"``: the system does not depend on th
 * ``kernel(sys, L)``: the convolution kernel K_k = C Ab^k Bb, (Ch, H, L);
 * ``free_response(sys, x0, L)``: the zero-input response C Ab^(k+1) x0 of a state;
 
-and, where they exist, ``state_input`` (the state folded into the input of the one convolution) and
-``transfer_function`` (the rational form). A module declares its tier in ``TIER``; ``tests/test_layout.py``
+and, where they exist, ``state_input`` (the state folded into the input of the one convolution),
+``transfer_function`` (the rational form) and ``prepare_step(sys)`` / ``step_prepared(prep, x, u)`` (the
+step from constants computed once per system, in real arithmetic; equal to ``step``, its reference).
+A module declares its tier in ``TIER``; ``tests/test_layout.py``
 checks every family module against ``VERBS[TIER]``. What only LTI families have is never assumed of every
 family.
 """

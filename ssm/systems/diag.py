@@ -149,6 +149,62 @@ def step(sys: DiagSystem, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     return 2 * torch.einsum("chn,bhn->bch", sys.C, x).real, x
 
 
+class PairStep(NamedTuple):
+    """The step constants of a conjugate-pair system (``prepare_step``), in the real views the step reads:
+
+        c = Wr . xr + h u,    x_k = E x_{k-1} + Q . [u, c],    y_k = Cr . xr_k,
+
+    xr = [Re x_1, Im x_1, ...] (``torch.view_as_real`` of the half-storage state, (B, H, N)).
+
+    Fields:
+        E: (H, N/2) complex, the diagonal update.
+        W: (R, H, N) real rows of the low-rank coefficients c (R = 0: none, the diagonal family).
+        h: (H, R) real, the input's share of c.
+        Q: (H, 1+R, N) real: what u and each c_r add to xr.
+        Cr: (Ch, H, N) real, y = 2 Re(C x) = Cr . xr.
+    """
+
+    E: Tensor
+    W: Tensor
+    h: Tensor
+    Q: Tensor
+    Cr: Tensor
+
+
+def real_rows(v: Tensor) -> Tensor:
+    """Complex rows v (..., n) -> real rows r (..., 2n) with r . view_as_real(x) = 2 Re(sum_n v_n x_n)."""
+    return torch.view_as_real((2 * v).conj().resolve_conj()).flatten(-2)
+
+
+def pair_step(c: PairStep, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """One step from the constants of ``PairStep``: x (B, H, N/2) complex, u (B, H) ->
+    (y (B, Ch, H) real, x_k (B, H, N/2)); a handful of real products, no complex contraction."""
+    Bsz, H, n = x.shape
+    x = x.to(c.E.dtype)
+    u = u.to(c.Q.dtype)[..., None]  # (B, H, 1)
+    if c.W.shape[0]:
+        coef = torch.einsum("bhm,rhm->bhr", torch.view_as_real(x).reshape(Bsz, H, 2 * n), c.W)
+        inc = torch.einsum("bhk,hkm->bhm", torch.cat([u, torch.addcmul(coef, u, c.h)], dim=-1), c.Q)
+    else:
+        inc = u * c.Q[:, 0]  # (B, H, N)
+    xr = torch.view_as_real(c.E * x).reshape(Bsz, H, 2 * n) + inc  # (B, H, N)
+    y = torch.einsum("bhm,chm->bch", xr, c.Cr)
+    return y, torch.view_as_complex(xr.view(Bsz, H, n, 2))
+
+
+def prepare_step(sys: DiagSystem) -> PairStep:
+    """The constants of ``step`` (computed once per system; ``ssm.layers.LTILayer`` caches them)."""
+    H, n = sys.Ab.shape
+    real = sys.Ab.real.dtype
+    return PairStep(sys.Ab, sys.Ab.new_zeros((0, H, 2 * n), dtype=real), sys.Ab.new_zeros((H, 0), dtype=real),
+                    torch.view_as_real(sys.Bb.resolve_conj()).reshape(H, 1, 2 * n), real_rows(sys.C))
+
+
+def step_prepared(c: PairStep, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """``step(sys, x, u)`` from ``prepare_step(sys)``: the same update in real arithmetic."""
+    return pair_step(c, x, u)
+
+
 def free_response(sys: DiagSystem, x0: Tensor, L: int, *, backend: str = "auto") -> Tensor:
     """Zero-input response y_k = 2 Re(sum_n C_n Ab_n^{k+1} x0_n): x0 (B, H, N/2) -> (B, Ch, H, L), one
     Vandermonde product whose nodes (and powers) are shared by the batch."""

@@ -20,6 +20,7 @@ from .dense import final_state as dense_final_state
 from .dense import free_response as dense_free_response
 from .dense import kernel as dense_kernel
 from .dense import step as dense_step
+from .diag import PairStep, pair_step, real_rows
 
 #: The family's tier (``ssm.systems``): linear time-invariant, so it adds kernel and free_response.
 TIER = "lti"
@@ -434,6 +435,37 @@ def step(sys: DPLRSystem, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     coef = torch.einsum("hrs,sbh->hrb", sys.Ginv, pair_inner(P[:, None], w[None]))  # (H, R, B)
     x = w - dt / 2 * torch.einsum("rhn,hrb->bhn", P / sys.D0, coef.to(P.dtype))
     return 2 * torch.einsum("chn,bhn->bch", C, x).real, x
+
+
+def prepare_step(sys: DPLRSystem) -> PairStep | DenseSystem:
+    """The constants of ``step``, computed once per system (``ssm.layers.LTILayer`` caches them).
+
+    Bilinear: the Woodbury step folded into one low-rank correction. With E = (1 + dt/2 Lambda) / D0,
+    Pd = dt/2 P / D0, Bd = dt B / D0 and G = I + P^* Pd (so I - G^{-1} (G - I) = G^{-1}),
+
+        c = G^{-1} [P^* (2 / D0) x + P^* Bd u],    x_k = E x_{k-1} + Bd u - Pd c,
+
+    a ``PairStep`` (P^* v = 2 Re(sum conj(P) v) over the pairs). Zoh: the real-coordinate dense system.
+    """
+    if sys.disc == "zoh":
+        return sys.dense
+    P, dt = sys.P, sys.dt[:, None]
+    Dinv = 1 / sys.D0  # (H, N/2)
+    Pd = dt / 2 * P * Dinv  # (R, H, N/2)
+    Bd = dt * sys.B * Dinv  # (H, N/2)
+    Ginv = sys.Ginv.to(P.dtype)  # (H, R, R)
+    W = torch.einsum("hrq,qhn->rhn", Ginv, P.conj()) * (2 * Dinv)  # (R, H, N/2): c = 2 Re(W x) + h u
+    h = torch.einsum("hrq,qh->hr", sys.Ginv, pair_inner(P, Bd[None]))  # (H, R)
+    Q = torch.view_as_real(torch.cat([Bd[None], -Pd], dim=0).permute(1, 0, 2).contiguous())  # (H,1+R,N/2,2)
+    return PairStep(2 * Dinv - 1, real_rows(W), h, Q.flatten(-2), real_rows(sys.C))
+
+
+def step_prepared(c: PairStep | DenseSystem, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """``step(sys, x, u)`` from ``prepare_step(sys)``: the same update, in real arithmetic."""
+    if isinstance(c, DenseSystem):
+        y, xr = dense_step(c, real_state(x), u)
+        return y, complex_state(xr)
+    return pair_step(c, x, u)
 
 
 def free_response(sys: DPLRSystem, x0: Tensor, L: int) -> Tensor:

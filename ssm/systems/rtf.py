@@ -400,6 +400,33 @@ def step(sys: RTFSystem, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     return y, torch.cat([w.unsqueeze(-1), x[..., :-1]], dim=-1) if N else x
 
 
+class RTFStep(NamedTuple):
+    """The step constants of an RTF (``prepare_step``): w_k and y_k both read [u_k, x] linearly,
+
+        [w_k; y_k] = M . x + m u_k,    M = [-a; b_(1:) - b_0 a] (1+Ch, H, N),    m = [1; b_0] (1+Ch, H).
+    """
+
+    M: Tensor
+    m: Tensor
+
+
+def prepare_step(sys: RTFSystem) -> RTFStep:
+    """The constants of ``step`` (computed once per system; ``ssm.layers.LTILayer`` caches them)."""
+    b, a = _check_system(sys)
+    a = a.to(b.dtype)
+    M = torch.cat([-a[None], b[..., 1:] - b[..., :1] * a], dim=0)  # (1+Ch, H, N)
+    return RTFStep(M, torch.cat([torch.ones_like(b[:1, :, 0]), b[..., 0]], dim=0))
+
+
+def step_prepared(c: RTFStep, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """``step(sys, x, u)`` from ``prepare_step(sys)``: w and every channel's y in one product."""
+    x = x.to(c.M.dtype)
+    wy = torch.addcmul(torch.einsum("bhn,khn->bkh", x, c.M), c.m, u.to(c.M.dtype)[:, None])  # (B, 1+Ch, H)
+    if not x.shape[-1]:
+        return wy[:, 1:], x
+    return wy[:, 1:], torch.cat([wy[:, :1].transpose(1, 2), x[..., :-1]], dim=-1)
+
+
 def state_input(sys: RTFSystem, x0: Tensor, L: int) -> tuple[Tensor, Tensor]:
     """The initial state as an equivalent input p and output offset q, n = min(N, L) terms each:
 
