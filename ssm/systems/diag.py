@@ -152,15 +152,16 @@ def step(sys: DiagSystem, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
 class PairStep(NamedTuple):
     """The step constants of a conjugate-pair system (``prepare_step``), in the real views the step reads:
 
-        c = Wr . xr + h u,    x_k = E x_{k-1} + Q . [u, c],    y_k = Cr . xr_k,
+        c_r = W_r . xr + h_r u,    xr_k = view_as_real(E x_{k-1}) + Q_0 u + sum_r Q_(1+r) c_r,
+        y_k = Cr . xr_k,
 
     xr = [Re x_1, Im x_1, ...] (``torch.view_as_real`` of the half-storage state, (B, H, N)).
 
     Fields:
         E: (H, N/2) complex, the diagonal update.
         W: (R, H, N) real rows of the low-rank coefficients c (R = 0: none, the diagonal family).
-        h: (H, R) real, the input's share of c.
-        Q: (H, 1+R, N) real: what u and each c_r add to xr.
+        h: (R, H) real, the input's share of c.
+        Q: (1+R, H, N) real: what u and each c_r add to xr.
         Cr: (Ch, H, N) real, y = 2 Re(C x) = Cr . xr.
     """
 
@@ -178,26 +179,26 @@ def real_rows(v: Tensor) -> Tensor:
 
 def pair_step(c: PairStep, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     """One step from the constants of ``PairStep``: x (B, H, N/2) complex, u (B, H) ->
-    (y (B, Ch, H) real, x_k (B, H, N/2)); a handful of real products, no complex contraction."""
+    (y (B, Ch, H) real, x_k (B, H, N/2)). Elementwise products and sums over the state only: at small
+    batches a batched matrix product per feature (einsum) costs more than the arithmetic."""
     Bsz, H, n = x.shape
     x = x.to(c.E.dtype)
     u = u.to(c.Q.dtype)[..., None]  # (B, H, 1)
-    if c.W.shape[0]:
-        coef = torch.einsum("bhm,rhm->bhr", torch.view_as_real(x).reshape(Bsz, H, 2 * n), c.W)
-        inc = torch.einsum("bhk,hkm->bhm", torch.cat([u, torch.addcmul(coef, u, c.h)], dim=-1), c.Q)
-    else:
-        inc = u * c.Q[:, 0]  # (B, H, N)
-    xr = torch.view_as_real(c.E * x).reshape(Bsz, H, 2 * n) + inc  # (B, H, N)
-    y = torch.einsum("bhm,chm->bch", xr, c.Cr)
-    return y, torch.view_as_complex(xr.view(Bsz, H, n, 2))
+    xr = torch.view_as_real(x).reshape(Bsz, H, 2 * n)
+    out = torch.addcmul(torch.view_as_real(c.E * x).reshape(Bsz, H, 2 * n), u, c.Q[0])  # (B, H, N)
+    for r in range(c.W.shape[0]):
+        coef = torch.addcmul((xr * c.W[r]).sum(-1, keepdim=True), u, c.h[r, :, None])  # (B, H, 1)
+        out = torch.addcmul(out, coef, c.Q[1 + r])
+    y = (out[:, None] * c.Cr).sum(-1)  # (B, Ch, H)
+    return y, torch.view_as_complex(out.view(Bsz, H, n, 2))
 
 
 def prepare_step(sys: DiagSystem) -> PairStep:
     """The constants of ``step`` (computed once per system; ``ssm.layers.LTILayer`` caches them)."""
     H, n = sys.Ab.shape
     real = sys.Ab.real.dtype
-    return PairStep(sys.Ab, sys.Ab.new_zeros((0, H, 2 * n), dtype=real), sys.Ab.new_zeros((H, 0), dtype=real),
-                    torch.view_as_real(sys.Bb.resolve_conj()).reshape(H, 1, 2 * n), real_rows(sys.C))
+    return PairStep(sys.Ab, sys.Ab.new_zeros((0, H, 2 * n), dtype=real), sys.Ab.new_zeros((0, H), dtype=real),
+                    torch.view_as_real(sys.Bb.resolve_conj()).reshape(1, H, 2 * n), real_rows(sys.C))
 
 
 def step_prepared(c: PairStep, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:

@@ -455,8 +455,8 @@ def prepare_step(sys: DPLRSystem) -> PairStep | DenseSystem:
     Bd = dt * sys.B * Dinv  # (H, N/2)
     Ginv = sys.Ginv.to(P.dtype)  # (H, R, R)
     W = torch.einsum("hrq,qhn->rhn", Ginv, P.conj()) * (2 * Dinv)  # (R, H, N/2): c = 2 Re(W x) + h u
-    h = torch.einsum("hrq,qh->hr", sys.Ginv, pair_inner(P, Bd[None]))  # (H, R)
-    Q = torch.view_as_real(torch.cat([Bd[None], -Pd], dim=0).permute(1, 0, 2).contiguous())  # (H,1+R,N/2,2)
+    h = torch.einsum("hrq,qh->rh", sys.Ginv, pair_inner(P, Bd[None]))  # (R, H)
+    Q = torch.view_as_real(torch.cat([Bd[None], -Pd], dim=0))  # (1+R, H, N/2, 2)
     return PairStep(2 * Dinv - 1, real_rows(W), h, Q.flatten(-2), real_rows(sys.C))
 
 
