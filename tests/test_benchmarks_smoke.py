@@ -22,7 +22,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 # key in the ``bench`` fixture -> script file name (without .py)
 SCRIPTS = {"common": "bench_common", "plain_s4": "plain_s4", "layers": "layer_speed",
            "generation": "generation", "goals": "speed_goals", "state_passing": "state_passing",
-           "s5": "s5_speed", "device_check": "device_check", "selective": "selective"}
+           "s5": "s5_speed", "device_check": "device_check", "selective": "selective",
+           "step_latency": "step_latency", "small_model": "small_model"}
 
 
 @contextlib.contextmanager
@@ -161,6 +162,24 @@ def test_generation_script(bench, tmp_path):
     # the KV cache grows with the prefix, the SSM state does not
     assert rows[("attention", 64)]["carried_bytes"] > rows[("attention", 16)]["carried_bytes"]
     assert rows[("S4", 64)]["carried_bytes"] == rows[("S4", 16)]["carried_bytes"]
+
+
+def test_step_latency_script(bench, tmp_path):
+    # the A/B path with this tree as its own baseline: two worker processes, interleaved
+    root = str(BENCH.parent)
+    bench["step_latency"].main(["--quick", "--out", str(tmp_path), "--baseline", root,
+                                "--models", "S4", "RTF", "model-S4"])
+    data = _check_json(tmp_path / "step_latency.json", {"machine", "config", "rows", "table", "loadavg"})
+    assert {(r["model"], r["B"]) for r in data["rows"]} == {(m, b) for m in ("S4", "RTF", "model-S4")
+                                                             for b in (1, 2)}
+    assert all(r["new_s"] > 0 and r["baseline_s"] > 0 and r["ratio"] > 0 for r in data["rows"])
+
+
+def test_small_model_script(bench, tmp_path):
+    bench["small_model"].main(["--quick", "--out", str(tmp_path)])
+    data = _check_json(tmp_path / "small_model.json", {"machine", "config", "rows", "table"})
+    assert [r["variant"] for r in data["rows"]] == ["S4", "S4 c_tilde", "S4D"]
+    assert all(r["median_s"] > 0 for r in data["rows"])
 
 
 def test_goals_script(bench, tmp_path):

@@ -18,6 +18,8 @@ State passing (free response, final state) uses the same real-coordinate dense s
 
 from __future__ import annotations
 
+import json
+
 import torch
 from torch import Tensor
 
@@ -48,6 +50,13 @@ class S4(LTILayer):
         backend: the Cauchy backend of the bilinear kernel (``ssm.ops.cauchy.BACKENDS``): "auto" (Triton on
             CUDA when it is installed and works, else the torch path sized by memory), "naive", "chunked" or
             "triton".
+        c_tilde_length: None (default: ``C`` is the true C, and every kernel forms C~ = C (I - Ab^L), an
+            O(H N^3 log L) float64 power), or a length L0 (bilinear only): ``C`` holds C~ for L0 and is
+            trained as such, as the official S4 does. Kernels of length L <= L0 are then the first L taps
+            of the length-L0 kernel with no power (exact); a longer kernel, ``step`` and state passing
+            recover C = C~ (I - Ab^L0)^{-1} by a float64 solve (once per parameter values in inference).
+            A trade-off, not a free win: a checkpoint of one parametrization does not load into the other
+            (docs/speed.md).
         Other keyword arguments: see ``LTILayer``.
 
     Shapes: forward x (B, L, H) -> (B, L, H); step x (B, H), state (B, H, N/2) complex.
@@ -66,6 +75,7 @@ class S4(LTILayer):
         dt_min: float = 1e-3,
         dt_max: float = 1e-1,
         backend: str = "auto",
+        c_tilde_length: int | None = None,
         channels: int = 1,
         bidirectional: bool = False,
         transposed: bool = False,
@@ -88,6 +98,12 @@ class S4(LTILayer):
             rank = RANKS.get(init, 1)
         self.rank = check_int("rank", rank, minimum=1)
         self.dt_min, self.dt_max = check_dt_range(dt_min, dt_max)
+        if c_tilde_length is not None:
+            c_tilde_length = check_int("c_tilde_length", c_tilde_length, minimum=1)
+            if self.disc != "bilinear":
+                raise ValueError(f"c_tilde_length needs disc='bilinear' (C~ belongs to the Cauchy kernel); "
+                                 f"got disc={self.disc!r}")
+        self.c_tilde_length = c_tilde_length
         self.build_ssm(device, dtype)
 
     def ssm_init(self, real_dtype: torch.dtype) -> dict:
@@ -119,7 +135,24 @@ class S4(LTILayer):
         Lambda = lambda_from_params(p("log_neg_real"), p("Lambda_imag"))  # (H, N/2)
         dt = torch.exp(p("log_dt")) * rate
         P, B, C = as_complex(p("P")), as_complex(p("B")), as_complex(p("C"))
-        return dplr.discretize(Lambda, P, B, C, dt, self.disc)
+        return dplr.discretize(Lambda, P, B, C, dt, self.disc, L_tilde=self.c_tilde_length or 0)
+
+    def config(self) -> dict:
+        out = super().config()
+        if self.c_tilde_length is not None:
+            out["c_tilde_length"] = self.c_tilde_length
+        return out
+
+    def set_extra_state(self, state) -> None:
+        """As the base, and a state_dict without ``c_tilde_length`` (its C is the true C) is refused by a
+        layer whose C is C~."""
+        super().set_extra_state(state)
+        if self.c_tilde_length is not None:
+            raw = bytes(state.tolist()).decode() if isinstance(state, torch.Tensor) else None
+            saved = json.loads(raw) if raw is not None else dict(state)
+            if "c_tilde_length" not in saved:
+                raise ValueError(f"S4: the state_dict was saved from a layer whose C is the true C, but this "
+                                 f"layer has c_tilde_length={self.c_tilde_length} (C holds C~)")
 
     def kernel_options(self) -> dict:
         return {"backend": self.backend}

@@ -137,6 +137,7 @@ def dplr_kernel(
     *,
     conj_pairs: bool = False,
     backend: str = "auto",
+    c_tilde: bool = False,
 ) -> torch.Tensor:
     """Convolution kernel of a diagonal-plus-low-rank (DPLR) SSM: the S4 kernel.
 
@@ -192,6 +193,8 @@ def dplr_kernel(
         conj_pairs: the inputs hold one state per conjugate pair (see above).
         backend: Cauchy backend for the bilinear path (``ssm.ops.cauchy``): ``"auto"``, ``"naive"``,
             ``"chunked"`` or ``"triton"``.
+        c_tilde: (bilinear) ``C`` is already C~ = C (I - Ab^L) for this L, as trained by the official S4:
+            the O(H N^3 log L) power is skipped.
 
     Returns:
         K: (H, L), or (Ch, H, L) for a 3-d C; real, float32 for complex64 inputs and float64 for
@@ -206,6 +209,8 @@ def dplr_kernel(
     check_shape("Q", Q, tuple(P.shape), "(R, H, N) like P")
     if not isinstance(conj_pairs, bool):
         raise ValueError(f"conj_pairs must be a bool; got {conj_pairs!r}")
+    if c_tilde and disc != "bilinear":
+        raise ValueError(f"c_tilde needs disc='bilinear' (C~ belongs to the Cauchy form); got disc={disc!r}")
 
     cdtype = complex_dtype(Lambda, P, Q, B, C, dt)
     Lambda, P, Q, B, C = (t.to(cdtype) for t in (Lambda, P, Q, B, C))
@@ -230,18 +235,17 @@ def dplr_kernel(
     wide, rwide = torch.complex128, torch.float64
     Lw, Pw, Qw, Bw, Cw = (t.to(wide) for t in (Lambda, P, Q, B, C))
     dtw = dt.to(rwide)
-    Ab = bilinear_dense(full(Lw), full(Pw), full(Qw), dtw)  # (H, Nf, Nf)
-    if conj_pairs:
+    if c_tilde:
+        Ctw = full(Cw)
+    elif conj_pairs:
         # Ab is conjugate-symmetric, [[A1, A2], [conj A2, conj A1]]: its powers are taken as the real matrix
         # acting on [Re x, Im x] (float64 at half the cost of complex64), with the row C~ -> [2 Re, -2 Im].
-        A1, A2 = Ab[..., :N, :N], Ab[..., :N, N:]
-        S, Dm = A1 + A2, A1 - A2
-        Ar = torch.cat([torch.cat([S.real, -Dm.imag], -1), torch.cat([S.imag, Dm.real], -1)], -2)
+        Ar = to_real_coords(bilinear_dense(full(Lw), full(Pw), full(Qw), dtw))
         Cr = _row_power(torch.cat([2 * Cw.real, -2 * Cw.imag], -1), Ar, L)  # C Ab^L, (Ch, H, 2N)
         Ctw = full(Cw - torch.complex(Cr[..., :N], -Cr[..., N:]) / 2)  # C~ = C (I - Ab^L), (Ch, H, Nf)
     else:
         Cf = full(Cw)
-        Ctw = Cf - _row_power(Cf, Ab, L)  # C~ = C (I - Ab^L), (Ch, H, Nf)
+        Ctw = Cf - _row_power(Cf, bilinear_dense(Lw, Pw, Qw, dtw), L)  # C~ = C (I - Ab^L), (Ch, H, Nf)
     M = L // 2 + 1 if conj_pairs else L
     # Under torch.compile / torch.export (L may be symbolic) the conjugate-pair frequencies k <= L/2 are
     # taken whatever the parity of L, and z = 1 and z = -1 (k = L/2, even L) are put in place by selects
@@ -320,11 +324,34 @@ class DPLRSystem:
     Lambda: Tensor
     P: Tensor
     B: Tensor
-    C: Tensor
+    C_in: Tensor
     dt: Tensor
     disc: str
     D0: Tensor
     Ginv: Tensor
+    L_tilde: int = 0
+
+    @property
+    def C(self) -> Tensor:
+        """The true output vectors (Ch, H, N/2). With ``L_tilde`` (``C_in`` is C~ = C (I - Ab^L_tilde), the
+        official S4's parametrization), C = C~ (I - Ab^L_tilde)^{-1}: a float64 solve on first use, kept."""
+        if not self.L_tilde:
+            return self.C_in
+        cached = self.__dict__.get("_C")
+        if cached is None:
+            Ar = to_real_coords(bilinear_dense(expand_pairs(self.Lambda).to(torch.complex128),
+                                               *(expand_pairs(self.P).to(torch.complex128),) * 2,
+                                               self.dt.to(torch.float64)))  # (H, N, N)
+            eye = torch.eye(Ar.shape[-1], dtype=Ar.dtype, device=Ar.device)
+            Ct = self.C_in.to(torch.complex128)
+            rows = torch.cat([Ct.real, -Ct.imag], dim=-1)  # C~ in real coordinates (halved)
+            # rows = Cr (I - Ar^L) with Cr = [Re C, -Im C]: solve (I - Ar^L)^T Cr^T = rows^T.
+            M = (eye - torch.linalg.matrix_power(Ar, self.L_tilde)).mT  # (H, N, N)
+            Cr = torch.linalg.solve(M, rows.permute(1, 2, 0)).permute(2, 0, 1)  # (Ch, H, N)
+            n = Cr.shape[-1] // 2
+            cached = torch.complex(Cr[..., :n], -Cr[..., n:]).to(self.C_in.dtype)
+            object.__setattr__(self, "_C", cached)
+        return cached
 
     @property
     def dense(self) -> DenseSystem:
@@ -380,9 +407,10 @@ def complex_state(xr: Tensor) -> Tensor:
 
 
 def discretize(
-    Lambda: Tensor, P: Tensor, B: Tensor, C: Tensor, dt: Tensor, disc: str = "bilinear"
+    Lambda: Tensor, P: Tensor, B: Tensor, C: Tensor, dt: Tensor, disc: str = "bilinear", *, L_tilde: int = 0
 ) -> DPLRSystem:
     """The discrete system of S4's half storage: Lambda, B (H, N/2), P (R, H, N/2), C (Ch, H, N/2), dt (H,).
+    With ``L_tilde`` > 0 (bilinear only), C is C~ = C (I - Ab^L_tilde) (see ``DPLRSystem.C``).
 
     Bilinear: x_k = (I - dt/2 A)^{-1} [(I + dt/2 A) x_{k-1} + dt B u_k]; zoh: Ab = exp(dt A), dense. The
     real-coordinate dense form (``DPLRSystem.dense``) is formed on first use only.
@@ -404,14 +432,21 @@ def discretize(
     R = P.shape[0]
     eye = torch.eye(R, dtype=real, device=dt.device)
     G = eye + dtc[:, :, None] / 2 * pair_inner(P[:, None], (P / D0)[None]).permute(2, 0, 1)  # (H, R, R)
-    return DPLRSystem(Lambda, P, B, C, dt, disc, D0, torch.linalg.inv(G))
+    if L_tilde and disc != "bilinear":
+        raise ValueError(f"L_tilde needs disc='bilinear'; got disc={disc!r}")
+    return DPLRSystem(Lambda, P, B, C, dt, disc, D0, torch.linalg.inv(G), int(L_tilde))
 
 
 def kernel(sys: DPLRSystem, L: int, *, backend: str = "auto") -> Tensor:
     """The convolution kernel (Ch, H, L): ``dplr_kernel`` (Cauchy + Woodbury) for bilinear; for zoh the
-    two-level Krylov taps of the real-coordinate dense system (``ssm.systems.dense.kernel``)."""
+    two-level Krylov taps of the real-coordinate dense system (``ssm.systems.dense.kernel``). With
+    ``L_tilde`` and L <= L_tilde, the first L taps of the length-L_tilde kernel from C~ (no power)."""
     if sys.disc == "zoh":
         return dense_kernel(sys.dense, L)
+    if sys.L_tilde and L <= sys.L_tilde and not traced_size(L):
+        # C~ of L_tilde: the kernel of that length with no power, its first L taps (exact).
+        return dplr_kernel(sys.Lambda, sys.P, sys.B, sys.C_in, sys.dt, sys.L_tilde, disc="bilinear",
+                           conj_pairs=True, backend=backend, c_tilde=True)[..., :L]
     return dplr_kernel(sys.Lambda, sys.P, sys.B, sys.C, sys.dt, L, disc="bilinear", conj_pairs=True,
                        backend=backend)
 
