@@ -192,7 +192,9 @@ class SSMLayer(nn.Module):
     def output(self, y: Tensor, like: Tensor) -> Tensor:
         """The output stage on y (B, L, F) or (B, F); the result in the layout and dtype of the input ``like``
         (autocast keeps its own dtype)."""
-        y = self.drop(_ACT[self.activation](y))
+        y = _ACT[self.activation](y)
+        if self.drop.p and self.drop.training:  # (an identity module call costs as much as a small op)
+            y = self.drop(y)
         y = y.to(self.out_proj.weight.dtype) if not torch.is_autocast_enabled() else y
         y = self.out_proj(y)
         if self.glu:

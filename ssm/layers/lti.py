@@ -13,6 +13,7 @@ free_response or state_input, final_state) on that system and nothing else.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -23,6 +24,15 @@ from torch import Tensor, nn
 from .._checks import check_int, traced
 from ..ops.fftconv import fftconv
 from .base import SSMLayer, with_param_strides
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (a step enters autocast-off only then: the context
+    manager costs as much as a small op). Torch < 2.4 has no per-device query: assume it is on."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return True
 
 
 class LTILayer(SSMLayer):
@@ -239,7 +249,8 @@ class LTILayer(SSMLayer):
         state = self._outside_inference(state)
         rate = self._check_rate(rate)
         u = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        with torch.autocast(device_type=u.device.type, enabled=False):
+        dev = u.device.type
+        with torch.autocast(device_type=dev, enabled=False) if _autocast_on(dev) else nullcontext():
             if hasattr(self.family, "prepare_step"):
                 y, next_state = self.family.step_prepared(self._step_constants(rate), state, u)  # (B, C, H)
             else:
