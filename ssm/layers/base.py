@@ -195,13 +195,15 @@ class SSMLayer(nn.Module):
         y = _ACT[self.activation](y)
         if self.drop.p and self.drop.training:  # (an identity module call costs as much as a small op)
             y = self.drop(y)
-        y = y.to(self.out_proj.weight.dtype) if not torch.is_autocast_enabled() else y
+        autocast = torch.is_autocast_enabled()
+        wdtype = self.out_proj.weight.dtype
+        y = y.to(wdtype) if not autocast and y.dtype != wdtype else y  # (a no-op .to still dispatches)
         y = self.out_proj(y)
         if self.glu:
             y = F.glu(y, dim=-1)
         if self.transposed and y.ndim == 3:
             y = y.transpose(1, 2)
-        return y.to(like.dtype) if not torch.is_autocast_enabled() else y
+        return y.to(like.dtype) if not autocast and y.dtype != like.dtype else y
 
     # ---- SSM parameters, hints, initialization -----------------------------------------------------------
     def ssm_param(self, name: str) -> Tensor:
@@ -396,8 +398,7 @@ class SSMLayer(nn.Module):
 
     def _check_state(self, state: Any, Bsz: int, device: torch.device | None = None) -> None:
         """``state`` has the structure, shapes and kinds of ``default_state(Bsz)``, on ``device`` (x's).
-        What is expected is worked out once per batch size and parameter dtypes, so a step pays only
-        comparisons."""
+        What is expected is worked out once per batch size, so a step pays only comparisons."""
         shapes, kinds = self._state_spec(Bsz)
         try:
             got = state_leaves(state)
@@ -409,26 +410,26 @@ class SSMLayer(nn.Module):
             have_txt = have[0] if isinstance(have, list) and len(have) == 1 else have
             raise ValueError(f"state must have shape {want_txt} (see default_state); got {have_txt}")
         where = None if device is None else torch.device(device)
-        for g, (complex_, dtype) in zip(got, kinds):
+        for i, (g, complex_) in enumerate(zip(got, kinds)):
             if not (g.is_complex() if complex_ else g.is_floating_point()):
                 kind = "complex64 or complex128" if complex_ else "a floating dtype"
+                dtype = state_leaves(self.default_state(1, device="meta"))[i].dtype
                 raise ValueError(f"state must be {kind} (it is computed in {dtype} or wider); got {g.dtype}")
             if where is not None and g.device != where:
                 raise ValueError(f"state must be on x's device {where}; got one on {g.device}")
 
-    def _state_spec(self, Bsz: int) -> tuple[list[tuple[int, ...]], list[tuple[bool, torch.dtype]]]:
-        """(shapes, [(complex, dtype)]) of the leaves of ``default_state(Bsz)`` (built once on meta), kept
-        per (Bsz, parameter dtypes) in the instance."""
-        key = (Bsz, tuple(p.dtype for p in self.ssm_parameters()))
+    def _state_spec(self, Bsz: int) -> tuple[list[tuple[int, ...]], list[bool]]:
+        """(shapes, complex flags) of the leaves of ``default_state(Bsz)``, worked out once on meta and kept
+        per batch size in the instance (they depend on the configuration only, never on values or dtype)."""
         specs = self.__dict__.setdefault("_state_specs", {})
-        spec = specs.get(key)
+        spec = specs.get(Bsz)
         if spec is None:
             want = state_leaves(self.default_state(max(Bsz, 1), device="meta"))
             shapes = [(0, *w.shape[1:]) if Bsz == 0 else tuple(w.shape) for w in want]
-            spec = (shapes, [(w.is_complex(), w.dtype) for w in want])
+            spec = (shapes, [w.is_complex() for w in want])
             if len(specs) >= 16:
                 specs.clear()
-            specs[key] = spec
+            specs[Bsz] = spec
         return spec
 
     @staticmethod

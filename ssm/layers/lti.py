@@ -96,12 +96,12 @@ class LTILayer(SSMLayer):
         if len(snap) != len(params):
             return False
         for p, (shape, dtype, device, value) in zip(params, snap):
-            if p.shape != shape or p.dtype != dtype or p.device != device:
+            if p.dtype != dtype or p.shape != shape:
                 return False
             if isinstance(value, bytes):
-                if p.detach().numpy().tobytes() != value:
+                if not p.is_cpu or p.detach().numpy().tobytes() != value:
                     return False
-            elif not torch.equal(p, value):
+            elif p.device != device or not torch.equal(p, value):
                 return False
         return True
 
@@ -272,5 +272,7 @@ class LTILayer(SSMLayer):
                 y, next_state = self.family.step_prepared(self._step_constants(rate), state, u)  # (B, C, H)
             else:
                 y, next_state = self.family.step(self._system(rate), state, u)
-        y = torch.addcmul(y.real.to(u.dtype), with_param_strides(self.D).to(u.dtype), u[:, None, :])
+        y, D = y.real, with_param_strides(self.D)
+        y, D = (y if y.dtype == u.dtype else y.to(u.dtype)), (D if D.dtype == u.dtype else D.to(u.dtype))
+        y = torch.addcmul(y, D, u[:, None, :])
         return self._post(y, x), next_state

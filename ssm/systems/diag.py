@@ -182,8 +182,8 @@ def pair_step(c: PairStep, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     (y (B, Ch, H) real, x_k (B, H, N/2)). Elementwise products and sums over the state only: at small
     batches a batched matrix product per feature (einsum) costs more than the arithmetic."""
     Bsz, H, n = x.shape
-    x = x.to(c.E.dtype)
-    u = u.to(c.Q.dtype)[..., None]  # (B, H, 1)
+    x = x if x.dtype == c.E.dtype else x.to(c.E.dtype)
+    u = (u if u.dtype == c.Q.dtype else u.to(c.Q.dtype))[..., None]  # (B, H, 1)
     xr = torch.view_as_real(x).reshape(Bsz, H, 2 * n)
     out = torch.addcmul(torch.view_as_real(c.E * x).reshape(Bsz, H, 2 * n), u, c.Q[0])  # (B, H, N)
     for r in range(c.W.shape[0]):

@@ -420,8 +420,9 @@ def prepare_step(sys: RTFSystem) -> RTFStep:
 
 def step_prepared(c: RTFStep, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     """``step(sys, x, u)`` from ``prepare_step(sys)``: w and every channel's y in one product."""
-    x = x.to(c.M.dtype)
-    wy = torch.addcmul((x[:, None] * c.M).sum(-1), c.m, u.to(c.M.dtype)[:, None])  # (B, 1+Ch, H)
+    x = x if x.dtype == c.M.dtype else x.to(c.M.dtype)
+    u = u if u.dtype == c.M.dtype else u.to(c.M.dtype)
+    wy = torch.addcmul((x[:, None] * c.M).sum(-1), c.m, u[:, None])  # (B, 1+Ch, H)
     if not x.shape[-1]:
         return wy[:, 1:], x
     return wy[:, 1:], torch.cat([wy[:, :1].transpose(1, 2), x[..., :-1]], dim=-1)
