@@ -143,16 +143,16 @@ class S4(LTILayer):
             out["c_tilde_length"] = self.c_tilde_length
         return out
 
-    def set_extra_state(self, state) -> None:
-        """As the base, and a state_dict without ``c_tilde_length`` (its C is the true C) is refused by a
-        layer whose C is C~."""
-        super().set_extra_state(state)
-        if self.c_tilde_length is not None:
+    def _config_mismatch(self, state) -> str | None:
+        """As the base, and a state_dict without ``c_tilde_length`` (its C is the true C) does not fit a layer
+        whose C is C~."""
+        problem = super()._config_mismatch(state)
+        if problem is None and self.c_tilde_length is not None:
             raw = bytes(state.tolist()).decode() if isinstance(state, torch.Tensor) else None
-            saved = json.loads(raw) if raw is not None else dict(state)
-            if "c_tilde_length" not in saved:
-                raise ValueError(f"S4: the state_dict was saved from a layer whose C is the true C, but this "
-                                 f"layer has c_tilde_length={self.c_tilde_length} (C holds C~)")
+            if "c_tilde_length" not in (json.loads(raw) if raw is not None else dict(state)):
+                return (f"S4: the state_dict was saved from a layer whose C is the true C, but this layer "
+                        f"has c_tilde_length={self.c_tilde_length} (its C holds C~)")
+        return problem
 
     def kernel_options(self) -> dict:
         return {"backend": self.backend}
