@@ -435,8 +435,9 @@ class SSMLayer(nn.Module):
     @staticmethod
     def _outside_inference(state: Any) -> Any:
         """A state made under ``torch.inference_mode``, copied out of it when autograd may need it (an
-        inference tensor cannot be saved for backward)."""
-        if state is None or torch.is_inference_mode_enabled():
+        inference tensor cannot be saved for backward). Not under ``torch.compile`` / ``torch.export``, which
+        cannot trace the inference-mode queries (a compiled caller passes ordinary tensors)."""
+        if state is None or traced() or torch.is_inference_mode_enabled():
             return state
         return map_state(lambda t: t.clone() if t.is_inference() else t, state)
 
