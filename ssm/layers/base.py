@@ -69,7 +69,9 @@ def with_param_strides(p: Tensor) -> Tensor:
     Autograd's layout contract leaves the strides of size-1 dimensions free, and a gradient reaching C
     (1, H, N/2, 2) through a broadcast or ``view_as_complex`` takes others; DDP's bucket views require them
     exactly and warn "Grad strides do not match bucket view strides" on every rank (issue 23)."""
-    return _ParamStrides.apply(p) if p.requires_grad and torch.is_grad_enabled() else p
+    if traced() or not (p.requires_grad and torch.is_grad_enabled()):  # torch.func / compile: no DDP there
+        return p
+    return _ParamStrides.apply(p)
 
 
 def check_dt_range(dt_min: float, dt_max: float) -> tuple[float, float]:
