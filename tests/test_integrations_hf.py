@@ -55,7 +55,8 @@ def test_swap_replaces_every_attention_module():
     assert not hf.find_attention(model)
     model = swapped("llama", "s4")
     assert all(isinstance(b.self_attn, hf.SSMAttention) for b in model.model.layers)
-    assert model.config.ssm_swap == {"layer": "s4", "layer_kwargs": {"d_state": 8}, "base_model_type": "llama"}
+    assert model.config.ssm_swap == {"layer": "s4", "layer_kwargs": {"d_state": 8},
+                                     "base_model_type": "llama"}
     assert model.config.model_type == hf.SWAP_MODEL_TYPE
 
 

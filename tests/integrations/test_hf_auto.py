@@ -18,7 +18,8 @@ V = 40
 
 def saved(tmp_path, layer="s4d"):
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=2, pad_token_id=0,
+    cfg = transformers.GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                  pad_token_id=0,
                                   bos_token_id=None, eos_token_id=None)
     model = hf.swap_attention(transformers.GPT2LMHeadModel(cfg), layer, d_state=8).eval()
     model.save_pretrained(tmp_path)
@@ -69,7 +70,8 @@ def test_trainer_keeps_the_ssm_parameter_groups(tmp_path):
     data = [{"input_ids": torch.randint(1, V, (12,)), "labels": torch.randint(1, V, (12,))} for _ in range(4)]
     args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2,
                                           per_device_train_batch_size=2, learning_rate=1e-2, weight_decay=0.1,
-                                          report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no")
+                                          report_to=[], use_cpu=True, save_strategy="no",
+                                          logging_strategy="no")
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data,
                                    optimizers=hf.trainer_optimizers(model, lr=args.learning_rate,
                                                                     weight_decay=args.weight_decay))
