@@ -292,10 +292,17 @@ class LTILayer(SSMLayer):
         y = fftconv(u, K, D, K_rev=K_rev, layout="BHL")
         return y + self.family.free_response(system, state, L).to(y.dtype), u
 
-    def step(self, x: Tensor, state: Tensor, *, rate: float = 1.0) -> tuple[Tensor, Tensor]:
-        """Recurrent path: one token x (B, H) and the state -> (y (B, H), next_state)."""
+    def step(self, x: Tensor, state: Tensor, *, rate: float | Tensor = 1.0) -> tuple[Tensor, Tensor]:
+        """Recurrent path: one token x (B, H) and the state -> (y (B, H), next_state); a (B,) ``rate`` runs
+        each distinct value on its rows."""
         self._check_step_input(x)
         self._check_state(state, x.shape[0], x.device)
+        if isinstance(rate, Tensor):
+            rate = self._check_rate_rows(rate, x.shape[0])
+            parts = [((rate == r).nonzero().flatten(), r) for r in sorted(set(rate.tolist()))]
+            outs = [self.step(x[i], state[i], rate=r) for i, r in parts]
+            inv = torch.argsort(torch.cat([i for i, _ in parts]))
+            return torch.cat([o[0] for o in outs])[inv], torch.cat([o[1] for o in outs])[inv]
         state = self._outside_inference(state)
         rate = self._check_rate(rate)
         u = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

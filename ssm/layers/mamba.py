@@ -112,7 +112,7 @@ def packed_window(xc: Tensor, k: int, e: int, seq: Tensor | None) -> Tensor:
     return win * (seq[:, e:e + k - 1] == seq[:, e + k - 2:e + k - 1])[:, None].to(win.dtype)
 
 
-def scale_rate(delta: Tensor, rate, batch_first_time: bool) -> Tensor:
+def scale_rate(delta: Tensor, rate: float | Tensor) -> Tensor:
     """The step times the rate: a number, or a (B,) tensor (one per row) broadcast over delta."""
     if not isinstance(rate, Tensor):
         return delta * rate
@@ -362,7 +362,7 @@ class Mamba(_Selective):
         opts = {"delta_bias": wide(dt_proj.bias), "delta_softplus": True}
         if keep is not None or isinstance(rate, Tensor) or rate != 1.0:
             # the step made explicit: scaled by the rate, zero at padded positions (the state holds)
-            delta = scale_rate(F.softplus(wide(delta) + wide(dt_proj.bias)[:, None]), rate, False)
+            delta = scale_rate(F.softplus(wide(delta) + wide(dt_proj.bias)[:, None]), rate)
             if keep is not None:
                 delta = delta * keep[:, None, :]
             opts = {}
@@ -390,22 +390,23 @@ class Mamba(_Selective):
             y = (y + reverse_rows(rev, ends)) / 2
         return y.transpose(1, 2), next_state, found  # (B, L, D)
 
-    def step(self, x: Tensor, state, *, rate: float = 1.0):
-        """One token x (B, H) and the state -> (y (B, H), next state)."""
+    def step(self, x: Tensor, state, *, rate: float | Tensor = 1.0):
+        """One token x (B, H) and the state -> (y (B, H), next state); ``rate`` a number or (B,) tensor."""
         self._check_step_input(x)
         self._check_state(state, x.shape[0])
-        rate = self._check_rate(rate)
+        rate = (self._check_rate_rows(rate, x.shape[0]) if isinstance(rate, Tensor)
+                else self._check_rate(rate))
         window, h0 = state
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, D)
         xconv, window = conv_step(window, xs, self.conv1d)
         dt, Bm, Cm = self.x_proj(xconv).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, self.dt_proj.weight)
         A = -torch.exp(self.ssm_param("A_log"))
-        if rate == 1.0:
+        if not isinstance(rate, Tensor) and rate == 1.0:
             y, h = selective.step(h0, xconv, delta, A, Bm, Cm, self.ssm_param("D"), z,
                                   delta_bias=wide(self.dt_proj.bias), delta_softplus=True)
         else:
-            delta = F.softplus(wide(delta) + wide(self.dt_proj.bias)) * rate
+            delta = scale_rate(F.softplus(wide(delta) + wide(self.dt_proj.bias)), rate)
             y, h = selective.step(h0, xconv, delta, A, Bm, Cm, self.ssm_param("D"), z)
         return self.output(y.to(xconv.dtype), x), (window.to(h0.dtype), h)
 
@@ -564,7 +565,7 @@ class Mamba2(_Selective):
         opts = {"dt_bias": dt_bias, "dt_softplus": True, "dt_limit": self.dt_limit}
         if keep is not None or isinstance(rate, Tensor) or rate != 1.0:
             # the step made explicit: clamped, scaled by the rate, zero at padded positions
-            dt = scale_rate(F.softplus(wide(dt) + dt_bias).clamp(*self.dt_limit), rate, True)
+            dt = scale_rate(F.softplus(wide(dt) + dt_bias).clamp(*self.dt_limit), rate)
             if keep is not None:
                 dt = dt * keep[..., None]
             opts = {}
@@ -596,22 +597,23 @@ class Mamba2(_Selective):
             y = (y + reverse_rows(rev.transpose(1, 2), ends).transpose(1, 2)) / 2
         return self.norm(y, z), next_state, found
 
-    def step(self, x: Tensor, state, *, rate: float = 1.0):
-        """One token x (B, H) and the state -> (y (B, H), next state)."""
+    def step(self, x: Tensor, state, *, rate: float | Tensor = 1.0):
+        """One token x (B, H) and the state -> (y (B, H), next state); ``rate`` a number or (B,) tensor."""
         self._check_step_input(x)
         self._check_state(state, x.shape[0])
-        rate = self._check_rate(rate)
+        rate = (self._check_rate_rows(rate, x.shape[0]) if isinstance(rate, Tensor)
+                else self._check_rate(rate))
         window, h0 = state
         z, xbc, dt = self._split_in(self.in_proj(x))
         xconv, window = conv_step(window, xbc, self.conv1d)
         xh, Bm, Cm = self._split_conv(xconv)
         A = -torch.exp(self.ssm_param("A_log"))
         D, dt_bias = self.ssm_param("D"), self.ssm_param("dt_bias")
-        if rate == 1.0:
+        if not isinstance(rate, Tensor) and rate == 1.0:
             y, h = selective.step_heads(h0, xh, dt, A, Bm, Cm, D, dt_bias=dt_bias, dt_softplus=True,
                                         dt_limit=self.dt_limit)
         else:
-            step = F.softplus(wide(dt) + dt_bias).clamp(*self.dt_limit) * rate
+            step = scale_rate(F.softplus(wide(dt) + dt_bias).clamp(*self.dt_limit), rate)
             y, h = selective.step_heads(h0, xh, step, A, Bm, Cm, D)
         y = self.norm(y.flatten(-2).to(z.dtype), z)
         return self.output(y, x), (window.to(h0.dtype), h)
