@@ -171,11 +171,24 @@ class LTILayer(SSMLayer):
         """{e: the state after position e - 1} for each e in ``ends``, by ``final_state`` over the segments
         between consecutive cuts (O(L) in all, no state per step); with ``seq`` each document starts from
         zero (the rows whose document starts at a cut are reset there)."""
+        if seq is None:
+            return self._unpacked_states(system, u, state, ends)
         found, start = {}, 0
         for e in self._cuts(u.shape[-1], ends, seq, boundaries=True):
             state = self.family.final_state(system, u[..., start:e], self._reset_rows(state, seq, start))
             found[e] = state
             start = e
+        return found
+
+    def _unpacked_states(self, system: NamedTuple, u: Tensor, state: Tensor | None, ends: list[int]) -> dict:
+        """{e: the state after u[..., :e]} of one run from ``state``: the family's ``states_at`` (one basis
+        for every prefix) where it has one, else ``final_state`` between consecutive ends."""
+        if hasattr(self.family, "states_at"):
+            return self.family.states_at(system, u, ends, state)
+        found, start = {}, 0
+        for e in sorted(set(ends)):
+            state = self.family.final_state(system, u[..., start:e], state)
+            found[e], start = state, e
         return found
 
     def _leak(self, system: NamedTuple, u: Tensor, state: Tensor | None, seq: Tensor) -> Tensor | None:
@@ -187,11 +200,7 @@ class LTILayer(SSMLayer):
         if starts.shape[0] == 0:
             return None
         rows, t0 = starts[:, 0], starts[:, 1] + 1
-        cuts = sorted(set(t0.tolist()))
-        full, s, start = {}, state, 0
-        for e in cuts:  # the unpacked run's states at the document starts
-            s = self.family.final_state(system, u[..., start:e], s)
-            full[e], start = s, e
+        full = self._unpacked_states(system, u, state, sorted(set(t0.tolist())))  # at the document starts
         x0 = torch.stack([full[int(t)][int(b)] for b, t in zip(rows.tolist(), t0.tolist())])  # (pairs, ...)
         # each document's end: the next start in its row, else L
         nxt = torch.full_like(t0, L)
@@ -261,8 +270,8 @@ class LTILayer(SSMLayer):
             leak = self._leak(system, u, state, seq)
             if leak is not None:
                 y = y - leak.to(y.dtype)
-        found = (self._chain(system, u, state, [L] if order is None else [p + 1 for p in order], seq)
-                 if return_state or order is not None else {})
+        ends = ([L] if return_state else []) + ([] if order is None else [p + 1 for p in order])
+        found = self._chain(system, u, state, ends, seq) if ends else {}
         y = self._post(y, x)  # (B, L, H)
         states = None if order is None else self._gather_states(found, order, index)
         return self._result(y, found.get(L) if return_state else None, states, return_state, order)

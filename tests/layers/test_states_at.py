@@ -55,3 +55,24 @@ def test_states_at_gradients_flow():
     _, states = layer(x, return_states_at=torch.tensor([2]))
     states.abs().sum().backward()
     assert x.grad[:, 3:].abs().max() == 0 and x.grad[:, :3].abs().max() > 0
+
+
+@pytest.mark.parametrize("diag", [True, False])
+def test_scan_states_at_equals_final_state(diag):
+    """``ssm.ops.scan.states_at`` (one Krylov basis for several prefixes) against ``final_state`` per prefix,
+    for prefixes ending inside, at the end of, and after the blocks."""
+    from ssm.ops.scan import final_state, states_at
+
+    H, N = 3, 4
+    Ab = (torch.rand(H, N, dtype=torch.float64) * 0.9 if diag
+          else torch.randn(H, N, N, dtype=torch.float64) * 0.3)
+    Bb = torch.randn(H, N, dtype=torch.float64)
+    u = torch.randn(2, H, 37, dtype=torch.float64)
+    x0 = torch.randn(2, H, N, dtype=torch.float64)
+    ends = [1, 4, 5, 16, 33, 37]
+    for block in (4, 256):
+        out = states_at(Ab, Bb, u, ends, x0, block=block)
+        for e in ends:
+            torch.testing.assert_close(out[e], final_state(Ab, Bb, u[..., :e], x0), **tol(torch.float64))
+    with pytest.raises(ValueError, match="ends"):
+        states_at(Ab, Bb, u, [0])
