@@ -232,10 +232,7 @@ class SSMAttention(nn.Module):
             raise ValueError(f"hidden_states must be (B, L, H); got {got}")
         Bsz, L, _ = x.shape
         valid = self._valid(Bsz, L, kwargs)
-        seq = self._seq_idx(Bsz, L, kwargs)
-        if seq is not None and valid is not None:
-            raise ValueError("position_ids restart (packed documents) in a padded batch: pack without "
-                             "padding (DataCollatorWithFlattening) or pad without packing")
+        seq = self._seq_idx(Bsz, L, kwargs, padded=valid is not None)
         # The cache is used in training mode too: generation and incremental forwards mean the same there.
         cache = self._find_cache(args, kwargs) if self.causal else None
         if cache is not None:
@@ -246,11 +243,17 @@ class SSMAttention(nn.Module):
             y = padded_forward(self.layer, x, valid)
         return (y if self.post is None else self.post(x, y)), None
 
-    def _seq_idx(self, Bsz: int, L: int, kwargs: dict) -> Tensor | None:
-        """Packed documents: ``seq_idx`` if the host passes one, else from ``position_ids`` that restart."""
+    def _seq_idx(self, Bsz: int, L: int, kwargs: dict, padded: bool) -> Tensor | None:
+        """Packed documents: ``seq_idx`` if the host passes one, else from ``position_ids`` that restart in
+        a batch without padding (with padding, generate's position ids restart at the first real token)."""
         seq = kwargs.get("seq_idx")
         if isinstance(seq, Tensor):
+            if padded:
+                raise ValueError("seq_idx: packed documents in a padded batch; pack without padding "
+                                 "(DataCollatorWithFlattening) or pad without packing")
             return seq
+        if padded:
+            return None
         pos = self._mask_context.position_ids if self._mask_context is not None else None
         if pos is None:
             pos = kwargs.get("position_ids")
