@@ -113,10 +113,11 @@ class SSMBlock(nn.Module):
         return x if self.prenorm else self.ff_norm(x)
 
     def forward(self, x: Tensor, state: Tensor | None = None, *, return_state: bool = False,
-                lengths: Tensor | None = None, rate: float = 1.0):
-        """x (B, L, H) -> (B, L, H), or (y, next_state) with ``return_state``; see ``SSMLayer.forward``."""
+                lengths: Tensor | None = None, rate: float | Tensor = 1.0, seq_idx: Tensor | None = None):
+        """x (B, L, H) -> (B, L, H), or (y, next_state) with ``return_state``; see ``SSMLayer.forward``
+        (``seq_idx`` (B, L): packed documents, each read on its own)."""
         z = self.norm(x) if self.prenorm else x
-        out = self.layer(z, state, return_state=return_state, lengths=lengths, rate=rate)
+        out = self.layer(z, state, return_state=return_state, lengths=lengths, rate=rate, seq_idx=seq_idx)
         z, next_state = out if return_state else (out, None)
         x = x + self.drop(z)
         if not self.prenorm:

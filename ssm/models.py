@@ -116,14 +116,16 @@ class SSMModel(nn.Module):
                              f"got {type(state).__name__}")
 
     def forward(self, x: Tensor, lengths: Tensor | None = None, *, state: list | None = None,
-                return_state: bool = False):
-        """Whole sequences; returns outputs, or (outputs, next_state) with ``return_state``."""
+                return_state: bool = False, seq_idx: Tensor | None = None):
+        """Whole sequences; returns outputs, or (outputs, next_state) with ``return_state``. ``seq_idx``
+        (B, L) numbers packed documents (non-decreasing per row): every block reads each on its own."""
         h = self._encode(x, step=False)  # (B, L, d_model)
         if state is not None:
             self._check_states(state)
         states = [] if return_state else None
         for i, block in enumerate(self.blocks):
-            out = block(h, None if state is None else state[i], return_state=return_state, lengths=lengths)
+            out = block(h, None if state is None else state[i], return_state=return_state, lengths=lengths,
+                        seq_idx=seq_idx)
             if return_state:
                 h, s = out
                 states.append(s)

@@ -23,7 +23,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPTS = {"common": "bench_common", "plain_s4": "plain_s4", "layers": "layer_speed",
            "generation": "generation", "goals": "speed_goals", "state_passing": "state_passing",
            "s5": "s5_speed", "device_check": "device_check", "selective": "selective",
-           "step_latency": "step_latency", "small_model": "small_model"}
+           "step_latency": "step_latency", "small_model": "small_model", "packing": "packing"}
 
 
 @contextlib.contextmanager
@@ -247,3 +247,14 @@ def test_selective_script(bench, tmp_path):
     assert all(err < 1e-4 for errs in data["agreement"].values() for err in errs.values()), data["agreement"]
     assert {(s["model"], s["B"]) for s in data["steps"]} == {("mamba", 1), ("mamba", 16), ("mamba2", 1),
                                                              ("mamba2", 16)}
+
+
+def test_packing_script(bench, tmp_path):
+    """benchmarks/packing.py --quick: every layer packed and plain, the packed output exact on document 0."""
+    bench["packing"].main(["--quick", "--threads", "1", "--out", str(tmp_path)])
+    data = _check_json(tmp_path / "packing.json", {"machine", "config", "rows", "tables"})
+    assert [r["config"] for r in data["rows"]] == list(bench["packing"].CONFIGS)
+    for r in data["rows"]:
+        assert "error" not in r, r
+        assert r["plain"]["median_s"] > 0 and r["packed"]["median_s"] > 0 and r["ratio"] > 0
+        assert r["doc0_rel_err"] < 1e-5

@@ -81,8 +81,15 @@ class SSMMixer(nn.Module):
                 mask = mask[:, -L:]
             k = key_padding_keep(mask, tuple(x.shape[:2]), name=key, true_is_pad=key in PAD_TRUE)
             keep = k if keep is None else keep & k
+        seq_idx = kwargs.get("seq_idx")
+        if seq_idx is not None and keep is not None:
+            raise ValueError("seq_idx: packed documents and a padding mask cannot be combined; pack without "
+                             "padding")
         if not kwargs.get("return_intermediates", False) and cache is None:
-            y = padded_forward(self.layer, x, keep, strict=True, name=self.mask_arg)
+            if seq_idx is not None:  # packed documents (mamba_ssm's convention), each read on its own
+                y = self.layer(x, seq_idx=seq_idx)
+            else:
+                y = padded_forward(self.layer, x, keep, strict=True, name=self.mask_arg)
             return (y, None) if self.returns == "tuple" else y
         return self._x_transformers(x, keep, cache)
 

@@ -20,6 +20,9 @@ call and returns that pair. Around the layer it
   state, so left padding (batched generation) leaves the state at exactly zero until the first real token
   and each row equals its unpadded run; an encoder (bidirectional layer) with right padding passes
   ``lengths``. A custom 4-D attention mask (an attention pattern) has no SSM meaning and is refused;
+* honours packing: ``position_ids`` that restart within a row (``DataCollatorWithFlattening``, captured by
+  the same hook) or a ``seq_idx`` keyword give the layer ``seq_idx``, so each document starts from the zero
+  state and reads no other (packed training on a swapped model);
 * replaces only what computes attention: a host whose attention module also holds the output projection,
   norm and residual (ALBERT) keeps them (``SSMAttention.post``); a module holding other norms is refused.
 
@@ -71,18 +74,31 @@ class _MaskContext:
 
     def __init__(self) -> None:
         self.mask: Tensor | None = None
+        self.position_ids: Tensor | None = None
 
 
-def _find_mask(forward, args: tuple, kwargs: dict):
-    mask = kwargs.get("attention_mask")
+def _find_mask(forward, args: tuple, kwargs: dict, name: str = "attention_mask"):
+    mask = kwargs.get(name)
     if mask is None and args:
         try:
             names = list(inspect.signature(forward).parameters)
         except (TypeError, ValueError):
             names = []
-        if "attention_mask" in names and names.index("attention_mask") < len(args):
-            mask = args[names.index("attention_mask")]
+        if name in names and names.index(name) < len(args):
+            mask = args[names.index(name)]
     return mask
+
+
+def packed_seq_idx(position_ids: Tensor | None) -> Tensor | None:
+    """The document index (B, L) of packed rows whose ``position_ids`` restart (as
+    ``DataCollatorWithFlattening`` makes them): a document starts wherever a position is not its
+    predecessor plus one; None when no row restarts."""
+    if not isinstance(position_ids, Tensor) or position_ids.ndim != 2 or position_ids.shape[1] < 2:
+        return None
+    starts = position_ids[:, 1:] != position_ids[:, :-1] + 1  # (B, L - 1)
+    if not bool(starts.any()):
+        return None
+    return torch.nn.functional.pad(starts.long().cumsum(1), (1, 0))
 
 
 def _install_mask_hooks(stack: nn.Module, ctx: _MaskContext) -> None:
@@ -94,9 +110,12 @@ def _install_mask_hooks(stack: nn.Module, ctx: _MaskContext) -> None:
                 f"{tuple(mask.shape)}: a custom attention pattern has no meaning for a state-space layer"
             )
         ctx.mask = mask if isinstance(mask, Tensor) else None
+        pos = _find_mask(module.forward, args, kwargs, "position_ids")
+        ctx.position_ids = pos if isinstance(pos, Tensor) else None
 
     def clear(module, args, kwargs, output):
         ctx.mask = None
+        ctx.position_ids = None
 
     stack.register_forward_pre_hook(capture, with_kwargs=True)
     stack.register_forward_hook(clear, with_kwargs=True, always_call=True)
@@ -213,12 +232,36 @@ class SSMAttention(nn.Module):
             raise ValueError(f"hidden_states must be (B, L, H); got {got}")
         Bsz, L, _ = x.shape
         valid = self._valid(Bsz, L, kwargs)
+        seq = self._seq_idx(Bsz, L, kwargs, padded=valid is not None)
         # The cache is used in training mode too: generation and incremental forwards mean the same there.
         cache = self._find_cache(args, kwargs) if self.causal else None
-        y = self._cached(x, valid, cache) if cache is not None else padded_forward(self.layer, x, valid)
+        if cache is not None:
+            y = self._cached(x, valid, cache, seq)
+        elif seq is not None:
+            y = self.layer(x, seq_idx=seq)
+        else:
+            y = padded_forward(self.layer, x, valid)
         return (y if self.post is None else self.post(x, y)), None
 
-    def _cached(self, x: Tensor, valid: Tensor | None, cache) -> Tensor:
+    def _seq_idx(self, Bsz: int, L: int, kwargs: dict, padded: bool) -> Tensor | None:
+        """Packed documents: ``seq_idx`` if the host passes one, else from ``position_ids`` that restart in
+        a batch without padding (with padding, generate's position ids restart at the first real token)."""
+        seq = kwargs.get("seq_idx")
+        if isinstance(seq, Tensor):
+            if padded:
+                raise ValueError("seq_idx: packed documents in a padded batch; pack without padding "
+                                 "(DataCollatorWithFlattening) or pad without packing")
+            return seq
+        if padded:
+            return None
+        pos = self._mask_context.position_ids if self._mask_context is not None else None
+        if pos is None:
+            pos = kwargs.get("position_ids")
+        if not isinstance(pos, Tensor) or pos.ndim != 2 or pos.shape[1] < L:
+            return None
+        return packed_seq_idx(pos[:, -L:].expand(Bsz, L))
+
+    def _cached(self, x: Tensor, valid: Tensor | None, cache, seq: Tensor | None = None) -> Tensor:
         """Continue the recurrent state kept on the cache: prefill by the convolution with state passing,
         one token by ``step``; then advance the cache's sequence length by L."""
         Bsz, L, _ = x.shape
@@ -244,7 +287,7 @@ class SSMAttention(nn.Module):
             y, state = self.layer.step(u[:, 0], state)
             y = y[:, None]
         elif valid is None:
-            y, state = self.layer(x, state, return_state=True)
+            y, state = self.layer(x, state, return_state=True, seq_idx=seq)
         else:
             y, state = self.layer.masked_forward(x, valid, state, return_state=True)
         stub = x.new_zeros(Bsz, 1, L, 1)

@@ -475,6 +475,133 @@ class SSMLayer(nn.Module):
             self._check_finite(u)
         return u, rate, None
 
+    # ---- packed documents, states at chosen positions, per-row rates ------------------------------------
+    def _check_packing(self, u: Tensor, seq_idx, positions, lengths) -> tuple[Tensor | None, list[int] | None,
+                                                                              Tensor | None]:
+        """The checks of ``seq_idx`` and ``return_states_at``: (seq (B, L) long with each row's first document
+        numbered 0, or None; the sorted distinct positions, or None; their order, i.e. for each requested
+        position its index in the sorted list)."""
+        Bsz, _, L = u.shape
+        seq = None
+        if seq_idx is not None:
+            if (not isinstance(seq_idx, Tensor) or seq_idx.shape != (Bsz, L) or seq_idx.is_floating_point()
+                    or seq_idx.is_complex() or seq_idx.dtype == torch.bool):
+                got = (f"{tuple(seq_idx.shape)} {seq_idx.dtype}" if isinstance(seq_idx, Tensor)
+                       else type(seq_idx).__name__)
+                raise ValueError(f"seq_idx must be an integer tensor of shape (B, L) = {(Bsz, L)}; got {got}")
+            if lengths is not None:
+                raise ValueError("seq_idx and lengths cannot be combined: pack the documents without "
+                                 "padding, or give the padding its own document index")
+            seq = seq_idx.to(device=u.device, dtype=torch.long)
+            if L > 1 and bool((seq[:, 1:] < seq[:, :-1]).any()):
+                raise ValueError("seq_idx must be non-decreasing along each row (document indices); got a "
+                                 "decrease")
+            seq = seq - seq[:, :1]
+        if positions is None:
+            return seq, None, None
+        if self.bidirectional:
+            raise ValueError("return_states_at is undefined for a bidirectional layer (it reads the future)")
+        pos = torch.as_tensor(positions) if not isinstance(positions, Tensor) else positions
+        if pos.ndim != 1 or pos.is_floating_point() or pos.is_complex() or pos.dtype == torch.bool:
+            raise ValueError(f"return_states_at must be a 1-D integer tensor of positions; got "
+                             f"{tuple(pos.shape)} {pos.dtype}")
+        if lengths is not None:
+            raise ValueError("return_states_at cannot be combined with lengths")
+        if pos.numel() and (bool((pos < 0).any()) or bool((pos >= L).any())):
+            raise ValueError(f"return_states_at must hold positions in [0, L={L}); got {pos.tolist()}")
+        flat = pos.tolist()
+        order = sorted(set(flat))
+        where = {p: i for i, p in enumerate(order)}
+        return seq, order, torch.tensor([where[p] for p in flat], dtype=torch.long, device=u.device)
+
+    @staticmethod
+    def _cuts(L: int, ends: list[int], seq: Tensor | None, *, boundaries: bool) -> list[int]:
+        """Sorted segment ends: ``ends`` and L, with every document start of any row when ``boundaries``."""
+        cuts = set(ends) | {L}
+        if boundaries and seq is not None and L > 1:
+            cuts |= {int(t) + 1 for t in (seq[:, 1:] != seq[:, :-1]).any(0).nonzero().flatten().tolist()}
+        return sorted(cuts)
+
+    @staticmethod
+    def _reset_rows(state: Any, seq: Tensor | None, start: int) -> Any:
+        """``state`` with the rows whose document starts at ``start`` set to zero (they start afresh)."""
+        if state is None or seq is None or start == 0:
+            return state
+        keep = seq[:, start] == seq[:, start - 1]  # (B,)
+        return map_state(lambda t: t * keep.view(-1, *[1] * (t.ndim - 1)).to(t.dtype), state)
+
+    @staticmethod
+    def _gather_states(found: dict, order: list[int], index: Tensor) -> Any:
+        """The states after the requested positions, with a leading position axis, from {end: state}."""
+        chosen = [found[p + 1] for p in order]
+        leaves = [state_leaves(s) for s in chosen]
+        stacks = [torch.stack([lv[i] for lv in leaves])[index] for i in range(len(leaves[0]))]
+        it = iter(stacks)
+        return map_state(lambda _: next(it), chosen[0])
+
+    @staticmethod
+    def _result(y: Tensor, next_state: Any, states: Any, return_state: bool, positions) -> Any:
+        """y, then the state after the last position (``return_state``), then the states at positions."""
+        out = (y,) + ((next_state,) if return_state else ()) + ((states,) if positions is not None else ())
+        return out if len(out) > 1 else y
+
+    def _empty_states(self, Bsz: int, order: list[int], index: Tensor, device) -> Any:
+        zero = (self.default_state(Bsz, device=device) if Bsz else
+                map_state(lambda t: t[:0], self.default_state(1, device=device)))
+        return self._gather_states({p + 1: zero for p in order}, order, index)
+
+    def _split_documents(self, x: Tensor, seq: Tensor, rate) -> Tensor:
+        """Each document of each row run on its own (the exact route of a bidirectional layer)."""
+        dim = 2 if self.transposed else 1
+        rows = []
+        for b in range(x.shape[0]):
+            starts = [0] + (seq[b, 1:] != seq[b, :-1]).nonzero().flatten().add(1).tolist() + [x.shape[dim]]
+            r = rate[b:b + 1] if isinstance(rate, Tensor) else rate
+            rows.append(torch.cat([self(x[b:b + 1].narrow(dim, t0, t1 - t0), rate=r)
+                                   for t0, t1 in zip(starts[:-1], starts[1:])], dim=dim))
+        return torch.cat(rows, dim=0)
+
+    def _check_rate_rows(self, rate: Tensor, Bsz: int) -> Tensor:
+        """A per-row rate: a real (B,) tensor of finite positive values."""
+        if rate.shape != (Bsz,) or not rate.is_floating_point():
+            raise ValueError(f"rate must be a positive number or a real floating tensor of shape (B,) = "
+                             f"({Bsz},); got {tuple(rate.shape)} {rate.dtype}")
+        if not traced() and not bool(((rate > 0) & torch.isfinite(rate)).all()):
+            raise ValueError(f"rate must be finite and positive in every row; got {rate.tolist()}")
+        return rate
+
+    def _rows_by_rate(self, fn, x: Tensor, state: Any, rate: Tensor, lengths, seq_idx, return_state: bool,
+                      positions) -> Any:
+        """``fn`` (a forward) with a per-row rate (B,): one call per distinct rate on its rows, reassembled.
+        Exactly each row run with its own scalar rate; costs one system (and kernel) per distinct rate."""
+        Bsz = x.shape[0]
+        rate = self._check_rate_rows(rate, Bsz)
+        groups = []
+        for r in sorted(set(rate.tolist())):
+            idx = (rate == r).nonzero().flatten().to(x.device)
+
+            def pick(t: Tensor, i: Tensor = idx) -> Tensor:
+                return t[i.to(t.device)]
+
+            out = fn(x[idx], None if state is None else map_state(pick, state), return_state=return_state,
+                     lengths=None if lengths is None else pick(lengths),
+                     seq_idx=None if seq_idx is None else pick(seq_idx), rate=r, return_states_at=positions)
+            groups.append((idx, out if isinstance(out, tuple) else (out,)))
+        inv = torch.argsort(torch.cat([g[0] for g in groups]))
+        parts = list(zip(*[g[1] for g in groups]))
+
+        def join(items, dim):
+            leaves = [state_leaves(s) for s in items]
+            cat = [torch.cat([lv[i] for lv in leaves], dim=dim).index_select(dim, inv.to(leaves[0][i].device))
+                   for i in range(len(leaves[0]))]
+            it = iter(cat)
+            return map_state(lambda _: next(it), items[0])
+
+        y = join(parts[0], 0)
+        next_state = join(parts[1], 0) if return_state else None
+        states = join(parts[-1], 1) if positions is not None else None
+        return self._result(y, next_state, states, return_state, positions)
+
     #: Right padding (``lengths``) by zeroing the padded inputs: exact for LTI layers, whose state stays zero
     #: through zeros; a selective layer masks its own way (False).
     zero_padding: ClassVar[bool] = True

@@ -192,6 +192,56 @@ class LTILayer(SSMLayer):
         y = rearrange(y, "b c h l -> b l (c h)") if y.ndim == 4 else y.flatten(1)  # (B, L, C H) or (B, C H)
         return self.output(y, like)
 
+    # ---- packed documents and states at positions (exact, from the family's verbs) -----------------------
+    def _chain(self, system: NamedTuple, u: Tensor, state: Tensor | None, ends: list[int],
+               seq: Tensor | None) -> dict:
+        """{e: the state after position e - 1} for each e in ``ends``, by ``final_state`` over the segments
+        between consecutive cuts (O(L) in all, no state per step); with ``seq`` each document starts from
+        zero (the rows whose document starts at a cut are reset there)."""
+        if seq is None:
+            return self._unpacked_states(system, u, state, ends)
+        found, start = {}, 0
+        for e in self._cuts(u.shape[-1], ends, seq, boundaries=True):
+            state = self.family.final_state(system, u[..., start:e], self._reset_rows(state, seq, start))
+            found[e] = state
+            start = e
+        return found
+
+    def _unpacked_states(self, system: NamedTuple, u: Tensor, state: Tensor | None, ends: list[int]) -> dict:
+        """{e: the state after u[..., :e]} of one run from ``state``: the family's ``states_at`` (one basis
+        for every prefix) where it has one, else ``final_state`` between consecutive ends."""
+        if hasattr(self.family, "states_at"):
+            return self.family.states_at(system, u, ends, state)
+        found, start = {}, 0
+        for e in sorted(set(ends)):
+            state = self.family.final_state(system, u[..., start:e], state)
+            found[e], start = state, e
+        return found
+
+    def _leak(self, system: NamedTuple, u: Tensor, state: Tensor | None, seq: Tensor) -> Tensor | None:
+        """What one convolution over packed documents lets cross their boundaries, (B, C', H, L): at each
+        document start t0 of a row, the free response of that row's unpacked state after t0 - 1, over the
+        document (subtracting it leaves every document starting from zero)."""
+        Bsz, _, L = u.shape
+        starts = (seq[:, 1:] != seq[:, :-1]).nonzero()  # (pairs, 2): row, t0 - 1
+        if starts.shape[0] == 0:
+            return None
+        rows, t0 = starts[:, 0], starts[:, 1] + 1
+        full = self._unpacked_states(system, u, state, sorted(set(t0.tolist())))  # at the document starts
+        x0 = torch.stack([full[int(t)][int(b)] for b, t in zip(rows.tolist(), t0.tolist())])  # (pairs, ...)
+        # each document's end: the next start in its row, else L
+        nxt = torch.full_like(t0, L)
+        same = rows[1:] == rows[:-1]
+        nxt[:-1] = torch.where(same, t0[1:], nxt[:-1])
+        n = int((nxt - t0).max())
+        fr = self.family.free_response(system, x0, n)  # (pairs, C', H, n)
+        ar = torch.arange(n, device=u.device)
+        valid = ar[None, :] < (nxt - t0)[:, None]  # (pairs, n)
+        leak = fr.new_zeros(Bsz, L, *fr.shape[1:3])  # (B, L, C', H)
+        leak = leak.index_put((rows[:, None].expand(-1, n)[valid], (t0[:, None] + ar)[valid]),
+                              fr.permute(0, 3, 1, 2)[valid])
+        return leak.permute(0, 2, 3, 1)  # (B, C', H, L)
+
     # ---- the two paths ------------------------------------------------------------------------------------
     def forward(
         self,
@@ -200,7 +250,9 @@ class LTILayer(SSMLayer):
         *,
         return_state: bool = False,
         lengths: Tensor | None = None,
-        rate: float = 1.0,
+        rate: float | Tensor = 1.0,
+        seq_idx: Tensor | None = None,
+        return_states_at: Tensor | None = None,
     ):
         """Convolutional path.
 
@@ -210,18 +262,52 @@ class LTILayer(SSMLayer):
             return_state: also return the state after the last position.
             lengths: (B,) valid lengths; positions >= lengths[b] are padding and do not change any output at
                 a valid position (their inputs are zeroed, which matters for bidirectional layers).
-            rate: sampling-rate factor; dt is multiplied by ``rate``.
+            rate: sampling-rate factor; dt is multiplied by ``rate``. A (B,) tensor gives each row its own
+                rate: one system and one kernel per distinct value (the cost of that many forwards' kernels).
+            seq_idx: (B, L) integer document index, non-decreasing along each row (packed documents): each
+                document starts from the zero state (``state`` belongs to each row's first document) and
+                reads no other document. One convolution, minus the free response of the state at each
+                document start over that document (docs/lm.md).
+            return_states_at: 1-D integer positions in [0, L): also return the states after them, with a
+                leading position axis (``final_state`` between consecutive positions, no state per step).
         Returns:
-            y with the layout of x, or (y, next_state) when ``return_state``.
+            y with the layout of x, then ``next_state`` when ``return_state``, then the states when
+            ``return_states_at`` (a tuple when there is more than y).
         """
+        if isinstance(rate, Tensor):
+            return self._rows_by_rate(self.forward, x, state, rate, lengths, seq_idx, return_state,
+                                      return_states_at)
         u, rate, empty = self._prepare(x, state, return_state, lengths, rate)
+        seq, order, index = self._check_packing(u, seq_idx, return_states_at, lengths)
         if empty is not None:
-            return empty
+            if order is None:
+                return empty
+            y, st = empty if return_state else (empty, None)
+            return self._result(y, st, self._empty_states(u.shape[0], order, index, u.device), return_state,
+                                order)
+        if seq is not None and self.bidirectional:
+            return self._split_documents(x, seq, rate)
         state = self._outside_inference(state)
         Bsz, H, L = u.shape
         if u.dtype in (torch.float16, torch.bfloat16):
             u = u.float()
         system = self._system(rate)
+        y, u = self._conv(system, u, state, rate)  # (B, C', H, L)
+        if seq is not None:
+            leak = self._leak(system, u, state, seq)
+            if leak is not None:
+                y = y - leak.to(y.dtype)
+        ends = ([L] if return_state else []) + ([] if order is None else [p + 1 for p in order])
+        found = self._chain(system, u, state, ends, seq) if ends else {}
+        y = self._post(y, x)  # (B, L, H)
+        states = None if order is None else self._gather_states(found, order, index)
+        return self._result(y, found.get(L) if return_state else None, states, return_state, order)
+
+    def _conv(self, system: NamedTuple, u: Tensor, state: Tensor | None, rate: float
+              ) -> tuple[Tensor, Tensor]:
+        """The SSM output (B, C', H, L) before the output stage (D skip included), and u in the kernel's
+        dtype: one FFT convolution, the state folded in (``state_input``) or added (``free_response``)."""
+        L = u.shape[-1]
         K = self._kernel_of(system, L, rate)  # (C', H, L)
         K_rev = None
         if self.bidirectional:
@@ -229,8 +315,8 @@ class LTILayer(SSMLayer):
         u = u.to(K.dtype)
         D = with_param_strides(self.D).to(K.dtype)
         if state is None:
-            y = fftconv(u, K, D, K_rev=K_rev, layout="BHL")  # (B, C, H, L)
-        elif hasattr(self.family, "state_input"):
+            return fftconv(u, K, D, K_rev=K_rev, layout="BHL"), u  # (B, C, H, L)
+        if hasattr(self.family, "state_input"):
             # The state folded into the one convolution: conv(K, u + p) + q (+ D u).
             # The D skip sees u + p inside fftconv, so D p is taken back where p is nonzero (n <= N steps).
             p, q = self.family.state_input(system, state, L)  # (B, H, n), (B, C, H, n)
@@ -238,12 +324,9 @@ class LTILayer(SSMLayer):
             n = p.shape[-1]
             y = fftconv(u + F.pad(p, (0, L - n)), K, D, layout="BHL")  # (B, C, H, L)
             y[..., :n] += q.to(y.dtype) - D[..., None] * p[:, None]
-        else:
-            y = fftconv(u, K, D, K_rev=K_rev, layout="BHL")
-            y = y + self.family.free_response(system, state, L).to(y.dtype)
-        next_state = self.family.final_state(system, u, state) if return_state else None
-        y = self._post(y, x)  # (B, L, H)
-        return (y, next_state) if return_state else y
+            return y, u
+        y = fftconv(u, K, D, K_rev=K_rev, layout="BHL")
+        return y + self.family.free_response(system, state, L).to(y.dtype), u
 
     def _step_constants(self, rate: float):
         """The family's ``prepare_step(discrete_system(rate))`` in float32 or wider, cached for inference
@@ -256,13 +339,20 @@ class LTILayer(SSMLayer):
 
         return self.memo("step", (rate,), compute)
 
-    def step(self, x: Tensor, state: Tensor, *, rate: float = 1.0) -> tuple[Tensor, Tensor]:
-        """Recurrent path: one token x (B, H) and the state -> (y (B, H), next_state).
+    def step(self, x: Tensor, state: Tensor, *, rate: float | Tensor = 1.0) -> tuple[Tensor, Tensor]:
+        """Recurrent path: one token x (B, H) and the state -> (y (B, H), next_state); a (B,) ``rate`` runs
+        each distinct value on its rows.
 
         A family with ``prepare_step`` steps from constants prepared once per parameter values (cached in
         eval mode without autograd, like the kernel); the others call ``step`` on the system."""
         self._check_step_input(x)
         self._check_state(state, x.shape[0], x.device)
+        if isinstance(rate, Tensor):
+            rate = self._check_rate_rows(rate, x.shape[0])
+            parts = [((rate == r).nonzero().flatten(), r) for r in sorted(set(rate.tolist()))]
+            outs = [self.step(x[i], state[i], rate=r) for i, r in parts]
+            inv = torch.argsort(torch.cat([i for i, _ in parts]))
+            return torch.cat([o[0] for o in outs])[inv], torch.cat([o[1] for o in outs])[inv]
         state = self._outside_inference(state)
         rate = self._check_rate(rate)
         u = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

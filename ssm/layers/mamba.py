@@ -91,6 +91,34 @@ def conv_step(window: Tensor, x: Tensor, conv: nn.Conv1d) -> tuple[Tensor, Tenso
     return F.silu(y), xc[..., 1:]
 
 
+def packed_conv(xc: Tensor, conv: nn.Conv1d, seq: Tensor) -> Tensor:
+    """``causal_conv`` of packed documents: tap i of output t reads xc[t + i] only when it lies in t's
+    document. xc (B, C, k - 1 + L) = [window, x], seq (B, k - 1 + L) the document of each column."""
+    k, L = conv.weight.shape[-1], xc.shape[-1] - conv.weight.shape[-1] + 1
+    own = seq[:, k - 1:]  # (B, L)
+    y = sum(xc[..., i:i + L] * conv.weight[:, 0, i, None] * (seq[:, i:i + L] == own)[:, None].to(xc.dtype)
+            for i in range(k))
+    if conv.bias is not None:
+        y = y + conv.bias[:, None]
+    return F.silu(y)
+
+
+def packed_window(xc: Tensor, k: int, e: int, seq: Tensor | None) -> Tensor:
+    """The convolution window after position e - 1 (its last k - 1 inputs), the columns of earlier
+    documents zeroed when ``seq`` (B, k - 1 + L) numbers the columns of xc."""
+    win = xc[..., e:e + k - 1]
+    if seq is None or k == 1:
+        return win
+    return win * (seq[:, e:e + k - 1] == seq[:, e + k - 2:e + k - 1])[:, None].to(win.dtype)
+
+
+def scale_rate(delta: Tensor, rate: float | Tensor) -> Tensor:
+    """The step times the rate: a number, or a (B,) tensor (one per row) broadcast over delta."""
+    if not isinstance(rate, Tensor):
+        return delta * rate
+    return delta * rate.to(delta.dtype).view(-1, *[1] * (delta.ndim - 1))
+
+
 class _Selective(SSMLayer):
     """What Mamba and Mamba2 share: the tuple state, padding by masks, the reversed second direction."""
 
@@ -126,16 +154,25 @@ class _Selective(SSMLayer):
         return (keep.to(torch.long) * torch.arange(1, L + 1, device=keep.device)).amax(1)
 
     def forward(self, x: Tensor, state=None, *, return_state: bool = False, lengths: Tensor | None = None,
-                rate: float = 1.0):
+                rate: float | Tensor = 1.0, seq_idx: Tensor | None = None,
+                return_states_at: Tensor | None = None):
         """x (B, L, H) (or (B, H, L) when ``transposed``) -> y of the same layout; with ``return_state`` also
         the state after the last position (with ``lengths``: after each row's last valid position).
 
         Args:
             state: (conv window, SSM state) to continue from (``default_state``), or None for zero.
             lengths: (B,) valid lengths (right padding): padded positions change no valid output.
-            rate: sampling-rate factor; every step delta is multiplied by it.
+            rate: sampling-rate factor; every step delta is multiplied by it; a (B,) tensor gives each row
+                its own (at no extra cost).
+            seq_idx: (B, L) integer document index, non-decreasing along each row (packed documents): the
+                convolution reads no earlier document and the scan restarts from zero at each document
+                start (``state`` belongs to each row's first document).
+            return_states_at: 1-D integer positions in [0, L): also return the states after them (each leaf
+                with a leading position axis), by splitting the scan there.
+        Returns:
+            y, then ``next_state`` when ``return_state``, then the states when ``return_states_at``.
         """
-        return self._run(x, state, return_state, lengths, None, rate)
+        return self._run(x, state, return_state, lengths, None, rate, seq_idx, return_states_at)
 
     def masked_forward(self, x: Tensor, keep: Tensor, state=None, *, return_state: bool = False):
         """``forward`` with a key-padding mask ``keep`` (B, L), True = a real token: padded positions get a
@@ -144,17 +181,52 @@ class _Selective(SSMLayer):
             raise ValueError(f"keep must be a (B, L) mask like x's batch and length; got {keep!r}")
         return self._run(x, state, return_state, None, keep.bool(), 1.0)
 
-    def _run(self, x, state, return_state, lengths, keep, rate):
+    def _run(self, x, state, return_state, lengths, keep, rate, seq_idx=None, positions=None):
+        rows = None
+        if isinstance(rate, Tensor):
+            rows = self._check_rate_rows(rate, x.shape[0] if isinstance(x, Tensor) and x.ndim == 3 else -1)
+            rate = 1.0
         u, rate, empty = self._prepare(x, state, return_state, lengths, rate)
+        seq, order, index = self._check_packing(u, seq_idx, positions, lengths)
         if empty is not None:
-            return empty
+            if order is None:
+                return empty
+            y, st = empty if return_state else (empty, None)
+            return self._result(y, st, self._empty_states(u.shape[0], order, index, u.device), return_state,
+                                order)
+        if seq is not None and self.bidirectional:
+            return self._split_documents(x, seq, rows if rows is not None else rate)
+        if rows is not None:
+            rate = rows.to(u.device)
         Bsz, _, L = u.shape
         if lengths is not None:
             keep = torch.arange(L, device=u.device)[None, :] < lengths.to(u.device)[:, None]
         ends = self._end_of_rows(keep, lengths)
-        y, next_state = self._mix(u.transpose(1, 2), state, keep, ends, lengths, rate)
+        cuts = None
+        if seq is not None or order is not None:
+            cuts = ([L] if return_state else []) + ([] if order is None else [p + 1 for p in order])
+        y, next_state, found = self._mix(u.transpose(1, 2), state, keep, ends, lengths, rate, seq, cuts)
         y = self.output(y, x)
-        return (y, next_state) if return_state else y
+        if found is not None and return_state:
+            next_state = found[L]
+        states = None if order is None else self._gather_states(found, order, index)
+        return self._result(y, next_state, states, return_state, order)
+
+    def _segments(self, run, L: int, h0, seq: Tensor | None, cuts: list[int], *, boundaries: bool):
+        """The scan split at ``cuts`` (and at every document start when ``boundaries``): ``run(a, b, h)`` ->
+        (y over [a, b), state after b - 1) chained, the rows whose document starts at a cut reset to zero.
+        Returns (the list of y pieces, {cut: state})."""
+        ys, found, start = [], {}, 0
+        for e in self._cuts(L, cuts, seq, boundaries=boundaries):
+            y, h0 = run(start, e, self._reset_rows(h0, seq, start))
+            ys.append(y)
+            found[e], start = h0, e
+        return ys, found
+
+    @staticmethod
+    def _seq_columns(seq: Tensor | None, k: int) -> Tensor | None:
+        """The document of each column of [window, x] (the window belongs to the first document)."""
+        return None if seq is None else torch.cat([seq[:, :1].expand(-1, k - 1), seq], dim=1)
 
 
 class Mamba(_Selective):
@@ -270,8 +342,9 @@ class Mamba(_Selective):
         return (torch.zeros(batch_size, self.d_inner, self.d_conv - 1, device=device, dtype=dtype),
                 torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=dtype))
 
-    def _direction(self, xs, z, window, h0, keep, ends, rate, s: str):
-        """One direction: conv inputs xs (B, D, L), gate z (B, D, L) -> (y (B, D, L), (window, state))."""
+    def _direction(self, xs, z, window, h0, keep, ends, rate, s: str, seq=None, cuts=None):
+        """One direction: conv inputs xs (B, D, L), gate z (B, D, L) -> (y (B, D, L), (window, state),
+        {cut: state after cut - 1} or None)."""
         conv, x_proj, dt_proj = getattr(self, "conv1d" + s), getattr(self, "x_proj" + s), getattr(self,
                                                                                                 "dt_proj" + s)
         k = self.d_conv
@@ -279,49 +352,61 @@ class Mamba(_Selective):
             xs = xs * keep[:, None, :].to(xs.dtype)
         win = window.to(xs.dtype) if window is not None else xs.new_zeros(xs.shape[0], xs.shape[1], k - 1)
         xc = torch.cat([win, xs], dim=-1)
-        xconv = causal_conv(xc, conv)  # (B, D, L)
+        cols = self._seq_columns(seq, k)
+        xconv = causal_conv(xc, conv) if cols is None else packed_conv(xc, conv, cols)  # (B, D, L)
         dt, Bm, Cm = x_proj(xconv.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (B, D, L); the bias goes in with softplus
         A = -torch.exp(self.ssm_param("A_log" + s))
         D = self.ssm_param("D" + s)
         Bm, Cm = Bm.transpose(1, 2), Cm.transpose(1, 2)  # (B, N, L)
-        if keep is None and rate == 1.0:
-            y, h = selective.scan(xconv, delta, A, Bm, Cm, D, z, delta_bias=wide(dt_proj.bias),
-                                  delta_softplus=True, initial_state=h0)
-        else:  # the step made explicit: scaled by the rate, zero at padded positions (the state holds)
-            delta = F.softplus(wide(delta) + wide(dt_proj.bias)[:, None]) * rate
+        opts = {"delta_bias": wide(dt_proj.bias), "delta_softplus": True}
+        if keep is not None or isinstance(rate, Tensor) or rate != 1.0:
+            # the step made explicit: scaled by the rate, zero at padded positions (the state holds)
+            delta = scale_rate(F.softplus(wide(delta) + wide(dt_proj.bias)[:, None]), rate)
             if keep is not None:
                 delta = delta * keep[:, None, :]
-            y, h = selective.scan(xconv, delta, A, Bm, Cm, D, z, initial_state=h0)
-        return y, (conv_window(xc, k, ends).to(state_dtype(self.A_log)), h)
+            opts = {}
+        sd = state_dtype(self.A_log)
+        if cuts is None:
+            y, h = selective.scan(xconv, delta, A, Bm, Cm, D, z, initial_state=h0, **opts)
+            return y, (conv_window(xc, k, ends).to(sd), h), None
 
-    def _mix(self, h, state, keep, ends, lengths, rate):
+        def run(a, b, h):
+            return selective.scan(xconv[..., a:b], delta[..., a:b], A, Bm[..., a:b], Cm[..., a:b], D,
+                                  z[..., a:b], initial_state=h, **opts)
+
+        ys, found = self._segments(run, xs.shape[-1], h0, seq, cuts, boundaries=True)
+        found = {e: (packed_window(xc, k, e, cols).to(sd), h) for e, h in found.items()}
+        return torch.cat(ys, dim=-1), found[xs.shape[-1]], found
+
+    def _mix(self, h, state, keep, ends, lengths, rate, seq=None, cuts=None):
         xs, z = self.in_proj(h).transpose(1, 2).chunk(2, dim=1)  # (B, D, L) each
         window, h0 = state if state is not None else (None, None)
-        y, next_state = self._direction(xs, z, window, h0, keep, ends, rate, "")
+        y, next_state, found = self._direction(xs, z, window, h0, keep, ends, rate, "", seq, cuts)
         if self.bidirectional:
             rev = self._direction(reverse_rows(xs, ends), reverse_rows(z, ends), None, None,
                                   None if keep is None else reverse_rows(keep[:, None], ends)[:, 0], None,
                                   rate, "_b")[0]
             y = (y + reverse_rows(rev, ends)) / 2
-        return y.transpose(1, 2), next_state  # (B, L, D)
+        return y.transpose(1, 2), next_state, found  # (B, L, D)
 
-    def step(self, x: Tensor, state, *, rate: float = 1.0):
-        """One token x (B, H) and the state -> (y (B, H), next state)."""
+    def step(self, x: Tensor, state, *, rate: float | Tensor = 1.0):
+        """One token x (B, H) and the state -> (y (B, H), next state); ``rate`` a number or (B,) tensor."""
         self._check_step_input(x)
         self._check_state(state, x.shape[0])
-        rate = self._check_rate(rate)
+        rate = (self._check_rate_rows(rate, x.shape[0]) if isinstance(rate, Tensor)
+                else self._check_rate(rate))
         window, h0 = state
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, D)
         xconv, window = conv_step(window, xs, self.conv1d)
         dt, Bm, Cm = self.x_proj(xconv).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, self.dt_proj.weight)
         A = -torch.exp(self.ssm_param("A_log"))
-        if rate == 1.0:
+        if not isinstance(rate, Tensor) and rate == 1.0:
             y, h = selective.step(h0, xconv, delta, A, Bm, Cm, self.ssm_param("D"), z,
                                   delta_bias=wide(self.dt_proj.bias), delta_softplus=True)
         else:
-            delta = F.softplus(wide(delta) + wide(self.dt_proj.bias)) * rate
+            delta = scale_rate(F.softplus(wide(delta) + wide(self.dt_proj.bias)), rate)
             y, h = selective.step(h0, xconv, delta, A, Bm, Cm, self.ssm_param("D"), z)
         return self.output(y.to(xconv.dtype), x), (window.to(h0.dtype), h)
 
@@ -464,32 +549,45 @@ class Mamba2(_Selective):
         return (x.unflatten(-1, (self.nheads, self.headdim)), Bm.unflatten(-1, (self.ngroups, self.d_state)),
                 Cm.unflatten(-1, (self.ngroups, self.d_state)))
 
-    def _direction(self, xbc, dt, window, h0, keep, ends, rate, s: str):
-        """xBC (B, C, L) conv inputs, dt (B, L, heads) -> (y (B, L, heads, P), (window, state))."""
+    def _direction(self, xbc, dt, window, h0, keep, ends, rate, s: str, seq=None, cuts=None):
+        """xBC (B, C, L) conv inputs, dt (B, L, heads) -> (y (B, L, heads, P), (window, state),
+        {cut: state after cut - 1} or None)."""
         conv, k = getattr(self, "conv1d" + s), self.d_conv
         if keep is not None:
             xbc = xbc * keep[:, None, :].to(xbc.dtype)
         win = window.to(xbc.dtype) if window is not None else xbc.new_zeros(xbc.shape[0], xbc.shape[1], k - 1)
         xc = torch.cat([win, xbc], dim=-1)
-        x, Bm, Cm = self._split_conv(causal_conv(xc, conv).transpose(1, 2))  # (B, L, ...)
+        cols = self._seq_columns(seq, k)
+        xconv = causal_conv(xc, conv) if cols is None else packed_conv(xc, conv, cols)
+        x, Bm, Cm = self._split_conv(xconv.transpose(1, 2))  # (B, L, ...)
         A = -torch.exp(self.ssm_param("A_log" + s))
         D, dt_bias = self.ssm_param("D" + s), self.ssm_param("dt_bias" + s)
-        if keep is None and rate == 1.0:
-            y, h = selective.scan_heads(x, dt, A, Bm, Cm, self.chunk_size, D, dt_bias=dt_bias,
-                                        dt_softplus=True,
-                                        dt_limit=self.dt_limit, initial_states=h0)
-        else:  # the step made explicit: clamped, scaled by the rate, zero at padded positions
-            step = F.softplus(wide(dt) + dt_bias).clamp(*self.dt_limit) * rate
+        opts = {"dt_bias": dt_bias, "dt_softplus": True, "dt_limit": self.dt_limit}
+        if keep is not None or isinstance(rate, Tensor) or rate != 1.0:
+            # the step made explicit: clamped, scaled by the rate, zero at padded positions
+            dt = scale_rate(F.softplus(wide(dt) + dt_bias).clamp(*self.dt_limit), rate)
             if keep is not None:
-                step = step * keep[..., None]
-            y, h = selective.scan_heads(x, step, A, Bm, Cm, self.chunk_size, D, initial_states=h0)
-        return y, (conv_window(xc, k, ends).to(state_dtype(self.A_log)), h)
+                dt = dt * keep[..., None]
+            opts = {}
+        sd = state_dtype(self.A_log)
+        if cuts is None:
+            y, h = selective.scan_heads(x, dt, A, Bm, Cm, self.chunk_size, D, initial_states=h0, **opts)
+            return y, (conv_window(xc, k, ends).to(sd), h), None
 
-    def _mix(self, h, state, keep, ends, lengths, rate):
+        def run(a, b, h):
+            sq = None if seq is None else seq[:, a:b] - seq[:, a:a + 1]
+            return selective.scan_heads(x[:, a:b], dt[:, a:b], A, Bm[:, a:b], Cm[:, a:b], self.chunk_size, D,
+                                        initial_states=h, seq_idx=sq, **opts)
+
+        ys, found = self._segments(run, xbc.shape[-1], h0, seq, cuts, boundaries=False)
+        found = {e: (packed_window(xc, k, e, cols).to(sd), h) for e, h in found.items()}
+        return torch.cat(ys, dim=1), found[xbc.shape[-1]], found
+
+    def _mix(self, h, state, keep, ends, lengths, rate, seq=None, cuts=None):
         z, xbc, dt = self._split_in(self.in_proj(h))
         xbc = xbc.transpose(1, 2)  # (B, C, L)
         window, h0 = state if state is not None else (None, None)
-        y, next_state = self._direction(xbc, dt, window, h0, keep, ends, rate, "")
+        y, next_state, found = self._direction(xbc, dt, window, h0, keep, ends, rate, "", seq, cuts)
         y = y.flatten(-2)  # (B, L, D)
         if self.bidirectional:
             rkeep = None if keep is None else reverse_rows(keep[:, None], ends)[:, 0]
@@ -497,24 +595,25 @@ class Mamba2(_Selective):
             rev = self._direction(reverse_rows(xbc, ends), rdt,
                                   None, None, rkeep, None, rate, "_b")[0].flatten(-2)
             y = (y + reverse_rows(rev.transpose(1, 2), ends).transpose(1, 2)) / 2
-        return self.norm(y, z), next_state
+        return self.norm(y, z), next_state, found
 
-    def step(self, x: Tensor, state, *, rate: float = 1.0):
-        """One token x (B, H) and the state -> (y (B, H), next state)."""
+    def step(self, x: Tensor, state, *, rate: float | Tensor = 1.0):
+        """One token x (B, H) and the state -> (y (B, H), next state); ``rate`` a number or (B,) tensor."""
         self._check_step_input(x)
         self._check_state(state, x.shape[0])
-        rate = self._check_rate(rate)
+        rate = (self._check_rate_rows(rate, x.shape[0]) if isinstance(rate, Tensor)
+                else self._check_rate(rate))
         window, h0 = state
         z, xbc, dt = self._split_in(self.in_proj(x))
         xconv, window = conv_step(window, xbc, self.conv1d)
         xh, Bm, Cm = self._split_conv(xconv)
         A = -torch.exp(self.ssm_param("A_log"))
         D, dt_bias = self.ssm_param("D"), self.ssm_param("dt_bias")
-        if rate == 1.0:
+        if not isinstance(rate, Tensor) and rate == 1.0:
             y, h = selective.step_heads(h0, xh, dt, A, Bm, Cm, D, dt_bias=dt_bias, dt_softplus=True,
                                         dt_limit=self.dt_limit)
         else:
-            step = F.softplus(wide(dt) + dt_bias).clamp(*self.dt_limit) * rate
+            step = scale_rate(F.softplus(wide(dt) + dt_bias).clamp(*self.dt_limit), rate)
             y, h = selective.step_heads(h0, xh, step, A, Bm, Cm, D)
         y = self.norm(y.flatten(-2).to(z.dtype), z)
         return self.output(y, x), (window.to(h0.dtype), h)

@@ -168,24 +168,49 @@ class S5(LTILayer):
         *,
         return_state: bool = False,
         lengths: Tensor | None = None,
-        rate: float = 1.0,
+        rate: float | Tensor = 1.0,
+        seq_idx: Tensor | None = None,
+        return_states_at: Tensor | None = None,
     ):
         """Scan path; the arguments and results are those of ``LTILayer.forward``.
 
         y = post(scan(u) + D u) with ``ssm.systems.s5.scan`` from ``state`` (the state after the chunk comes
         from the same scan with ``return_state``); bidirectional adds a scan backward in time read by C[1].
+        With ``seq_idx`` the free response of the state at each document start is taken back, as in
+        ``LTILayer.forward``.
         """
+        if isinstance(rate, Tensor):
+            return self._rows_by_rate(self.forward, x, state, rate, lengths, seq_idx, return_state,
+                                      return_states_at)
         u, rate, empty = self._prepare(x, state, return_state, lengths, rate)
+        seq, order, index = self._check_packing(u, seq_idx, return_states_at, lengths)
         if empty is not None:
-            return empty
+            if order is None:
+                return empty
+            y, st = empty if return_state else (empty, None)
+            return self._result(y, st, self._empty_states(u.shape[0], order, index, u.device), return_state,
+                                order)
+        if seq is not None and self.bidirectional:
+            return self._split_documents(x, seq, rate)
         if u.dtype in (torch.float16, torch.bfloat16):
             u = u.float()
         system = self._system(rate)
+        L = u.shape[-1]
         with torch.autocast(device_type=u.device.type, enabled=False):
             v = u.transpose(1, 2).to(system.Bb.real.dtype)  # (B, L, H)
             y, next_state = s5.scan(system, v, state)
             if self.bidirectional:
                 y = y + s5.scan(system, v, channel=1, reverse=True)[0]
+            if seq is not None:
+                leak = self._leak(system, u, state, seq)
+                if leak is not None:
+                    y = y - leak[:, 0].transpose(1, 2).to(y.dtype)
+            found = {}
+            if seq is not None or order is not None:
+                ends = ([L] if return_state else []) + ([] if order is None else [p + 1 for p in order])
+                found = self._chain(system, u, state, ends, seq) if ends else {}
+                next_state = found.get(L, next_state)
             y = y + self.D[0].to(y.dtype) * v  # (B, L, H)
         y = self.output(y, x)  # (B, L, H)
-        return (y, next_state) if return_state else y
+        states = None if order is None else self._gather_states(found, order, index)
+        return self._result(y, next_state if return_state else None, states, return_state, order)

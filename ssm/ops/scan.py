@@ -107,3 +107,43 @@ def final_state(Ab: Tensor, Bb: Tensor, u: Tensor, x0: Tensor | None = None, *, 
         for j in range(nb):
             x = _matvec(AT, x, diag) + z[:, j]
     return x
+
+
+def states_at(Ab: Tensor, Bb: Tensor, u: Tensor, ends: list[int], x0: Tensor | None = None, *,
+              block: int = 256) -> dict[int, Tensor]:
+    """The states x_{e-1} after several prefixes u[..., :e] of one chunk, for e in ``ends`` (1 <= e <= L):
+    {e: (B, H, N)}, each equal to ``final_state(Ab, Bb, u[..., :e], x0)``.
+
+    One Krylov basis of length T serves every prefix: the blocks' contributions are one contraction, the
+    blocks are chained with Ab^T, and a prefix ending inside block j adds Ab^r (state at the block's start)
+    and the contraction of its r inputs there. O(B H N L / T) memory, as ``final_state``.
+    """
+    check_tensor("u", u, ndim=3)
+    block = check_int("block", block, minimum=1)
+    diag = _is_diag(Ab, Bb)
+    Bsz, H, L = u.shape
+    if any(not 1 <= e <= L for e in ends):
+        raise ValueError(f"ends must lie in [1, L={L}]; got {sorted(ends)}")
+    dtype = torch.promote_types(Bb.dtype, u.dtype)
+    u = u.to(dtype)
+    x = torch.zeros(Bsz, H, Bb.shape[-1], dtype=dtype, device=u.device) if x0 is None else x0.to(dtype)
+    T = min(L, block)
+    Kr = krylov(Ab, Bb, T).to(dtype).flip(-1)  # (H, N, T): Kr[..., t] = Ab^{T-1-t} Bb
+    nb = L // T
+    z = torch.einsum("hnt,bhjt->bjhn", Kr, u[..., :nb * T].reshape(Bsz, H, nb, T)) if nb else None
+    AT = _matrix_power(Ab, T, diag)
+    at_block = [x]  # the state entering each block
+    for j in range(nb):
+        at_block.append(_matvec(AT, at_block[-1], diag) + z[:, j])
+    # Each prefix adds the inputs of its own block before it: the T positions before e, those in the block
+    # kept, gathered at once (one index_select, whose backward is one scatter).
+    e = torch.tensor(sorted(set(ends)), device=u.device)  # (m,)
+    first = (e - 1) // T * T  # the start of the block holding position e - 1
+    idx = e[:, None] - T + torch.arange(T, device=u.device)  # (m, T)
+    valid = (idx >= first[:, None]).to(u.real.dtype)
+    U = u.index_select(-1, idx.clamp(min=0).flatten()).view(Bsz, H, -1, T) * valid  # (B, H, m, T)
+    part = torch.einsum("hnt,bhmt->bmhn", Kr, U)  # (B, m, H, N)
+    out: dict[int, Tensor] = {}
+    for i, (end, start) in enumerate(zip(e.tolist(), first.tolist())):
+        out[end] = _matvec(_matrix_power(Ab, end - start, diag), at_block[start // T], diag) + part[:, i]
+    return out

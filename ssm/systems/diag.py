@@ -13,6 +13,7 @@ from torch import Tensor
 from .._checks import check_choice, check_shape, check_tensor
 from ..discretize import discretize_diag, phi1
 from ..ops.scan import final_state as scan_final_state
+from ..ops.scan import states_at as scan_states_at
 from ..ops.vandermonde import vandermonde
 from .common import check_kernel_args, complex_dtype
 
@@ -216,6 +217,12 @@ def free_response(sys: DiagSystem, x0: Tensor, L: int, *, backend: str = "auto")
 def final_state(sys: DiagSystem, u: Tensor, x0: Tensor | None = None) -> Tensor:
     """State (B, H, N/2) after the chunk u (B, H, L) from x0 (None: zeros), by blocked Krylov products."""
     return scan_final_state(sys.Ab, sys.Bb, u, x0)
+
+
+def states_at(sys: DiagSystem, u: Tensor, ends: list[int], x0: Tensor | None = None) -> dict[int, Tensor]:
+    """{e: the state (B, H, N/2) after u[..., :e]} for several prefixes of u (B, H, L) at once (one Krylov
+    basis; ``ssm.ops.scan.states_at``)."""
+    return scan_states_at(sys.Ab, sys.Bb, u, ends, x0)
 
 
 def transfer_function(sys: DiagSystem) -> tuple[Tensor, Tensor]:

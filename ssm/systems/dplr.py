@@ -14,6 +14,7 @@ from torch import Tensor
 from .._checks import check_choice, check_shape, check_tensor, traced_size
 from ..discretize import discretize as _discretize_dense
 from ..ops.cauchy import cauchy
+from ..ops.scan import states_at as scan_states_at
 from .common import SYMBOLIC_POWER_BITS, check_kernel_args, complex_dtype, power_rows, small_solve
 from .dense import DenseSystem
 from .dense import final_state as dense_final_state
@@ -513,6 +514,13 @@ def final_state(sys: DPLRSystem, u: Tensor, x0: Tensor | None = None) -> Tensor:
     """State (B, H, N/2) complex after the chunk u (B, H, L) from x0 (None: zeros), in real coordinates."""
     xr = dense_final_state(sys.dense, u.to(sys.dense.Ab.dtype), None if x0 is None else real_state(x0))
     return complex_state(xr)
+
+
+def states_at(sys: DPLRSystem, u: Tensor, ends: list[int], x0: Tensor | None = None) -> dict[int, Tensor]:
+    """{e: the state (B, H, N/2) after u[..., :e]} for several prefixes at once, in real coordinates."""
+    d = sys.dense
+    out = scan_states_at(d.Ab, d.Bb, u.to(d.Ab.dtype), ends, None if x0 is None else real_state(x0))
+    return {e: complex_state(x) for e, x in out.items()}
 
 
 def transfer_function(sys: DPLRSystem) -> tuple[Tensor, Tensor]:
