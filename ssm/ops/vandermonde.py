@@ -64,9 +64,12 @@ def _vandermonde_naive(v: torch.Tensor, a: torch.Tensor, length: int) -> torch.T
     """
     s, q = _blocks(length)
     if traced_size(length):
-        # l = s i + j gathered for l < L, so no slice of the q s powers back to a symbolic L.
+        # l = s i + j gathered for l < L, so no slice of the q s powers back to a symbolic L. i by a
+        # truncating division (l >= 0): inductor's C++ code for arange(L) // 64 with a symbolic L writes
+        # only the first 64 floor(L / 64) entries and leaves the rest uninitialized (docs/deployment.md).
         ell = torch.arange(length, device=a.device)
-        return torch.bmm(v, _powers(a, s, q)[..., ell // s] * _powers(a, 1, s)[..., ell % s])
+        i = torch.div(ell, s, rounding_mode="trunc")
+        return torch.bmm(v, _powers(a, s, q)[..., i] * _powers(a, 1, s)[..., ell - s * i])
     E = _powers(a, s, q).unsqueeze(-1) * _powers(a, 1, s).unsqueeze(-2)  # (W, N, q, s)
     return torch.bmm(v, E.reshape(*a.shape, q * s)[..., :length])
 
