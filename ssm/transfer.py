@@ -30,6 +30,8 @@ import copy
 import torch
 
 from ._checks import check_int, check_tensor
+from .ops.fftconv import fftconv
+from .systems import rtf as rtf_family
 from .systems.rtf import STABLE_METHODS, rtf_filter, rtf_init, rtf_kernel, rtf_step, stable_denominator
 
 __all__ = [
@@ -420,6 +422,28 @@ def rtf_to_ssm(
     return A, B, b.clone(), torch.zeros(batch, dtype=dtype, device=a.device)
 
 
+def _streaming_error(b: torch.Tensor, a: torch.Tensor, L: int) -> float:
+    """max |chunked - one pass| / max |one pass| of the RTF b (C, H, N+1) / a (H, N) on a fixed white-noise
+    probe of 2L steps in chunks of ceil(L / 4), through the family's state path (``final_state``,
+    ``free_response``) as a layer streams, in float64 like an RTF layer's state. Several chunks, since
+    a carried state adds its own rounding at every boundary (the direct-form state's p terms)."""
+    sys = rtf_family.system(b.double(), a.double())
+    u = torch.randn(1, a.shape[0], 2 * L, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    chunk = -(-L // 4)
+    K = rtf_family.kernel(sys, 2 * L)  # (C, H, 2L)
+    whole = fftconv(u, K, layout="BHL")  # (1, C, H, 2L)
+    state, parts = None, []
+    for start in range(0, 2 * L, chunk):
+        v = u[..., start : start + chunk]
+        y = fftconv(v, K, layout="BHL")
+        if state is not None:
+            y = y + rtf_family.free_response(sys, state, v.shape[-1])
+        state = rtf_family.final_state(sys, v, state)
+        parts.append(y)
+    err = (torch.cat(parts, dim=-1) - whole).abs().max()
+    return (err / whole.abs().max().clamp_min(1e-300)).item()
+
+
 def to_rtf(layer, rate: float = 1.0, *, dtype: torch.dtype | None = None, check_length: int = 1024):
     """An ``ssm.RTF`` layer with the same outputs as the LTI ``layer``: the exact transfer function of its
     system (also reached as ``layer.to_rtf(...)``).
@@ -436,6 +460,12 @@ def to_rtf(layer, rate: float = 1.0, *, dtype: torch.dtype | None = None, check_
             denominator root on or outside the unit circle, or a kernel of the converted coefficients
             (in float64 and rounded to ``dtype``) that differs from this layer's over ``check_length``
             taps by more than the tolerance of the dtype (1e-6 in float64, 1e-4 in float32).
+
+    A converted system that cannot be streamed (on a white-noise probe of 2 ``check_length`` steps in
+    chunks of ``check_length / 4``, its chunked output differs from one pass by more than that tolerance
+    relative to the output scale: clustered poles near the unit circle make the direct-form state
+    ill-conditioned) is returned with ``stream_refusal`` set: its one pass is exact, and ``forward`` with a
+    state or ``return_state`` raises a ValueError saying why (docs/convert_to_rtf.md).
     """
     from .layers.rtf import RTF  # deferred: the layers import this module's siblings
 
@@ -489,4 +519,14 @@ def to_rtf(layer, rate: float = 1.0, *, dtype: torch.dtype | None = None, check_
         out.b.copy_(b[..., 1:] - b0[..., None] * a)
         out.D.copy_(layer.D.double() + b0)
         out.out_proj.load_state_dict(layer.out_proj.state_dict())
+        if N:
+            system = out.discrete_system()
+            err = _streaming_error(system.b, system.a, L)
+            if not err <= rtol:
+                out.stream_refusal = (
+                    f"converted from {type(layer).__name__} with clustered poles near the unit circle, its "
+                    f"direct-form state (float64) puts chunked outputs {err:.3g} off one pass relative to "
+                    f"the output scale (tolerance {rtol:g}); stream the original layer, or convert with a "
+                    "larger dt or a smaller d_state"
+                )
     return out.train(layer.training)

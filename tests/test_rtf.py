@@ -299,3 +299,86 @@ def test_discrete_system(bidirectional):
         layer.discrete_system(rate=2.0)
     with pytest.raises(ValueError, match="constraint"):
         ssm.RTF(3, 5, constraint="tanh")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# streaming through slowly decaying systems (issue 22): a float64 state, and to_rtf refuses what it cannot
+# stream
+
+
+def _pole_pairs(H: int, N: int, radius: float, seed: int = 0) -> torch.Tensor:
+    """Denominators a (H, N) with N / 2 conjugate pole pairs of modulus ``radius`` at random angles."""
+    g = torch.Generator().manual_seed(seed)
+    a = []
+    for _ in range(H):
+        roots = torch.polar(torch.full((N // 2,), radius, dtype=torch.float64),
+                            torch.pi * torch.rand(N // 2, generator=g, dtype=torch.float64))
+        a.append(torch.from_numpy(np.poly(torch.cat([roots, roots.conj()]).numpy()).real[1:]))
+    return torch.stack(a)
+
+
+def _chunked(layer, x, chunk):
+    state, outs = layer.default_state(x.shape[0]), []
+    for start in range(0, x.shape[1], chunk):
+        y, state = layer(x[:, start : start + chunk], state, return_state=True)
+        outs.append(y)
+    return torch.cat(outs, dim=1), state
+
+
+@pytest.mark.parametrize("radius", [0.9, 0.999, 0.9999])
+@pytest.mark.parametrize("N", [2, 4])
+def test_float32_chunks_equal_one_pass_near_the_unit_circle(N, radius):
+    """The README's 2e-5 (float32): a float32 state put chunks 1.4e-3 (N = 2) and 3.7e-3 (N = 4) off one
+    pass at radius 0.9999, where the output is a difference of large entries of w."""
+    torch.manual_seed(0)
+    layer = ssm.RTF(3, N, constraint="none").eval()
+    with torch.no_grad():
+        layer.a.copy_(_pole_pairs(3, N, radius))
+        x = torch.randn(1, 4096, 3)
+        y = layer(x)
+        y_chunks, state = _chunked(layer, x, 500)
+    assert state.dtype == torch.float64 and layer.default_state(1).dtype == torch.float64
+    assert ((y_chunks - y).abs().max() / y.abs().max()).item() <= 2e-5
+
+
+def test_rtf_filter_chunks_near_the_unit_circle_float32():
+    """The single-channel face too: a float64 state and float64 folding, y rounded once."""
+    torch.manual_seed(0)
+    a = _pole_pairs(2, 2, 0.9999).float()
+    b = torch.randn(2, 3)
+    u = torch.randn(1, 2, 3000)
+    y, _ = ssm.systems.rtf.rtf_filter(b, a, u)
+    parts, state = [], None
+    for start in range(0, 3000, 700):
+        y_c, state = ssm.systems.rtf.rtf_filter(b, a, u[..., start : start + 700], state)
+        parts.append(y_c)
+    assert state.dtype == torch.float64 and y.dtype == torch.float32
+    assert ((torch.cat(parts, -1) - y).abs().max() / y.abs().max()).item() <= 2e-5
+
+
+def test_to_rtf_refuses_to_stream_what_it_cannot():
+    """S4D at dt = 0.01 (four poles of modulus 0.995 near z = 1): the converted kernel passes the kernel
+    check, but its direct-form state put float64 chunks 1e-3 off one pass. The converted layer keeps its
+    exact one pass and refuses chunked state passing, naming why."""
+    torch.manual_seed(0)
+    layer = ssm.S4D(4, 4, dt_min=0.01, dt_max=0.01, dtype=torch.float64).eval()
+    rtf = layer.to_rtf()
+    x = torch.randn(1, 64, 4, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(rtf(x), layer(x)) < 1e-6
+        for call in (lambda: rtf(x, rtf.default_state(1)), lambda: rtf(x, return_state=True)):
+            with pytest.raises(ValueError, match="state: this RTF layer cannot be streamed.*clustered poles"):
+                call()
+    assert ssm.S4D(4, 4, dt_min=0.1, dt_max=0.1).to_rtf(dtype=torch.float64).stream_refusal is None
+
+
+@pytest.mark.parametrize("dt,N", [(0.1, 16), (0.05, 4), (0.3, 64)])
+def test_converted_rtf_streams_like_one_pass_float64(dt, N):
+    """What to_rtf accepts streams within its tolerance (1e-6 relative in float64), many chunks long."""
+    torch.manual_seed(0)
+    rtf = ssm.S4D(4, N, dt_min=dt, dt_max=dt).to_rtf(dtype=torch.float64).eval()
+    x = torch.randn(1, 8192, 4, dtype=torch.float64)
+    with torch.no_grad():
+        y = rtf(x)
+        y_chunks, _ = _chunked(rtf, x, 1000)
+    assert ((y_chunks - y).abs().max() / y.abs().max()).item() <= 1e-6

@@ -8,7 +8,7 @@ the kernel and state folding.
 
 A subclass owns the parameters and provides ``family`` (its module in ``ssm.systems``, of the LTI tier),
 ``discrete_system`` and ``default_state``; every path here calls the family's verbs (kernel, step,
-free_response or state_input, final_state) on that system and nothing else.
+free_response, final_state) on that system and nothing else.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -306,7 +305,7 @@ class LTILayer(SSMLayer):
     def _conv(self, system: NamedTuple, u: Tensor, state: Tensor | None, rate: float
               ) -> tuple[Tensor, Tensor]:
         """The SSM output (B, C', H, L) before the output stage (D skip included), and u in the kernel's
-        dtype: one FFT convolution, the state folded in (``state_input``) or added (``free_response``)."""
+        dtype: one FFT convolution, plus the state's zero-input response (``free_response``)."""
         L = u.shape[-1]
         K = self._kernel_of(system, L, rate)  # (C', H, L)
         K_rev = None
@@ -314,18 +313,11 @@ class LTILayer(SSMLayer):
             K, K_rev = K[: self.channels], K[self.channels :]
         u = u.to(K.dtype)
         D = with_param_strides(self.D).to(K.dtype)
+        y = fftconv(u, K, D, K_rev=K_rev, layout="BHL")  # (B, C, H, L)
         if state is None:
-            return fftconv(u, K, D, K_rev=K_rev, layout="BHL"), u  # (B, C, H, L)
-        if hasattr(self.family, "state_input"):
-            # The state folded into the one convolution: conv(K, u + p) + q (+ D u).
-            # The D skip sees u + p inside fftconv, so D p is taken back where p is nonzero (n <= N steps).
-            p, q = self.family.state_input(system, state, L)  # (B, H, n), (B, C, H, n)
-            p = p.to(u.dtype)
-            n = p.shape[-1]
-            y = fftconv(u + F.pad(p, (0, L - n)), K, D, layout="BHL")  # (B, C, H, L)
-            y[..., :n] += q.to(y.dtype) - D[..., None] * p[:, None]
             return y, u
-        y = fftconv(u, K, D, K_rev=K_rev, layout="BHL")
+        # The zero-input response, in the family's state precision and rounded once (RTF: float64, not
+        # folded into the convolution of u, whose precision it would then get).
         return y + self.family.free_response(system, state, L).to(y.dtype), u
 
     def _step_constants(self, rate: float):

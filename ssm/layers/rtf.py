@@ -54,8 +54,8 @@ class RTF(LTILayer):
     Initialization (as in the paper): a = 0, i.e. every pole at the origin, so the layer starts as an FIR
     filter of length N + 1.
 
-    Shapes: forward x (B, L, H) -> (B, L, H); step x (B, H), state (B, H, N) real (the last N values of the
-    all-pole part w, newest first, shared by the channels).
+    Shapes: forward x (B, L, H) -> (B, L, H); step x (B, H), state (B, H, N) float64 (the last N values of
+    the all-pole part w, newest first, shared by the channels).
     """
 
     family = rtf_family
@@ -83,6 +83,10 @@ class RTF(LTILayer):
         self.d_state = check_int("d_state", d_state, minimum=1)
         self.constraint = check_choice("constraint", constraint, RTF_CONSTRAINTS)
         self.build_ssm(device, dtype)
+        # Set by ``to_rtf`` when the converted system cannot be streamed (its direct-form state is
+        # ill-conditioned): why; ``forward`` with a state or ``return_state`` then refuses (``step`` does not:
+        # the per-token recurrence is not the chunk folding the probe measures).
+        self.stream_refusal: str | None = None
 
     def ssm_init(self, real_dtype: torch.dtype) -> dict:
         """The initial parameters (name -> (value, complex, optimizer hint)), computed on the CPU: a = 0 and a
@@ -99,6 +103,14 @@ class RTF(LTILayer):
             # channels keep their own b_0.
             values["b0_rev"] = (b[self.channels * H :, 0].reshape(self.channels, H).clone(), False, False)
         return values
+
+    def _check_streamable(self, state, return_state: bool = False) -> None:
+        if self.stream_refusal is not None and (state is not None or return_state):
+            raise ValueError(f"state: this RTF layer cannot be streamed: {self.stream_refusal}")
+
+    def _prepare(self, x: Tensor, state, return_state: bool, lengths, rate: float):
+        self._check_streamable(state, return_state)
+        return super()._prepare(x, state, return_state, lengths, rate)
 
     def _check_rate(self, rate: float) -> float:
         if rate != 1.0:
@@ -152,8 +164,8 @@ class RTF(LTILayer):
         return rtf_family.system(torch.cat([b0, b], dim=-1), self.denominator())
 
     def default_state(self, batch_size: int, *, device=None) -> Tensor:
-        """The zero state (B, H, N) (w_(k-1), ..., w_(k-N)), float32 at least."""
+        """The zero state (B, H, N) (w_(k-1), ..., w_(k-N)), float64 whatever the parameters' dtype: near
+        the unit circle the output depends on differences of large entries of w (``ssm.systems.rtf``)."""
         check_int("batch_size", batch_size, minimum=1)
-        return torch.zeros(batch_size, self.d_model, self.d_state,
-                           dtype=torch.promote_types(self.a.dtype, torch.float32),
+        return torch.zeros(batch_size, self.d_model, self.d_state, dtype=rtf_family.state_dtype(self.a),
                            device=device if device is not None else self.a.device)

@@ -9,6 +9,12 @@ b (H, N+1). The SSM <-> RTF conversions live in ``ssm.transfer``.
 State convention (direct form II): w_k = u_k - sum_i a_i w_(k-i) is the all-pole part, shared by the
 channels of a feature, y_k = sum_j b_j w_(k-j) each channel's output, and the state before step k is
 x = (w_(k-1), ..., w_(k-N)), most recent first (zeros at the start).
+
+States are float64 (complex128 for complex coefficients) whatever the coefficients' dtype, and everything
+computed from or into a state (free response, final state, the step with a state) runs in that precision:
+with poles near the unit circle the state w is large and the output depends on differences of its
+entries, so a float32 state alone puts chunked streaming 1e-3 off one pass at pole radius 0.9999
+(docs/rtf.md).
 """
 
 from __future__ import annotations
@@ -206,6 +212,12 @@ def _run_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def state_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype of states and of everything computed with one: float64, or complex128 when any of
+    ``tensors`` is complex (see the module docstring)."""
+    return torch.complex128 if any(t.is_complex() for t in tensors) else torch.float64
+
+
 def rtf_step(
     b: torch.Tensor, a: torch.Tensor, u_t: torch.Tensor, state: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,7 +232,8 @@ def rtf_step(
         state: (B, H, N) the last N values of w, most recent first (zeros at the start).
 
     Returns:
-        y_t: (B, H) and next_state: (B, H, N), in the promoted dtype (float32 at least).
+        y_t: (B, H) in the promoted dtype (float32 at least) and next_state: (B, H, N) in float64
+        (complex128 for complex inputs), the precision it is computed in.
     """
     b, a = check_coefficients(b, a)
     H, N = a.shape
@@ -229,10 +242,11 @@ def rtf_step(
         raise ValueError(f"u_t must have shape (B, H) with H = {H}; got {tuple(u_t.shape)}")
     _check_state(state, u_t.shape[0], H, N)
     dtype = _run_dtype(b, a, u_t, state)
-    b, a, u_t, state = b.to(dtype), a.to(dtype), u_t.to(dtype), state.to(dtype)
+    wide = state_dtype(b, a, u_t, state)
+    b, a, u_t, state = b.to(wide), a.to(wide), u_t.to(wide), state.to(wide)
     w = u_t - (a * state).sum(-1)
     y = b[:, 0] * w + (b[:, 1:] * state).sum(-1)
-    return y, torch.cat([w.unsqueeze(-1), state[..., :-1]], dim=-1) if N else state
+    return y.to(dtype), torch.cat([w.unsqueeze(-1), state[..., :-1]], dim=-1) if N else state
 
 
 def _prehistory(x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
@@ -262,6 +276,8 @@ def rtf_filter(
     the convolution mode; the rest is the zero-input response. The next state is the last N values of w
     (reaching back into ``state`` when L < N). Cost O(L log L + N log N) per channel and sequence; a
     stream processed in chunks equals one pass and equals a loop of :func:`rtf_step` (up to rounding).
+    Everything runs in float64 (complex128) and y is rounded once: the state's precision (module
+    docstring).
 
     Args:
         b: (H, N+1), a: (H, N).
@@ -269,7 +285,8 @@ def rtf_filter(
         state: (B, H, N) state before the chunk, or None for zeros.
 
     Returns:
-        y: (B, H, L) and next_state: (B, H, N), in the promoted dtype (float32 at least).
+        y: (B, H, L) in the promoted dtype (float32 at least) and next_state: (B, H, N) in float64
+        (complex128 for complex inputs).
     """
     b, a = check_coefficients(b, a)
     H, N = a.shape
@@ -278,11 +295,12 @@ def rtf_filter(
         raise ValueError(f"u must have shape (B, H, L) with H = {H} and L >= 1; got {tuple(u.shape)}")
     Bsz, _, L = u.shape
     dtype = _run_dtype(b, a, u, *(() if state is None else (state,)))
+    wide = state_dtype(b, a, u, *(() if state is None else (state,)))
     if state is None:
-        state = torch.zeros(Bsz, H, N, dtype=dtype, device=u.device)
+        state = torch.zeros(Bsz, H, N, dtype=wide, device=u.device)
     else:
         _check_state(state, Bsz, H, N)
-    b, a, u, state = b.to(dtype), a.to(dtype), u.to(dtype), state.to(dtype)
+    b, a, u, state = b.to(wide), a.to(wide), u.to(wide), state.to(wide)
 
     unit = torch.zeros_like(b)
     unit[:, 0] = 1
@@ -294,13 +312,13 @@ def rtf_filter(
         v = u + torch.nn.functional.pad(pq[:, 0, :, :n], (0, L - n))
         q = torch.nn.functional.pad(pq[:, 1, :, :n], (0, L - n))
     M = next_fast_len(2 * L - 1)
-    out = ifft_any(fft_any(taps, M).unsqueeze(0) * fft_any(v, M).unsqueeze(2), M, dtype.is_complex)
+    out = ifft_any(fft_any(taps, M).unsqueeze(0) * fft_any(v, M).unsqueeze(2), M, wide.is_complex)
     y, w = out[..., 0, :L], out[..., 1, :L]  # (B, H, L) each
     if q is not None:
         y = y + q
     history = torch.cat([state.flip(-1), w], dim=-1)  # w_(-N), ..., w_(-1), w_0, ..., w_(L-1)
     next_state = history[..., history.shape[-1] - N :].flip(-1)
-    return y, next_state
+    return y.to(dtype), next_state
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -386,7 +404,8 @@ def step(sys: RTFSystem, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
         u: (B, H) input at step k.
 
     Returns:
-        y: (B, Ch, H) and x_next: (B, H, N), in the promoted dtype (float32 at least).
+        y: (B, Ch, H) in the promoted dtype (float32 at least) and x_next: (B, H, N) in float64
+        (complex128), the precision the step runs in (module docstring).
     """
     b, a = _check_system(sys)
     H, N = a.shape
@@ -394,10 +413,11 @@ def step(sys: RTFSystem, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     check_shape("u", u, (None, H), f"(B, H) with H = {H}")
     _check_batch_state("x", x, H, N, u.shape[0])
     dtype = _run_dtype(b, a, x, u)
-    b, a, x, u = b.to(dtype), a.to(dtype), x.to(dtype), u.to(dtype)
+    wide = state_dtype(b, a, x, u)
+    b, a, x, u = b.to(wide), a.to(wide), x.to(wide), u.to(wide)
     w = u - (a * x).sum(-1)  # (B, H)
     y = b[..., 0] * w.unsqueeze(1) + torch.einsum("chn,bhn->bch", b[..., 1:], x)  # (B, Ch, H)
-    return y, torch.cat([w.unsqueeze(-1), x[..., :-1]], dim=-1) if N else x
+    return y.to(dtype), torch.cat([w.unsqueeze(-1), x[..., :-1]], dim=-1) if N else x
 
 
 class RTFStep(NamedTuple):
@@ -443,13 +463,14 @@ def state_input(sys: RTFSystem, x0: Tensor, L: int) -> tuple[Tensor, Tensor]:
         L: chunk length, >= 1.
 
     Returns:
-        p: (B, H, n) and q: (B, Ch, H, n).
+        p: (B, H, n) and q: (B, Ch, H, n), in float64 (complex128): the state's precision, which the
+        convolution with p must keep (:func:`free_response` does).
     """
     b, a = _check_system(sys)
     H, N = a.shape
     L = check_int("L", L, minimum=1)
     _check_batch_state("x0", x0, H, N)
-    dtype = _run_dtype(b, a, x0)
+    dtype = state_dtype(b, a, x0)
     b, a, x0 = b.to(dtype), a.to(dtype), x0.to(dtype)
     n = min(N, L)
     if N == 0:
@@ -465,6 +486,19 @@ def _causal_conv(k: Tensor, v: Tensor, L: int) -> Tensor:
     return ifft_any(fft_any(k, M) * fft_any(v, M), M, k.is_complex() or v.is_complex())[..., :L]
 
 
+def _short_conv(k: Tensor, p: Tensor, start: int, stop: int) -> Tensor:
+    """Terms start..stop-1 of the causal convolution of k (..., >= stop) with a short p (..., n), n <= N, as
+    n direct products (no FFT): each term keeps its own relative accuracy. An FFT's error is relative to
+    the norms of k and p, and p, the state seen as an input, is large near the unit circle, where the
+    output is a difference of such terms."""
+    out = 0
+    for i in range(min(p.shape[-1], stop)):
+        lo = max(start - i, 0)
+        term = k[..., lo : stop - i] * p[..., i : i + 1]
+        out = out + torch.nn.functional.pad(term, (stop - start - term.shape[-1], 0))
+    return out
+
+
 def free_response(sys: RTFSystem, x0: Tensor, L: int) -> Tensor:
     """Output caused by the initial state alone (zero input): y_k = (K * p)_k + q_k, see :func:`state_input`.
 
@@ -474,11 +508,12 @@ def free_response(sys: RTFSystem, x0: Tensor, L: int) -> Tensor:
         L: number of outputs, >= 1.
 
     Returns:
-        (B, Ch, H, L), the promoted dtype (float32 at least).
+        (B, Ch, H, L) in float64 (complex128): computed in the state's precision, kernel included; the
+        caller rounds it once.
     """
     p, q = state_input(sys, x0, L)
-    K = kernel(sys, L).to(p.dtype)  # (Ch, H, L)
-    y = _causal_conv(K, p.unsqueeze(1), L)  # (B, Ch, H, L)
+    K = kernel(RTFSystem(sys.b.to(p.dtype), sys.a.to(p.dtype)), L)  # (Ch, H, L), taps not rounded
+    y = _short_conv(K, p.unsqueeze(1), 0, L)  # (B, Ch, H, L)
     return y + torch.nn.functional.pad(q, (0, L - q.shape[-1]))
 
 
@@ -493,7 +528,7 @@ def final_state(sys: RTFSystem, u: Tensor, x0: Tensor | None = None) -> Tensor:
         x0: (B, H, N) state before the chunk, or None for zeros.
 
     Returns:
-        (B, H, N), the promoted dtype (float32 at least).
+        (B, H, N) in float64 (complex128), the state's precision.
     """
     b, a = _check_system(sys)
     H, N = a.shape
@@ -503,16 +538,16 @@ def final_state(sys: RTFSystem, u: Tensor, x0: Tensor | None = None) -> Tensor:
     if L < 1:
         raise ValueError(f"u must have L >= 1 steps; got shape {tuple(u.shape)}")
     if x0 is None:
-        x0 = torch.zeros(Bsz, H, N, dtype=_run_dtype(a, u), device=u.device)
+        x0 = torch.zeros(Bsz, H, N, dtype=state_dtype(a, u), device=u.device)
     _check_batch_state("x0", x0, H, N, Bsz)
-    dtype = _run_dtype(a, u, x0)
+    dtype = state_dtype(a, u, x0)
     a, u, x0 = a.to(dtype), u.to(dtype), x0.to(dtype)
     if N == 0:
         return x0
     g = rtf_taps(torch.ones_like(a[:, :1]).unsqueeze(-2), monic(a), L).squeeze(-2)  # (H, L)
     n = min(N, L)
-    v = u + torch.nn.functional.pad(_prehistory(-a, x0)[..., :n], (0, L - n))
-    w = _causal_conv(g, v, L)[..., L - n :]  # only the last n = min(N, L) values of w are kept
+    # w = g * (u + p): the part from u by an FFT, the part from the state's p term by term (_short_conv)
+    w = _causal_conv(g, u, L)[..., L - n :] + _short_conv(g, _prehistory(-a, x0)[..., :n], L - n, L)
     history = torch.cat([x0.flip(-1), w], dim=-1)  # w_(-N), ..., w_(-1), w_(L-n), ..., w_(L-1)
     return history[..., history.shape[-1] - N :].flip(-1)
 
