@@ -49,8 +49,15 @@ CASES = {
 
 # Every layer with dynamic=True; the automatic dynamic shapes (a static first compile, then a dynamic
 # recompile at the second length) for S4D, the case of the report.
+# S5 under inductor with a dynamic length fails while compiling (PyTorch 2.13: "self.stride(-1) must be 1 to
+# view Float as ComplexFloat", raised by inductor's fake tensors inside the strided in-place complex scan of
+# ssm.systems.s5._scan_): an open defect, kept visible as a strict xfail.
+S5_XFAIL = pytest.mark.xfail(strict=True, reason="S5's complex in-place scan fails in inductor (open)")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name,dynamic", [(name, True) for name in CASES] + [("s4d", None)])
+@pytest.mark.parametrize("name,dynamic", [pytest.param(name, True, marks=S5_XFAIL) if name == "s5"
+                                          else (name, True) for name in CASES] + [("s4d", None)])
 def test_every_layer_under_inductor(name, dynamic):
     """The forward equals eager at every length (eval mode, no autograd: the backward's compile would double
     the cost; test_compile.py checks the gradients through aot_eager): the default recompiles once with a
