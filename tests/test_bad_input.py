@@ -160,7 +160,8 @@ def test_half_precision_layers_compute_in_float32(name, kw, dtype):
     bound = 2e-2 if dtype == torch.bfloat16 else 2e-3  # the output projection and rounding of y in `dtype`
     assert rel_err(y, ref(x.float())) < bound
     state = low.default_state(2)
-    assert state.dtype in (torch.float32, torch.complex64)  # states in float32 at least
+    # states in float32 at least (RTF keeps float64 states: streaming near the unit circle needs them)
+    assert state.dtype in ((torch.float64,) if name == "rtf" else (torch.float32, torch.complex64))
     y_t, state = low.step(x[:, 0], state)
     assert y_t.dtype == dtype and rel_err(y_t, ref.step(x[:, 0].float(), ref.default_state(2))[0]) < bound
     built = LAYERS[name](8, 16, dtype=dtype, **kw)

@@ -123,7 +123,9 @@ def test_half_precision_runs_with_a_float32_state(name, dtype):
     half = copy.deepcopy(layer).to(dtype)
     y, s = half(x.to(dtype), return_state=True)
     assert y.dtype == dtype
-    assert all(t.dtype in (torch.float32, torch.complex64) for t in state_leaves(s))
+    # states in float32 at least (RTF keeps float64 states: streaming near the unit circle needs them)
+    wide = (torch.float64,) if name == "rtf" else (torch.float32, torch.complex64)
+    assert all(t.dtype in wide for t in state_leaves(s))
     err = float((y.float() - ref).norm() / ref.norm())
     assert err < 0.05, err
     yt, _ = half.step(x[:, 0].to(dtype), half.default_state(2))
