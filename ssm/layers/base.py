@@ -467,9 +467,8 @@ class SSMLayer(nn.Module):
             y = x.new_zeros(x.shape) + 0 * sum(p.sum() for p in self.parameters()).to(x.dtype)
             if not return_state:
                 return u, rate, y
-            if state is None:  # no step taken: the zero state, of this batch (batch 0 has no zero state)
-                state = (self.default_state(Bsz, device=u.device) if Bsz else
-                         map_state(lambda t: t[:0], self.default_state(1, device=u.device)))
+            if state is None:  # no step taken: the zero state, of this batch
+                state = self._zero_state(Bsz, u.device)
             return u, rate, (y, state)
         if self.check_finite and not traced():  # value checks would break the graph
             self._check_finite(u)
@@ -545,10 +544,30 @@ class SSMLayer(nn.Module):
         out = (y,) + ((next_state,) if return_state else ()) + ((states,) if positions is not None else ())
         return out if len(out) > 1 else y
 
-    def _empty_states(self, Bsz: int, order: list[int], index: Tensor, device) -> Any:
-        zero = (self.default_state(Bsz, device=device) if Bsz else
-                map_state(lambda t: t[:0], self.default_state(1, device=device)))
-        return self._gather_states({p + 1: zero for p in order}, order, index)
+    def _zero_state(self, Bsz: int, device) -> Any:
+        """``default_state(Bsz)``, also for an empty batch (``default_state`` takes batch_size >= 1)."""
+        if Bsz:
+            return self.default_state(Bsz, device=device)
+        return map_state(lambda t: t[:0], self.default_state(1, device=device))
+
+    def _open(self, x: Tensor, state, return_state: bool, lengths, rate, seq_idx, positions,
+              split_rate=None) -> tuple:
+        """Every ``forward``'s preamble: ``_prepare`` and ``_check_packing``, then what ends the call at once
+        (an empty batch or sequence; the packed documents of a bidirectional layer, run one by one, at
+        ``split_rate`` when given). Returns (result or None, u, rate, seq, order, index)."""
+        u, rate, empty = self._prepare(x, state, return_state, lengths, rate)
+        seq, order, index = self._check_packing(u, seq_idx, positions, lengths)
+        if empty is not None:
+            if order is not None:
+                y, st = empty if return_state else (empty, None)
+                empty = self._result(y, st, self._gather_states(
+                    {p + 1: self._zero_state(u.shape[0], u.device) for p in order}, order, index),
+                    return_state, order)
+            return empty, u, rate, seq, order, index
+        if seq is not None and self.bidirectional:
+            done = self._split_documents(x, seq, rate if split_rate is None else split_rate)
+            return done, u, rate, seq, order, index
+        return None, u, rate, seq, order, index
 
     def _split_documents(self, x: Tensor, seq: Tensor, rate) -> Tensor:
         """Each document of each row run on its own (the exact route of a bidirectional layer)."""

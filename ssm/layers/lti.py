@@ -276,16 +276,10 @@ class LTILayer(SSMLayer):
         if isinstance(rate, Tensor):
             return self._rows_by_rate(self.forward, x, state, rate, lengths, seq_idx, return_state,
                                       return_states_at)
-        u, rate, empty = self._prepare(x, state, return_state, lengths, rate)
-        seq, order, index = self._check_packing(u, seq_idx, return_states_at, lengths)
-        if empty is not None:
-            if order is None:
-                return empty
-            y, st = empty if return_state else (empty, None)
-            return self._result(y, st, self._empty_states(u.shape[0], order, index, u.device), return_state,
-                                order)
-        if seq is not None and self.bidirectional:
-            return self._split_documents(x, seq, rate)
+        done, u, rate, seq, order, index = self._open(x, state, return_state, lengths, rate, seq_idx,
+                                                      return_states_at)
+        if done is not None:
+            return done
         state = self._outside_inference(state)
         Bsz, H, L = u.shape
         if u.dtype in (torch.float16, torch.bfloat16):

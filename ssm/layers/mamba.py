@@ -129,6 +129,10 @@ class _Selective(SSMLayer):
     def config(self) -> dict:
         return {"activation": "identity"}
 
+    def _suffixes(self) -> tuple[str, ...]:
+        """The parameter-name suffixes of the directions: "" forward, "_b" backward when bidirectional."""
+        return ("", "_b") if self.bidirectional else ("",)
+
     def init_extra(self) -> None:
         """Initializations drawn after the submodules' own (Mamba's dt projection)."""
 
@@ -186,16 +190,10 @@ class _Selective(SSMLayer):
         if isinstance(rate, Tensor):
             rows = self._check_rate_rows(rate, x.shape[0] if isinstance(x, Tensor) and x.ndim == 3 else -1)
             rate = 1.0
-        u, rate, empty = self._prepare(x, state, return_state, lengths, rate)
-        seq, order, index = self._check_packing(u, seq_idx, positions, lengths)
-        if empty is not None:
-            if order is None:
-                return empty
-            y, st = empty if return_state else (empty, None)
-            return self._result(y, st, self._empty_states(u.shape[0], order, index, u.device), return_state,
-                                order)
-        if seq is not None and self.bidirectional:
-            return self._split_documents(x, seq, rows if rows is not None else rate)
+        done, u, rate, seq, order, index = self._open(x, state, return_state, lengths, rate, seq_idx,
+                                                      positions, split_rate=rows)
+        if done is not None:
+            return done
         if rows is not None:
             rate = rows.to(u.device)
         Bsz, _, L = u.shape
@@ -304,9 +302,6 @@ class Mamba(_Selective):
         self.init_extra()
         self.build_ssm(device, dtype)
         self._hinted_names += [f"dt_proj{s}.bias" for s in self._suffixes()]
-
-    def _suffixes(self) -> tuple[str, ...]:
-        return ("", "_b") if self.bidirectional else ("",)
 
     def init_extra(self) -> None:
         """mamba_ssm's dt_proj initialization: weight uniform (or constant) at dt_rank^-1/2 * dt_scale, bias
@@ -516,9 +511,6 @@ class Mamba2(_Selective):
                                                                                   positive=True), **factory)
         self.init_output(D, bias=bias, **factory)
         self.build_ssm(device, dtype)
-
-    def _suffixes(self) -> tuple[str, ...]:
-        return ("", "_b") if self.bidirectional else ("",)
 
     def ssm_init(self, real_dtype: torch.dtype) -> dict:
         """Per direction: dt_bias (inverse softplus of a log-uniform dt), A_log (log of a uniform A in
