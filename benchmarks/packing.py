@@ -7,8 +7,9 @@ training mode (the issue's target: <= 1.5x at B=1, L=8192, H=256 with 16 documen
 
 The documents have random lengths (a fixed seed) summing to L. The two calls of one layer are timed
 interleaved (plain, packed, plain, ...); medians of --repeats rounds after --warmup rounds; the loss is
-``y.square().mean()``. LTI layers pay one convolution plus, per document start, a ``final_state`` segment
-and a batched free response; Mamba splits its scan at the starts; Mamba2 passes seq_idx to the SSD op.
+``y.square().mean()``. LTI layers convolve (S5: scan) each document on its own, batched by similar
+lengths, with the kernel of the longest document; Mamba splits its scan at the starts; Mamba2 passes
+seq_idx to the SSD op.
 Writes benchmarks/results/packing.json and packing.png.
 """
 

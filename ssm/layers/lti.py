@@ -37,6 +37,12 @@ def _autocast_on(device_type: str) -> bool:
         return True
 
 
+def _padded_size(n: int) -> int:
+    """The smallest of 2^k and 3 2^(k-1) that is >= n: the length a packed document is padded to."""
+    p = 1 << max(0, n - 1).bit_length()
+    return 3 * p // 4 if p >= 4 and 3 * p // 4 >= n else p
+
+
 class LTILayer(SSMLayer):
     """Base class of S4, S4D, RTF and S5.
 
@@ -217,30 +223,6 @@ class LTILayer(SSMLayer):
             found[e], start = state, e
         return found
 
-    def _leak(self, system: NamedTuple, u: Tensor, state: Tensor | None, seq: Tensor) -> Tensor | None:
-        """What one convolution over packed documents lets cross their boundaries, (B, C', H, L): at each
-        document start t0 of a row, the free response of that row's unpacked state after t0 - 1, over the
-        document (subtracting it leaves every document starting from zero)."""
-        Bsz, _, L = u.shape
-        starts = (seq[:, 1:] != seq[:, :-1]).nonzero()  # (pairs, 2): row, t0 - 1
-        if starts.shape[0] == 0:
-            return None
-        rows, t0 = starts[:, 0], starts[:, 1] + 1
-        full = self._unpacked_states(system, u, state, sorted(set(t0.tolist())))  # at the document starts
-        x0 = torch.stack([full[int(t)][int(b)] for b, t in zip(rows.tolist(), t0.tolist())])  # (pairs, ...)
-        # each document's end: the next start in its row, else L
-        nxt = torch.full_like(t0, L)
-        same = rows[1:] == rows[:-1]
-        nxt[:-1] = torch.where(same, t0[1:], nxt[:-1])
-        n = int((nxt - t0).max())
-        fr = self.family.free_response(system, x0, n)  # (pairs, C', H, n)
-        ar = torch.arange(n, device=u.device)
-        valid = ar[None, :] < (nxt - t0)[:, None]  # (pairs, n)
-        leak = fr.new_zeros(Bsz, L, *fr.shape[1:3])  # (B, L, C', H)
-        leak = leak.index_put((rows[:, None].expand(-1, n)[valid], (t0[:, None] + ar)[valid]),
-                              fr.permute(0, 3, 1, 2)[valid])
-        return leak.permute(0, 2, 3, 1)  # (B, C', H, L)
-
     # ---- the two paths ------------------------------------------------------------------------------------
     def forward(
         self,
@@ -265,8 +247,8 @@ class LTILayer(SSMLayer):
                 rate: one system and one kernel per distinct value (the cost of that many forwards' kernels).
             seq_idx: (B, L) integer document index, non-decreasing along each row (packed documents): each
                 document starts from the zero state (``state`` belongs to each row's first document) and
-                reads no other document. One convolution, minus the free response of the state at each
-                document start over that document (docs/lm.md).
+                reads no other document: each document is convolved on its own, batched by similar lengths
+                (docs/lm.md).
             return_states_at: 1-D integer positions in [0, L): also return the states after them, with a
                 leading position axis (``final_state`` between consecutive positions, no state per step).
         Returns:
@@ -285,11 +267,10 @@ class LTILayer(SSMLayer):
         if u.dtype in (torch.float16, torch.bfloat16):
             u = u.float()
         system = self._system(rate)
-        y, u = self._conv(system, u, state, rate)  # (B, C', H, L)
-        if seq is not None:
-            leak = self._leak(system, u, state, seq)
-            if leak is not None:
-                y = y - leak.to(y.dtype)
+        if seq is None:
+            y, u = self._conv(system, u, state, rate)  # (B, C', H, L)
+        else:
+            y, u = self._conv_documents(system, u, state, rate, seq)
         ends = ([L] if return_state else []) + ([] if order is None else [p + 1 for p in order])
         found = self._chain(system, u, state, ends, seq) if ends else {}
         y = self._post(y, x)  # (B, L, H)
@@ -313,6 +294,60 @@ class LTILayer(SSMLayer):
         # The zero-input response, in the family's state precision and rounded once (RTF: float64, not
         # folded into the convolution of u, whose precision it would then get).
         return y + self.family.free_response(system, state, L).to(y.dtype), u
+
+    @staticmethod
+    def _documents(seq: Tensor) -> tuple[list[int], Tensor, Tensor]:
+        """The packed documents of all rows in order: (their lengths, their flat start positions in B * L,
+        (docs,) bool whether each starts its row)."""
+        Bsz, L = seq.shape
+        new = torch.ones_like(seq, dtype=torch.bool)
+        new[:, 1:] = seq[:, 1:] != seq[:, :-1]
+        starts = new.flatten().nonzero().flatten()  # rows in order; a document never spans two rows
+        sizes = torch.diff(starts, append=starts.new_tensor([Bsz * L]))
+        return sizes.tolist(), starts, starts % L == 0
+
+    @staticmethod
+    def _each_document(v: Tensor, lens: list[int], run) -> Tensor:
+        """``run`` on every packed document of v (B, L, ...) on its own: the documents are grouped by padded
+        length (sizes 2^k and 3 2^(k-1): at most 1.5x padding), ``run(batch, group)`` maps each group
+        (docs in group, size, ...) right-padded with zeros, and ``group`` its document numbers, to outputs
+        (docs in group, size, ...); returns them reassembled as (B, L, ...). Split, pad, stack and their
+        inverses only: the backward pass slices and concatenates."""
+        docs = v.flatten(0, 1).split(lens)
+        padded = [_padded_size(n) for n in lens]
+        out: list = [None] * len(lens)
+        for size in sorted(set(padded)):
+            group = [i for i, p in enumerate(padded) if p == size]
+            pad = [0, 0] * (v.ndim - 2)  # the trailing dimensions are not padded
+            batch = torch.stack([nn.functional.pad(docs[i], pad + [0, size - lens[i]]) for i in group])
+            for i, yi in zip(group, run(batch, group).unbind(0)):
+                out[i] = yi[: lens[i]]
+        return torch.cat(out).view(*v.shape[:2], *out[0].shape[1:])
+
+    def _conv_documents(self, system: NamedTuple, u: Tensor, state: Tensor | None, rate: float, seq: Tensor
+                        ) -> tuple[Tensor, Tensor]:
+        """``_conv`` of packed documents, (B, C', H, L): every document convolved on its own from the zero
+        state (``state``'s free response added over each row's first document), so nothing crosses a
+        boundary; one batched FFT convolution per group of similar lengths (``_each_document``) with the
+        kernel of the longest document: about the cost of one convolution of the whole row."""
+        Bsz, H, L = u.shape
+        lens, starts, first = self._documents(seq)
+        K = self._kernel_of(system, max(lens), rate)  # (C', H, Lk)
+        K_rev = None
+        if self.bidirectional:
+            K, K_rev = K[: self.channels], K[self.channels :]
+        u = u.to(K.dtype)
+        D = with_param_strides(self.D).to(K.dtype)
+        y = self._each_document(u.transpose(1, 2), lens,
+                                lambda ub, _: fftconv(ub, K, D, K_rev=K_rev, layout="BLH"))  # (B, L, C, H)
+        y = y.permute(0, 2, 3, 1)  # (B, C, H, L)
+        if state is None:
+            return y, u
+        n0 = torch.tensor(lens, device=u.device)[first]  # each row's first document length, (B,)
+        n = int(n0.max())
+        fr = self.family.free_response(system, state, n)  # (B, C, H, n)
+        fr = fr * (torch.arange(n, device=u.device) < n0[:, None]).to(fr.dtype)[:, None, None, :]
+        return y + nn.functional.pad(fr, (0, L - n)).to(y.dtype), u
 
     def _step_constants(self, rate: float):
         """The family's ``prepare_step(discrete_system(rate))`` in float32 or wider, cached for inference

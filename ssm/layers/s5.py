@@ -161,6 +161,21 @@ class S5(LTILayer):
         return super().kernel(L, rate)
 
     # ---- the scan path ------------------------------------------------------------------------------------
+    def _scan_documents(self, system, v: Tensor, state: Tensor | None, seq: Tensor) -> Tensor:
+        """The scan of packed documents v (B, L, H), each from the zero state (``state`` for each row's
+        first document), batched by similar lengths (``_each_document``) -> (B, L, H)."""
+        lens, starts, first = self._documents(seq)
+        rows, first = (starts // v.shape[1]).tolist(), first.tolist()
+
+        def run(batch: Tensor, group: list[int]) -> Tensor:
+            x0 = None
+            if state is not None:
+                zero = torch.zeros_like(state[0])
+                x0 = torch.stack([state[rows[i]] if first[i] else zero for i in group])
+            return s5.scan(system, batch, x0)[0]
+
+        return self._each_document(v, lens, run)
+
     def forward(
         self,
         x: Tensor,
@@ -176,8 +191,7 @@ class S5(LTILayer):
 
         y = post(scan(u) + D u) with ``ssm.systems.s5.scan`` from ``state`` (the state after the chunk comes
         from the same scan with ``return_state``); bidirectional adds a scan backward in time read by C[1].
-        With ``seq_idx`` the free response of the state at each document start is taken back, as in
-        ``LTILayer.forward``.
+        With ``seq_idx`` each document is scanned on its own (batched by similar lengths).
         """
         if isinstance(rate, Tensor):
             return self._rows_by_rate(self.forward, x, state, rate, lengths, seq_idx, return_state,
@@ -192,13 +206,12 @@ class S5(LTILayer):
         L = u.shape[-1]
         with torch.autocast(device_type=u.device.type, enabled=False):
             v = u.transpose(1, 2).to(system.Bb.real.dtype)  # (B, L, H)
-            y, next_state = s5.scan(system, v, state)
+            if seq is None:
+                y, next_state = s5.scan(system, v, state)
+            else:
+                y, next_state = self._scan_documents(system, v, state, seq), None
             if self.bidirectional:
                 y = y + s5.scan(system, v, channel=1, reverse=True)[0]
-            if seq is not None:
-                leak = self._leak(system, u, state, seq)
-                if leak is not None:
-                    y = y - leak[:, 0].transpose(1, 2).to(y.dtype)
             found = {}
             if seq is not None or order is not None:
                 ends = ([L] if return_state else []) + ([] if order is None else [p + 1 for p in order])
