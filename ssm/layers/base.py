@@ -564,7 +564,7 @@ class SSMLayer(nn.Module):
                     {p + 1: self._zero_state(u.shape[0], u.device) for p in order}, order, index),
                     return_state, order)
             return empty, u, rate, seq, order, index
-        if seq is not None and self.bidirectional:
+        if seq is not None and self.bidirectional and not self.packs_bidirectional:
             done = self._split_documents(x, seq, rate if split_rate is None else split_rate)
             return done, u, rate, seq, order, index
         return None, u, rate, seq, order, index
@@ -626,6 +626,9 @@ class SSMLayer(nn.Module):
     zero_padding: ClassVar[bool] = True
     #: ``return_state`` together with ``lengths`` (each row's state at its own end) is supported.
     ragged_state: ClassVar[bool] = False
+    #: ``forward`` stops a bidirectional pass at document boundaries itself (else ``seq_idx`` runs each
+    #: document on its own, one call per document).
+    packs_bidirectional: ClassVar[bool] = False
 
     def forward(self, x: Tensor, state: Any = None, *, return_state: bool = False,
                 lengths: Tensor | None = None, rate: float = 1.0):

@@ -58,6 +58,9 @@ class LTILayer(SSMLayer):
             ``ssm_lr=None`` lets them follow the global learning rate.
     """
 
+    packs_bidirectional = True  # each packed document is convolved on its own, in both directions
+
+
     def __init__(
         self,
         d_model: int,

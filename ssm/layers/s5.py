@@ -76,6 +76,9 @@ class S5(LTILayer):
     Shapes: forward x (B, L, H) -> (B, L, H); step x (B, H), state (B, Q) complex, Q = P/2 or P.
     """
 
+    packs_bidirectional = False  # the backward scan runs over the whole row: documents run one by one
+
+
     family = s5
 
     def __init__(
