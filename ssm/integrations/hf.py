@@ -288,6 +288,11 @@ class SSMAttention(nn.Module):
     ``forward(hidden_states, *args, **kwargs)`` takes the host's call and returns ``(y, None)``.
     """
 
+    #: A chunk of at most this many tokens continuing a cache (assisted decoding's verification of its
+    #: draft) runs as a loop of ``step``: cheaper than the convolution, its free response and the states at
+    #: positions for a few tokens, and every state it keeps for ``crop`` comes for free.
+    step_below: int = 16
+
     def __init__(self, layer: SSMLayer, *, layer_idx: int, causal: bool = True,
                  post: nn.Module | None = None, cache_window: int = CACHE_WINDOW) -> None:
         super().__init__()
@@ -393,8 +398,9 @@ class SSMAttention(nn.Module):
 
     def _cached(self, x: Tensor, valid: Tensor | None, cache, seq: Tensor | None = None) -> Tensor:
         """Continue the recurrent state kept on the cache: prefill by the convolution with state passing,
-        one token by ``step``; then advance the cache's entry by L tokens, keeping the states after the last
-        ``window`` positions (``return_states_at``: no state per step for the LTI layers)."""
+        one token (or a short chunk, ``step_below``) by ``step``; then advance the cache's entry by L tokens,
+        keeping the states after the last ``window`` positions (``return_states_at`` on the convolution
+        path: no state per step for the LTI layers)."""
         Bsz, L, _ = x.shape
         entry = self._entry(cache)
         state = entry.state
@@ -403,12 +409,17 @@ class SSMAttention(nn.Module):
                              f"got a batch of {Bsz}")
         k = min(entry.window, L)  # states to keep from this call: r = 1 .. k tokens back from its end
         passed = [state] if k == L else []  # the state before the call, L tokens back
-        if L == 1:
+        if L == 1 or (L <= self.step_below and state is not None and valid is None and seq is None):
             u = x if valid is None else x * valid[..., None].to(x.dtype)
             if state is None:
                 state = self.layer.default_state(Bsz, device=x.device)
-            y, state = self.layer.step(u[:, 0], state)
-            y = y[:, None]
+            ys = []
+            for t in range(L):
+                y_t, state = self.layer.step(u[:, t], state)
+                ys.append(y_t)
+                if 0 < L - 1 - t <= k:  # the state after position t, L - 1 - t tokens back
+                    passed.append(state)
+            y = torch.stack(ys, dim=1)
         else:
             # the states after positions L - 1 - m .. L - 2 (r = m .. 1 tokens back; r = L: the state before)
             m = min(k, L - 1)

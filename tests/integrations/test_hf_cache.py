@@ -54,6 +54,7 @@ def test_assisted_and_prompt_lookup_equal_greedy(layer):
     want = generate(model, ids)
     draft = gpt2(n_layer=1, seed=3)  # a stock GPT-2 with the same vocabulary
     draft.generation_config.num_assistant_tokens = 4
+    draft.generation_config.assistant_confidence_threshold = 0.0  # always draft 4
     assert torch.equal(generate(model, ids, assistant_model=draft), want)
     # the prompt repeats, so lookup drafts tokens that are partly accepted, partly cropped
     looped = torch.cat([ids, ids[:, :5]], dim=1)
@@ -67,26 +68,34 @@ def test_a_swapped_draft_is_cropped_too(layer):
     want = generate(model, ids)
     for draft in (swapped("s4d", seed=5), copy.deepcopy(model)):  # mostly rejected; always accepted
         draft.generation_config.num_assistant_tokens = 3
+        draft.generation_config.assistant_confidence_threshold = 0.0
         assert torch.equal(generate(model, ids, assistant_model=draft), want)
 
 
 @pytest.mark.parametrize("layer", sorted(LAYERS))
 def test_crop_equals_the_prefix(layer):
     model = swapped(layer, cache_window=4)
+    for adapter in model.modules():
+        if isinstance(adapter, hf.SSMAttention):
+            adapter.step_below = 2  # 2-token chunks by step, longer ones by the convolution
     ids = ids_of(12, 3, batch=2)
     with torch.no_grad():
         full = model(ids).logits
         cache = transformers.DynamicCache(config=model.config)
-        model(ids[:, :6], **cache_kw(model, cache))
-        model(ids[:, 6:7], **cache_kw(model, cache))  # one step
-        model(ids[:, 7:10], **cache_kw(model, cache))  # a verification-like chunk
-        assert cache.get_seq_length() == 10
-        cache.crop(-3)  # back into the chunk, to 7 tokens
+
+        def feed(a, b):
+            return model(ids[:, a:b], **cache_kw(model, cache)).logits
+
+        feed(0, 8)  # a prefill: the kept states come from return_states_at
+        cache.crop(-3)
+        assert cache.get_seq_length() == 5
+        torch.testing.assert_close(feed(5, 7), full[:, 5:7], **tol(torch.float64))  # by step
+        feed(7, 10)  # a chunk continuing the state, by the convolution
+        cache.crop(-2)
+        assert cache.get_seq_length() == 8
+        cache.crop(7)  # the older convention: the length to keep
         assert cache.get_seq_length() == 7
-        cache.crop(6)  # the older convention: the length to keep
-        assert cache.get_seq_length() == 6
-        rest = model(ids[:, 6:], **cache_kw(model, cache)).logits
-        torch.testing.assert_close(rest, full[:, 6:], **tol(torch.float64))
+        torch.testing.assert_close(feed(7, 12), full[:, 7:], **tol(torch.float64))
         cache.crop(0)
         assert cache.get_seq_length() == 12
         with pytest.raises(ValueError, match=r"keeps the states after the last 4 positions.*window=4"):
