@@ -11,11 +11,11 @@ prompt, interleaved in one process (``timeit_many``), all giving the same tokens
     assisted       model.generate(ids, assistant_model=draft, do_sample=False), the draft drafting
                    --draft-tokens tokens a round (its confidence threshold off, so it always drafts that
                    many); the main model verifies them in one forward and the cache is cropped back to
-                   the last accepted token. The SSM layers run a verified chunk as a loop of ``step``
-                   (``SSMAttention.step_below``), keeping every state for ``crop`` at no cost
-    assisted, verified by convolution
-                   the same with ``step_below = 1``: the chunk through the convolution, its free response
-                   and ``return_states_at`` (the prefill's path)
+                   the last accepted token. The SSM layers run the last ``cache_window`` + 1 tokens of
+                   a call (all of a verified draft) as a loop of ``step``, keeping their states for
+                   ``crop`` at no cost
+    greedy, cache_window=0
+                   plain greedy keeping no states for ``crop`` (what keeping them costs)
     lookup         model.generate(ids, prompt_lookup_num_tokens=--draft-tokens), the prompt a repeated
                    segment (so that n-gram lookup finds candidates), against greedy on that prompt
 
@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as common  # noqa: E402
 
-WAYS = ("greedy", "assisted", "assisted, verified by convolution", "greedy (lookup prompt)", "lookup")
+WAYS = ("greedy", "greedy, cache_window=0", "assisted", "greedy (lookup prompt)", "lookup")
 
 
 def build_models(layer: str, H: int, N: int, blocks: int, vocab: int, damp: float, window: int,
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--N", type=int, default=64)
     parser.add_argument("--blocks", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=1024)
-    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
+    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens")
     parser.add_argument("--draft-tokens", type=int, default=6, help="tokens drafted a round")
     parser.add_argument("--damp", type=float, default=0.02)
@@ -123,21 +123,20 @@ def main(argv: list[str] | None = None) -> dict:
             "pad_token_id": 0, "return_dict_in_generate": True}
     calls = {"n": 0}
     main_model.register_forward_pre_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
-    def by_convolution():
+    def keeping_none():
         for a in adapters:
-            a.step_below = 1
+            a.cache_window = 0
         try:
-            return main_model.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=draft,
-                                       **opts)
+            return main_model.generate(ids, attention_mask=torch.ones_like(ids), **opts)
         finally:
             for a in adapters:
-                a.step_below = SSMAttention.step_below
+                a.cache_window = args.window
 
     runs = {
         "greedy": lambda: main_model.generate(ids, attention_mask=torch.ones_like(ids), **opts),
+        "greedy, cache_window=0": keeping_none,
         "assisted": lambda: main_model.generate(ids, attention_mask=torch.ones_like(ids),
                                                 assistant_model=draft, **opts),
-        "assisted, verified by convolution": by_convolution,
         "greedy (lookup prompt)": lambda: main_model.generate(looped, attention_mask=torch.ones_like(looped),
                                                               **opts),
         "lookup": lambda: main_model.generate(looped, attention_mask=torch.ones_like(looped),
@@ -150,8 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
             out = fn()
             outs[way], forwards[way], held[way] = out.sequences, calls["n"], cache_bytes(out.cache)
         same = {"assisted": torch.equal(outs["assisted"], outs["greedy"]),
-                "assisted, verified by convolution": torch.equal(outs["assisted, verified by convolution"],
-                                                                 outs["greedy"]),
+                "greedy, cache_window=0": torch.equal(outs["greedy, cache_window=0"], outs["greedy"]),
                 "lookup": torch.equal(outs["lookup"], outs["greedy (lookup prompt)"])}
         res = common.timeit_many(runs, device=args.device, warmup=1, repeats=args.repeats)
     rows = []

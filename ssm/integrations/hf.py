@@ -288,9 +288,9 @@ class SSMAttention(nn.Module):
     ``forward(hidden_states, *args, **kwargs)`` takes the host's call and returns ``(y, None)``.
     """
 
-    #: A chunk of at most this many tokens continuing a cache (assisted decoding's verification of its
-    #: draft) runs as a loop of ``step``: cheaper than the convolution, its free response and the states at
-    #: positions for a few tokens, and every state it keeps for ``crop`` comes for free.
+    #: On a cache, the last ``cache_window`` + 1 tokens of a call run as a loop of ``step`` (the states kept
+    #: for ``crop`` come for free) and the tokens before them by the convolution, unless they are at most
+    #: this many: a few tokens (a verified draft) cost less by ``step`` than by the convolution.
     step_below: int = 16
 
     def __init__(self, layer: SSMLayer, *, layer_idx: int, causal: bool = True,
@@ -397,10 +397,11 @@ class SSMAttention(nn.Module):
         return layers[i]
 
     def _cached(self, x: Tensor, valid: Tensor | None, cache, seq: Tensor | None = None) -> Tensor:
-        """Continue the recurrent state kept on the cache: prefill by the convolution with state passing,
-        one token (or a short chunk, ``step_below``) by ``step``; then advance the cache's entry by L tokens,
-        keeping the states after the last ``window`` positions (``return_states_at`` on the convolution
-        path: no state per step for the LTI layers)."""
+        """Continue the recurrent state kept on the cache and advance its entry by L tokens, keeping the
+        states after the last ``window`` positions: the tokens before those by the convolution with state
+        passing (when there are more than ``step_below`` of them), the last ones by ``step``, whose states
+        come for free. A padded or packed chunk goes through the convolution whole, the kept states from
+        ``return_states_at``."""
         Bsz, L, _ = x.shape
         entry = self._entry(cache)
         state = entry.state
@@ -409,31 +410,34 @@ class SSMAttention(nn.Module):
                              f"got a batch of {Bsz}")
         k = min(entry.window, L)  # states to keep from this call: r = 1 .. k tokens back from its end
         passed = [state] if k == L else []  # the state before the call, L tokens back
-        if L == 1 or (L <= self.step_below and state is not None and valid is None and seq is None):
-            u = x if valid is None else x * valid[..., None].to(x.dtype)
-            if state is None:
-                state = self.layer.default_state(Bsz, device=x.device)
-            ys = []
-            for t in range(L):
-                y_t, state = self.layer.step(u[:, t], state)
-                ys.append(y_t)
-                if 0 < L - 1 - t <= k:  # the state after position t, L - 1 - t tokens back
-                    passed.append(state)
-            y = torch.stack(ys, dim=1)
-        else:
-            # the states after positions L - 1 - m .. L - 2 (r = m .. 1 tokens back; r = L: the state before)
-            m = min(k, L - 1)
+        m = min(k, L - 1)  # kept states after positions of this call: L - 1 - m .. L - 2
+        if L > 1 and (valid is not None or seq is not None):
             at = torch.arange(L - 1 - m, L - 1, device=x.device) if m else None
             if valid is None:
                 out = self.layer(x, state, return_state=True, seq_idx=seq, return_states_at=at)
             else:
                 out = self.layer.masked_forward(x, valid, state, return_state=True, return_states_at=at)
-            y, state = out[0], out[1]
             if at is not None:
-                found = out[2]
-                passed += [map_state(lambda t, j=j: t[j], found) for j in range(at.numel())]
+                passed += [map_state(lambda t, j=j: t[j], out[2]) for j in range(m)]
+            entry.advance(L, out[1], passed)
+            return out[0]
+        n = L if k == 0 else L - 1 - m  # tokens before the kept positions
+        n = n if n > self.step_below else 0  # a few: by step too
+        ys = []
+        if n:
+            y, state = self.layer(x[:, :n], state, return_state=True)
+            ys.append(y)
+        if n < L:
+            u = x if valid is None else x * valid[..., None].to(x.dtype)  # (L == 1: a padded step)
+            if state is None:
+                state = self.layer.default_state(Bsz, device=x.device)
+            for t in range(n, L):
+                y_t, state = self.layer.step(u[:, t], state)
+                ys.append(y_t[:, None])
+                if 0 < L - 1 - t <= k:  # the state after position t, L - 1 - t tokens back
+                    passed.append(state)
         entry.advance(L, state, passed)
-        return y
+        return torch.cat(ys, dim=1) if len(ys) > 1 else ys[0]
 
 
 def find_attention(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -74,10 +74,10 @@ def test_a_swapped_draft_is_cropped_too(layer):
 
 @pytest.mark.parametrize("layer", sorted(LAYERS))
 def test_crop_equals_the_prefix(layer):
-    model = swapped(layer, cache_window=4)
+    model = swapped(layer, cache_window=3)
     for adapter in model.modules():
         if isinstance(adapter, hf.SSMAttention):
-            adapter.step_below = 2  # 2-token chunks by step, longer ones by the convolution
+            adapter.step_below = 0  # the tokens before the kept ones by the convolution, however few
     ids = ids_of(12, 3, batch=2)
     with torch.no_grad():
         full = model(ids).logits
@@ -86,20 +86,21 @@ def test_crop_equals_the_prefix(layer):
         def feed(a, b):
             return model(ids[:, a:b], **cache_kw(model, cache)).logits
 
-        feed(0, 8)  # a prefill: the kept states come from return_states_at
+        feed(0, 8)  # a prefill: 4 tokens by the convolution, 4 by step
         cache.crop(-3)
         assert cache.get_seq_length() == 5
-        torch.testing.assert_close(feed(5, 7), full[:, 5:7], **tol(torch.float64))  # by step
-        feed(7, 10)  # a chunk continuing the state, by the convolution
+        torch.testing.assert_close(feed(5, 7), full[:, 5:7], **tol(torch.float64))
+        feed(7, 10)
         cache.crop(-2)
         assert cache.get_seq_length() == 8
         cache.crop(7)  # the older convention: the length to keep
         assert cache.get_seq_length() == 7
+        # 1 token by the convolution from the cached state, 4 by step
         torch.testing.assert_close(feed(7, 12), full[:, 7:], **tol(torch.float64))
         cache.crop(0)
         assert cache.get_seq_length() == 12
-        with pytest.raises(ValueError, match=r"keeps the states after the last 4 positions.*window=4"):
-            cache.crop(-5)
+        with pytest.raises(ValueError, match=r"keeps the states after the last 3 positions.*window=3"):
+            cache.crop(-4)
         assert cache.get_seq_length() == 12  # a refused crop changes nothing
 
 
@@ -118,9 +119,12 @@ def test_crop_with_left_padding():
     torch.testing.assert_close(rest[0], full[0, 5:], **tol(torch.float64))
 
 
-def test_window_from_transformers_and_refusals():
+def test_window_from_transformers_and_refusals(tmp_path):
     model = swapped("s4d", cache_window=0)
     assert model.config.ssm_swap["cache_window"] == 0
+    model.save_pretrained(tmp_path)
+    loaded = hf.from_pretrained(tmp_path)
+    assert {m.cache_window for m in loaded.modules() if isinstance(m, hf.SSMAttention)} == {0}
     ids = ids_of(5, 5)
     cache = transformers.DynamicCache(config=model.config)
     with torch.no_grad():
