@@ -200,10 +200,6 @@ class SSMCacheLayer(_CacheLayerBase):
             self.device = state_leaves(state)[0].device
         self.is_initialized = True
 
-    def kept(self) -> int:
-        """How many tokens ``crop`` can remove now."""
-        return len(self.history)
-
     # ---- transformers' cache-layer interface --------------------------------------------------------------
     def lazy_initialization(self, key_states=None, value_states=None) -> None:
         """Nothing to allocate: the state comes from the layer."""
