@@ -23,7 +23,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPTS = {"common": "bench_common", "plain_s4": "plain_s4", "layers": "layer_speed",
            "generation": "generation", "goals": "speed_goals", "state_passing": "state_passing",
            "s5": "s5_speed", "device_check": "device_check", "selective": "selective",
-           "step_latency": "step_latency", "small_model": "small_model", "packing": "packing"}
+           "step_latency": "step_latency", "small_model": "small_model", "packing": "packing",
+           "assisted": "assisted"}
 
 
 @contextlib.contextmanager
@@ -258,3 +259,12 @@ def test_packing_script(bench, tmp_path):
         assert "error" not in r, r
         assert r["plain"]["median_s"] > 0 and r["packed"]["median_s"] > 0 and r["ratio"] > 0
         assert r["doc0_rel_err"] < 1e-5
+
+
+def test_assisted_script(bench, tmp_path):
+    """benchmarks/assisted.py --quick: every way of generating gives greedy's tokens."""
+    pytest.importorskip("transformers")
+    bench["assisted"].main(["--quick", "--out", str(tmp_path)])
+    data = _check_json(tmp_path / "assisted.json", {"machine", "config", "rows", "table"})
+    assert [r["way"] for r in data["rows"]] == list(bench["assisted"].WAYS)
+    assert all(r["same_tokens_as_greedy"] and r["tokens_per_s"] > 0 for r in data["rows"])

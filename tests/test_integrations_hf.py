@@ -200,16 +200,18 @@ def test_errors_name_what_was_expected():
         hf.swap_attention(hf.swap_attention(gpt2(), "s4d"), "s4d")
 
 
-def test_cropped_cache_is_refused():
-    model = swapped("gpt2", "s4d")
+def test_cropped_cache_rewinds_within_its_window():
+    model = swapped("llama", "s4d")  # the (B, L, H) adapter under Llama's cache calls; GPT-2 in integrations/
     ids = torch.randint(1, V, (1, 6), generator=torch.Generator().manual_seed(8))
     cache = transformers.DynamicCache(config=model.config)
     kw = {cache_kwarg(model): cache, "use_cache": True}
     with torch.no_grad():
+        full = model(ids).logits
         model(ids, **kw)
         cache.crop(-2)
-        with pytest.raises(ValueError, match="rewound"):
-            model(ids[:, :1], **kw)
+        torch.testing.assert_close(model(ids[:, 4:5], **kw).logits[:, 0], full[:, 4], rtol=1e-4, atol=1e-5)
+        with pytest.raises(ValueError, match="window=20"):
+            cache.crop(-6)
 
 
 def test_example_smoke(capsys):

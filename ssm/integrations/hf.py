@@ -10,10 +10,12 @@ position_embeddings=...)``) and unpacks ``(attn_output, attn_weights)``. ``SSMAt
 call and returns that pair. Around the layer it
 
 * keeps the recurrent state on the key/value ``Cache`` object whenever the host passes one, in training mode
-  too (``model.train().generate(...)`` equals eval-mode generation up to dropout): the prefill runs
-  ``layer(x, state, return_state=True)``, each new token ``layer.step``; and it appends a (B, 1, L, 1) stub to
-  the cache's keys so ``cache.get_seq_length()`` advances (GPT-2 derives its position ids from it, and
-  ``generate`` slices the new tokens by it). Beam search reorders the states with the cache;
+  too (``model.train().generate(...)`` equals eval-mode generation up to dropout): its entry at the layer's
+  index becomes an ``SSMCacheLayer``; the prefill runs ``layer(x, state, return_state=True)``, each new token
+  ``layer.step``, and ``cache.get_seq_length()`` counts the tokens (GPT-2 derives its position ids from it,
+  ``generate`` slices the new tokens by it). The entry also keeps the states after the last ``cache_window``
+  positions, so ``cache.crop`` rewinds it (assisted decoding, prompt lookup); beam search reorders it, and
+  ``copy.deepcopy(cache)`` gives an independent copy (prefix caching);
 * honours padding: the 2-D ``attention_mask`` given to each stack (captured by a hook on the encoder, the
   decoder or the base model, whichever owns the token embedding; the attention modules only see HF's 4-D
   mask) zeroes the inputs at padded positions. The layers are linear time-invariant with zero initial
@@ -39,11 +41,11 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import LAYERS
-from ..layers.base import SSMLayer, map_state
+from ..layers.base import SSMLayer, map_state, state_leaves
 from .generic import padded_forward
 
-__all__ = ["SWAP_MODEL_TYPE", "SSMAttention", "find_attention", "from_pretrained", "register_auto_classes",
-           "swap_attention", "trainer_optimizers"]
+__all__ = ["CACHE_WINDOW", "SWAP_MODEL_TYPE", "SSMAttention", "SSMCacheLayer", "find_attention",
+           "from_pretrained", "register_auto_classes", "swap_attention", "trainer_optimizers"]
 
 #: Attribute names under which host blocks keep their self-attention module.
 ATTENTION_NAMES = ("attn", "self_attn", "self_attention", "attention", "self", "mixer")
@@ -55,6 +57,10 @@ INSTALL = 'pip install "ssm-layers[hf]"  (or: pip install transformers)'
 #: through ``from_pretrained`` once ``register_auto_classes`` ran (importing this module runs it), and refuse
 #: the unknown model type otherwise.
 SWAP_MODEL_TYPE = "ssm_swap"
+#: How many tokens a generation cache can be rewound by default (``swap_attention(..., cache_window=...)``):
+#: transformers' assisted decoding drafts 20 tokens by default (``num_assistant_tokens``) and crops at most
+#: that many.
+CACHE_WINDOW = 20
 
 
 def _transformers():
@@ -140,30 +146,126 @@ def _mask_stack(model: nn.Module, qualname: str) -> nn.Module:
     return getattr(model, "base_model", model)
 
 
-def _wrap_cache_batch_ops(cache) -> None:
-    """Make the cache's batch operations (beam search) apply to the SSM states too (once per cache)."""
-    if getattr(cache, "_ssm_wrapped", False):
-        return
-    states: dict = cache.ssm_states
+def _check_window(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int (tokens a crop may remove); got {value!r}")
+    return value
 
-    def wrap(name: str, fn):
-        original = getattr(cache, name, None)
-        if original is None:
+
+def _map_states(fn, states: list) -> list:
+    """``fn`` on every tensor of a list of states (None, the zero state before the first token, stays)."""
+    return [None if s is None else map_state(fn, s) for s in states]
+
+
+try:  # the base of a transformers cache layer; without transformers the adapter refuses before using it
+    from transformers.cache_utils import CacheLayerMixin as _CacheLayerBase
+except ImportError:
+    _CacheLayerBase = object
+
+
+class SSMCacheLayer(_CacheLayerBase):
+    """One SSM layer's entry in a transformers ``Cache`` (``cache.layers[layer_idx]``): the recurrent state
+    after ``seen`` tokens, and the states after each of the last ``window`` positions, so that ``crop`` can
+    rewind up to ``window`` tokens (memory: ``window`` states). The cache's own loops reach it: ``crop``,
+    ``reorder_cache`` (beam search), ``batch_repeat_interleave``, ``batch_select_indices``, ``reset``,
+    ``activate_past_recording(recurrent_states_to_keep=k)`` (raises the window to k), ``get_seq_length``.
+    It holds no keys: it is not compileable. The state's structure is the layer's (a tensor, or a tuple such
+    as Mamba's convolution window and SSM state); nothing here looks inside it.
+    """
+
+    is_compileable = False
+    is_croppable = True
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self, window: int = CACHE_WINDOW) -> None:
+        super().__init__()
+        self.window = _check_window("window", window)
+        self.seen = 0
+        self.state = None  # None: the zero state (nothing seen yet)
+        self.history: list = []  # history[-r]: the state r tokens back, r = 1 .. len(history) <= window
+        self.device = None
+
+    def __repr__(self) -> str:
+        return f"SSMCacheLayer(seen={self.seen}, window={self.window}, kept={len(self.history)})"
+
+    # ---- what the adapter calls ---------------------------------------------------------------------------
+    def advance(self, L: int, state, passed: list) -> None:
+        """After L new tokens: ``state`` the state now, ``passed`` the states before it that this call
+        computed, oldest first (the state r tokens back is ``passed[-r]``; the first may be the state before
+        the call)."""
+        self.history = (self.history + list(passed))[-self.window:] if self.window else []
+        self.state, self.seen = state, self.seen + L
+        if self.device is None:
+            self.device = state_leaves(state)[0].device
+        self.is_initialized = True
+
+    # ---- transformers' cache-layer interface --------------------------------------------------------------
+    def lazy_initialization(self, key_states=None, value_states=None) -> None:
+        """Nothing to allocate: the state comes from the layer."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise ValueError("an SSM layer's cache entry holds a recurrent state, not keys and values: this "
+                         "cache layer belongs to an ssm layer (ssm.integrations.hf.SSMAttention)")
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Rewind: a negative count removes that many tokens (transformers 5's ``crop(-n)``), 0 nothing; a
+        positive value is the length to keep (the older ``crop(max_length)``). Raises a ValueError when that
+        reaches before the kept window."""
+        n = int(tokens_to_remove)
+        r = -n if n <= 0 else max(self.seen - n, 0)
+        if r == 0:
             return
+        if r > len(self.history):
+            kept = len(self.history)
+            raise ValueError(
+                f"crop({n}): cannot rewind {r} of {self.seen} tokens: this SSM cache keeps the states after "
+                f"the last {kept} positions only (it can rewind to {self.seen - kept}..{self.seen} tokens; "
+                f"window={self.window}); pass a larger cache_window to swap_attention, or call "
+                "cache.activate_past_recording(recurrent_states_to_keep=k) before the tokens to rewind")
+        self.state = self.history[-r]
+        self.history = self.history[:-r]
+        self.seen -= r
 
-        def method(arg):
-            out = original(arg)
-            for idx, (seen, s) in list(states.items()):
-                states[idx] = (seen, fn(s, arg))
-            return out
+    def activate_past_recording(self, recurrent_states_to_keep: int | None = None) -> None:
+        """transformers' request to be able to rewind ``recurrent_states_to_keep`` tokens: the window grows to
+        it (never shrinks)."""
+        if recurrent_states_to_keep is not None:
+            keep = _check_window("recurrent_states_to_keep", recurrent_states_to_keep)
+            self.window = max(self.window, keep)
 
-        setattr(cache, name, method)
+    def _map(self, fn) -> None:
+        if self.state is not None:
+            self.state = map_state(fn, self.state)
+        self.history = _map_states(fn, self.history)
 
-    # A layer's state may be a tuple of tensors (Mamba): every batch operation maps over its tensors.
-    wrap("reorder_cache", lambda s, idx: map_state(lambda t: t.index_select(0, idx.to(t.device)), s))
-    wrap("batch_select_indices", lambda s, idx: map_state(lambda t: t[idx.to(t.device)], s))
-    wrap("batch_repeat_interleave", lambda s, r: map_state(lambda t: t.repeat_interleave(r, dim=0), s))
-    cache._ssm_wrapped = True
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._map(lambda t: t[indices.to(t.device) if isinstance(indices, Tensor) else indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def reset(self) -> None:
+        self.seen, self.state, self.history = 0, None, []
+
+    def offload(self) -> None:
+        self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        if self.device is not None:
+            self._map(lambda t: t.to(self.device, non_blocking=True))
 
 
 class SSMAttention(nn.Module):
@@ -176,12 +278,19 @@ class SSMAttention(nn.Module):
             may be bidirectional.
         post: the host's parts after the attention that its attention module held (ALBERT: output dense,
             dropout, residual and LayerNorm), called as ``post(hidden_states, y)``; None for most hosts.
+        cache_window: how many tokens a generation cache can be rewound (``cache.crop``): the cache keeps
+            the states after the last ``cache_window`` positions (``SSMCacheLayer``); 0 keeps none.
 
     ``forward(hidden_states, *args, **kwargs)`` takes the host's call and returns ``(y, None)``.
     """
 
+    #: On a cache, the last ``cache_window`` + 1 tokens of a call run as a loop of ``step`` (the states kept
+    #: for ``crop`` come for free) and the tokens before them by the convolution, unless they are at most
+    #: this many: a few tokens (a verified draft) cost less by ``step`` than by the convolution.
+    step_below: int = 16
+
     def __init__(self, layer: SSMLayer, *, layer_idx: int, causal: bool = True,
-                 post: nn.Module | None = None) -> None:
+                 post: nn.Module | None = None, cache_window: int = CACHE_WINDOW) -> None:
         super().__init__()
         if not isinstance(layer, SSMLayer):
             raise ValueError(f"layer must be an ssm.SSMLayer; got {type(layer).__name__}")
@@ -193,10 +302,11 @@ class SSMAttention(nn.Module):
         self.layer_idx = int(layer_idx)
         self.causal = bool(causal)
         self.post = post
+        self.cache_window = _check_window("cache_window", cache_window)
         self._mask_context: _MaskContext | None = None
 
     def extra_repr(self) -> str:
-        return f"layer_idx={self.layer_idx}, causal={self.causal}"
+        return f"layer_idx={self.layer_idx}, causal={self.causal}, cache_window={self.cache_window}"
 
     # ---- what the host passed -----------------------------------------------------------------------------
     @staticmethod
@@ -261,39 +371,69 @@ class SSMAttention(nn.Module):
             return None
         return packed_seq_idx(pos[:, -L:].expand(Bsz, L))
 
+    def _entry(self, cache) -> SSMCacheLayer:
+        """This layer's ``SSMCacheLayer`` in ``cache``, put in the place of an empty entry on first use."""
+        i = self.layer_idx
+        layers = cache.layers
+        if i >= len(layers):
+            make = getattr(cache, "layer_class_to_replicate", None)
+            if make is None:
+                raise ValueError(f"the cache has {len(layers)} layers; this adapter is layer {i}")
+            while len(layers) <= i:
+                layers.append(make())
+        entry = layers[i]
+        if isinstance(entry, SSMCacheLayer):
+            return entry
+        held = entry.get_seq_length()
+        if held:
+            raise ValueError(
+                f"the cache holds {int(held)} tokens for layer {i} that no SSM layer wrote: an SSM state "
+                "cannot be rebuilt from keys (was the cache filled by another model?)")
+        layers[i] = SSMCacheLayer(self.cache_window)
+        return layers[i]
+
     def _cached(self, x: Tensor, valid: Tensor | None, cache, seq: Tensor | None = None) -> Tensor:
-        """Continue the recurrent state kept on the cache: prefill by the convolution with state passing,
-        one token by ``step``; then advance the cache's sequence length by L."""
+        """Continue the recurrent state kept on the cache and advance its entry by L tokens, keeping the
+        states after the last ``window`` positions: the tokens before those by the convolution with state
+        passing (when there are more than ``step_below`` of them), the last ones by ``step``, whose states
+        come for free. A padded or packed chunk goes through the convolution whole, the kept states from
+        ``return_states_at``."""
         Bsz, L, _ = x.shape
-        if not hasattr(cache, "ssm_states"):
-            cache.ssm_states = {}
-        states: dict = cache.ssm_states
-        _wrap_cache_batch_ops(cache)
-        seen = cache.get_seq_length(self.layer_idx) if self.layer_idx < len(cache.layers) else 0
-        state = None
-        if seen:
-            entry = states.get(self.layer_idx)
-            if entry is None or entry[0] != seen:
-                have = "no state" if entry is None else f"a state after {entry[0]} tokens"
-                raise ValueError(
-                    f"the cache holds {seen} tokens for layer {self.layer_idx} but {have}: an SSM state "
-                    "cannot be rewound or rebuilt from keys (was the cache cropped, or filled elsewhere?)"
-                )
-            state = entry[1]
-        if L == 1:
-            u = x if valid is None else x * valid[..., None].to(x.dtype)
+        entry = self._entry(cache)
+        state = entry.state
+        if state is not None and state_leaves(state)[0].shape[0] != Bsz:
+            raise ValueError(f"the cache holds states for a batch of {state_leaves(state)[0].shape[0]}; "
+                             f"got a batch of {Bsz}")
+        k = min(entry.window, L)  # states to keep from this call: r = 1 .. k tokens back from its end
+        passed = [state] if k == L else []  # the state before the call, L tokens back
+        m = min(k, L - 1)  # kept states after positions of this call: L - 1 - m .. L - 2
+        if L > 1 and (valid is not None or seq is not None):
+            at = torch.arange(L - 1 - m, L - 1, device=x.device) if m else None
+            if valid is None:
+                out = self.layer(x, state, return_state=True, seq_idx=seq, return_states_at=at)
+            else:
+                out = self.layer.masked_forward(x, valid, state, return_state=True, return_states_at=at)
+            if at is not None:
+                passed += [map_state(lambda t, j=j: t[j], out[2]) for j in range(m)]
+            entry.advance(L, out[1], passed)
+            return out[0]
+        n = L if k == 0 else L - 1 - m  # tokens before the kept positions
+        n = n if n > self.step_below else 0  # a few: by step too
+        ys = []
+        if n:
+            y, state = self.layer(x[:, :n], state, return_state=True)
+            ys.append(y)
+        if n < L:
+            u = x if valid is None else x * valid[..., None].to(x.dtype)  # (L == 1: a padded step)
             if state is None:
                 state = self.layer.default_state(Bsz, device=x.device)
-            y, state = self.layer.step(u[:, 0], state)
-            y = y[:, None]
-        elif valid is None:
-            y, state = self.layer(x, state, return_state=True, seq_idx=seq)
-        else:
-            y, state = self.layer.masked_forward(x, valid, state, return_state=True)
-        stub = x.new_zeros(Bsz, 1, L, 1)
-        cache.update(stub, stub, self.layer_idx)
-        states[self.layer_idx] = (cache.get_seq_length(self.layer_idx), state)
-        return y
+            for t in range(n, L):
+                y_t, state = self.layer.step(u[:, t], state)
+                ys.append(y_t[:, None])
+                if 0 < L - 1 - t <= k:  # the state after position t, L - 1 - t tokens back
+                    passed.append(state)
+        entry.advance(L, state, passed)
+        return torch.cat(ys, dim=1) if len(ys) > 1 else ys[0]
 
 
 def find_attention(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -330,7 +470,8 @@ def _host_is_causal(model: nn.Module, module: nn.Module) -> bool:
     )
 
 
-def swap_attention(model: nn.Module, layer: str = "s4d", **layer_kwargs) -> nn.Module:
+def swap_attention(model: nn.Module, layer: str = "s4d", *, cache_window: int = CACHE_WINDOW,
+                   **layer_kwargs) -> nn.Module:
     """Replace, in place, every self-attention module of a Hugging Face model by an ``SSMAttention`` around
     a new ``ssm`` layer, and return the model.
 
@@ -341,12 +482,17 @@ def swap_attention(model: nn.Module, layer: str = "s4d", **layer_kwargs) -> nn.M
         layer_kwargs: keyword arguments of the layer (``d_state``, ``init``, ``activation``, ...); d_model is
             the model's hidden size, device and dtype those of the replaced module. They must be JSON values:
             they are recorded in ``model.config.ssm_swap`` so that ``from_pretrained`` can rebuild the model.
+        cache_window: how many tokens a generation cache can be rewound (``cache.crop``, used by assisted
+            decoding and prompt lookup): each layer's cache entry keeps the states after its last
+            ``cache_window`` positions (memory: that many states per layer); recorded in ``ssm_swap`` when it
+            is not the default.
 
     Raises:
         ValueError: an unknown layer name, a kwarg that is not a JSON value or that conflicts with the host
             (``bidirectional=True`` in a decoder), or a model without attention modules to replace.
     """
     _transformers()
+    cache_window = _check_window("cache_window", cache_window)
     name = str(layer).lower()
     if name not in LAYERS:
         raise ValueError(f"layer must be one of {sorted(LAYERS)}; got {layer!r}")
@@ -377,7 +523,7 @@ def swap_attention(model: nn.Module, layer: str = "s4d", **layer_kwargs) -> nn.M
         idx = getattr(module, "layer_idx", None)
         try:
             adapter = SSMAttention(ssm_layer, layer_idx=idx if isinstance(idx, int) else i, causal=causal,
-                                   post=post)
+                                   post=post, cache_window=cache_window)
         except ValueError as e:
             raise ValueError(f"{qualname}: {e} (nothing was replaced)") from None
         plan.append((qualname, adapter, _mask_stack(model, qualname)))
@@ -396,6 +542,8 @@ def swap_attention(model: nn.Module, layer: str = "s4d", **layer_kwargs) -> nn.M
         base = previous.get("base_model_type") if isinstance(previous, dict) else None
         config.ssm_swap = {"layer": name, "layer_kwargs": dict(layer_kwargs),
                            "base_model_type": base or getattr(type(config), "model_type", None)}
+        if cache_window != CACHE_WINDOW:
+            config.ssm_swap["cache_window"] = cache_window
         _mark_swapped(config)
     return model
 
@@ -526,7 +674,8 @@ def from_pretrained(path, model_class=None, *, dtype=None, device_map=None, torc
         model_class = getattr(transformers, name)
     build = getattr(model_class, "from_config", None) or model_class._from_config
     model = build(config)
-    swap_attention(model, swap["layer"], **swap.get("layer_kwargs", {}))
+    swap_attention(model, swap["layer"], cache_window=swap.get("cache_window", CACHE_WINDOW),
+                   **swap.get("layer_kwargs", {}))
     weights = _with_prefix_of(model, _read_weights(path))
     result = model.load_state_dict(weights, strict=False)
     if result.unexpected_keys:

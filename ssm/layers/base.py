@@ -637,11 +637,12 @@ class SSMLayer(nn.Module):
     def step(self, x: Tensor, state: Any, *, rate: float = 1.0) -> tuple[Tensor, Any]:
         raise NotImplementedError
 
-    def masked_forward(self, x: Tensor, keep: Tensor, state: Any = None, *, return_state: bool = False):
-        """``self(x, state, return_state=...)`` with a key-padding mask ``keep`` (B, L), True = a real token,
-        for the integrations: the padded inputs are zeroed, which keeps an LTI layer's state at exactly its
-        value through left padding (and right padding never reaches a valid output of a causal layer). A
-        family for which zeroed inputs are not neutral (Mamba: projection and convolution biases) overrides
-        it."""
+    def masked_forward(self, x: Tensor, keep: Tensor, state: Any = None, *, return_state: bool = False,
+                       return_states_at: Tensor | None = None):
+        """``self(x, state, return_state=..., return_states_at=...)`` with a key-padding mask ``keep`` (B, L),
+        True = a real token, for the integrations: the padded inputs are zeroed, which keeps an LTI layer's
+        state at exactly its value through left padding (and right padding never reaches a valid output of a
+        causal layer). A family for which zeroed inputs are not neutral (Mamba: projection and convolution
+        biases) overrides it."""
         keep = (keep[:, None, :] if self.transposed else keep[..., None]).to(x.dtype)
-        return self(x * keep, state, return_state=return_state)
+        return self(x * keep, state, return_state=return_state, return_states_at=return_states_at)

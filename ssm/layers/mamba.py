@@ -178,12 +178,13 @@ class _Selective(SSMLayer):
         """
         return self._run(x, state, return_state, lengths, None, rate, seq_idx, return_states_at)
 
-    def masked_forward(self, x: Tensor, keep: Tensor, state=None, *, return_state: bool = False):
+    def masked_forward(self, x: Tensor, keep: Tensor, state=None, *, return_state: bool = False,
+                       return_states_at: Tensor | None = None):
         """``forward`` with a key-padding mask ``keep`` (B, L), True = a real token: padded positions get a
         zero convolution input and a zero step (the state passes them unchanged), so left padding is exact."""
         if not isinstance(keep, Tensor) or keep.shape != (x.shape[0], x.shape[2 if self.transposed else 1]):
             raise ValueError(f"keep must be a (B, L) mask like x's batch and length; got {keep!r}")
-        return self._run(x, state, return_state, None, keep.bool(), 1.0)
+        return self._run(x, state, return_state, None, keep.bool(), 1.0, None, return_states_at)
 
     def _run(self, x, state, return_state, lengths, keep, rate, seq_idx=None, positions=None):
         rows = None

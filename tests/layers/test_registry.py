@@ -89,6 +89,27 @@ def test_left_padding_through_masked_forward(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_states_at_positions_through_masked_forward(name):
+    """A left-padded prefill (a generation cache's), then a padded chunk continuing its state: the states
+    after chosen positions equal the masked run of each prefix."""
+    layer = make_layer(name, H, N, dtype=torch.float64)
+    if layer.bidirectional:
+        pytest.skip("no state passing in a bidirectional layer")
+    x = torch.randn(2, 9, H, dtype=torch.float64)
+    keep = torch.ones(2, 9, dtype=torch.bool)
+    keep[1, :3] = False
+    at = torch.tensor([6, 2, 8])
+    for s0, k in ((None, keep), (layer(x, return_state=True)[1], keep | True)):
+        # (a state continued under padding: each family's own masked semantics, so only real tokens here)
+        y, s, states = layer.masked_forward(x, k, s0, return_state=True, return_states_at=at)
+        torch.testing.assert_close(y, layer.masked_forward(x, k, s0), **tol(torch.float64))
+        _close_states(s, layer.masked_forward(x, k, s0, return_state=True)[1])
+        for i, p in enumerate(at.tolist()):
+            _, s_p = layer.masked_forward(x[:, :p + 1], k[:, :p + 1], s0, return_state=True)
+            _close_states(map_state(lambda t, i=i: t[i], states), s_p)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_meta_build_then_reset_parameters_restores_the_initialization(name):
     torch.manual_seed(3)
     ref = make_layer(name, H, N)
