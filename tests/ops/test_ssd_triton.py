@@ -19,8 +19,10 @@ from ssm.ops.ssd import mamba_chunk_scan_combined
 ROOT = Path(__file__).resolve().parents[2]
 
 # Prints one JSON line {case: relative error of the Triton forward against the torch path}. BLOCK_T = 16
-# makes a chunk of 40 three tiles (the off-diagonal tiles); documents start inside a chunk, at a chunk start
-# (t = 16 with Q = 16) and at a tile start (t = 16 with Q = 40); x and z are strided views, as in Mamba2.
+# makes a chunk of 40 three tiles (the off-diagonal tiles and the entering state's weight past the first
+# tile); documents start inside a chunk, at a chunk start (t = 16 with Q = 8 or 16) and at a tile start
+# (t = 16 with Q = 40), and row 1 starts in document 3 (it never sees initial_states); x and z are strided
+# views, as in Mamba2.
 SCRIPT = """
 import json
 import torch
@@ -32,9 +34,9 @@ torch.manual_seed(0)
 results = {}
 cases = [  # b, l, h, p, g, n, Q, dtype, options
     (2, 23, 4, 3, 2, 5, 8, torch.float64, "D z bias h0 seq"),
-    (1, 50, 2, 5, 1, 4, 40, torch.float64, "D z bias h0 seq"),
+    (2, 70, 2, 5, 1, 4, 40, torch.float64, "D z bias h0 seq"),
     (2, 37, 4, 8, 2, 8, 16, torch.float32, "D z bias h0 seq limit"),
-    (1, 45, 2, 4, 2, 3, 40, torch.float32, "D1 strided"),
+    (1, 45, 2, 4, 2, 3, 40, torch.float32, "D1 strided h0"),
 ]
 for b, l, h, p, g, n, Q, dtype, options in cases:
     big = torch.randn(b, l, h, 2 * p + 1, dtype=dtype)
@@ -43,7 +45,7 @@ for b, l, h, p, g, n, Q, dtype, options in cases:
     args = (x, torch.randn(b, l, h, dtype=dtype), -torch.rand(h, dtype=dtype) - 0.1,
             torch.randn(b, l, g, n, dtype=dtype), torch.randn(b, l, g, n, dtype=dtype), Q)
     seq = torch.zeros(b, l, dtype=torch.long)
-    seq[:, 5:], seq[:, 16:], seq[-1, 30:] = 1, 2, 4
+    seq[0, 5:], seq[0, 16:], seq[1:], seq[1:, 30:] = 1, 2, 3, 4
     kw = {"D": torch.randn(h, dtype=dtype) if "D1" in options else torch.randn(h, p, dtype=dtype),
           "z": z if "z" in options or "strided" in options else None,
           "dt_bias": torch.randn(h, dtype=dtype) * 0.3 if "bias" in options else None,
