@@ -230,7 +230,7 @@ def ssd_forward_triton(x, dt, A, B, C, chunk_size, D=None, z=None, initial_state
     BT = min(BLOCK_T, max(16, triton.next_power_of_2(Q)))
     BP = min(BLOCK_P, max(16, triton.next_power_of_2(p)))
     BN = max(16, triton.next_power_of_2(n))
-    nt = triton.cdiv(Q, BT)
+    nt = triton.cdiv(min(Q, l), BT)  # tiles per chunk (fewer when l < Q: the rest is past the end)
     if nc * nt > _GRID_MAX:
         raise ValueError(f"x: length {l} needs {nc * nt} tiles of {BT} steps, above the Triton grid's "
                          f"{_GRID_MAX}; use backend='torch' or a longer chunk_size")
