@@ -227,12 +227,11 @@ def ssd_forward_triton(x, dt, A, B, C, chunk_size, D=None, z=None, initial_state
     g, n = B.shape[2], B.shape[3]
     Q = int(chunk_size)
     nc = triton.cdiv(l, Q)
-    BT = min(BLOCK_T, max(16, triton.next_power_of_2(Q)))
     BP = min(BLOCK_P, max(16, triton.next_power_of_2(p)))
     BN = max(16, triton.next_power_of_2(n))
-    nt = triton.cdiv(min(Q, l), BT)  # tiles per chunk (fewer when l < Q: the rest is past the end)
-    if nc * nt > _GRID_MAX:
-        raise ValueError(f"x: length {l} needs {nc * nt} tiles of {BT} steps, above the Triton grid's "
+    BT = _tile(Q, BN, x.element_size())
+    if nc * triton.cdiv(min(Q, l), 16) > _GRID_MAX:
+        raise ValueError(f"x: length {l} in chunks of {Q} needs more tiles than the Triton grid's "
                          f"{_GRID_MAX}; use backend='torch' or a longer chunk_size")
     if max(x.numel(), b * h * nc * p * n) >= 2**31:
         raise ValueError("x: too large for the Triton kernels' int32 indices; use backend='torch'")
@@ -246,14 +245,46 @@ def ssd_forward_triton(x, dt, A, B, C, chunk_size, D=None, z=None, initial_state
     Dp = dt if D is None else (D[:, None].expand(h, p) if D.ndim == 1 else D).to(dtype).contiguous()
     h0 = dt if initial_states is None else initial_states.to(dtype).contiguous()
     zz = x if z is None else z.to(dtype)
-    prec = "ieee"
-    common = dict(HAS_SEQ=seq_idx is not None, BT=BT, BP=BP, BN=BN, PREC=prec)
-    chunk_state[(b * h, nc, triton.cdiv(p, BP))](
-        x, dt, A, B, seq, states, decay, l, h, p, n, Q, nc, h // g, nt, *x.stride(), *B.stride(), **common)
+    common = dict(HAS_SEQ=seq_idx is not None, BP=BP, BN=BN, PREC="ieee")
+
+    def states_of_chunks(bt):
+        nt = triton.cdiv(min(Q, l), bt)  # tiles per chunk (fewer when l < Q: the rest is past the end)
+        chunk_state[(b * h, nc, triton.cdiv(p, BP))](
+            x, dt, A, B, seq, states, decay, l, h, p, n, Q, nc, h // g, nt, *x.stride(), *B.stride(), BT=bt,
+            **common)
+
+    def outputs(bt):
+        nt = triton.cdiv(min(Q, l), bt)
+        chunk_scan[(b * h, nc * nt, triton.cdiv(p, BP))](
+            x, dt, A, B, C, seq, states, Dp, zz, out, l, h, p, n, Q, nc, h // g, nt,
+            *x.stride(), *B.stride(), *C.stride(), *zz.stride(), HAS_D=D is not None, HAS_Z=z is not None,
+            BT=bt, **common)
+
+    _shrinking(states_of_chunks, BT)
     state_passing[(b * h, triton.cdiv(p * n, BLOCK_S))](
         states, decay, h0, last, nc, p * n, HAS_H0=initial_states is not None, BS=BLOCK_S)
-    chunk_scan[(b * h, nc * nt, triton.cdiv(p, BP))](
-        x, dt, A, B, C, seq, states, Dp, zz, out, l, h, p, n, Q, nc, h // g, nt,
-        *x.stride(), *B.stride(), *C.stride(), *zz.stride(), HAS_D=D is not None, HAS_Z=z is not None,
-        **common)
+    _shrinking(outputs, BT)
     return out, last
+
+
+def _tile(Q: int, BN: int, itemsize: int) -> int:
+    """Positions per tile: ``BLOCK_T`` at most, no more than the chunk needs, and BT * BN * itemsize at most
+    64 * 128 * 4 bytes (float32 with n = 128 at 64: chunk_scan then takes 146 KiB of shared memory on sm_90,
+    within an A100's and an H100's; larger n or float64 halve the tile)."""
+    bt = min(BLOCK_T, max(16, 1 << (Q - 1).bit_length()))
+    while bt > 16 and bt * BN * itemsize > 64 * 128 * 4:
+        bt //= 2
+    return bt
+
+
+def _shrinking(launch, bt: int) -> None:
+    """``launch(bt)``, halving bt (down to 16) while the GPU lacks the shared memory for the kernel."""
+    from triton.runtime.errors import OutOfResources
+
+    while True:
+        try:
+            return launch(bt)
+        except OutOfResources:
+            if bt <= 16:
+                raise
+            bt //= 2

@@ -129,3 +129,28 @@ def test_bad_backend_is_named():
     args = (x, torch.rand(1, 4, 2), -torch.rand(2), torch.randn(1, 4, 1, 2), torch.randn(1, 4, 1, 2), 4)
     with pytest.raises(ValueError, match="backend"):
         mamba_chunk_scan_combined(*args, backend="cuda")
+
+
+
+def test_tiles_shrink_for_large_states():
+    assert ssd_triton._tile(256, 128, 4) == 64  # float32, Mamba2's d_state
+    assert ssd_triton._tile(256, 256, 4) == ssd_triton._tile(256, 128, 8) == 32
+    assert ssd_triton._tile(256, 1024, 8) == 16
+    assert ssd_triton._tile(5, 16, 4) == 16  # no longer than the chunk needs, at least 16
+
+
+@pytest.mark.skipif(not ssd_triton.available(), reason="triton is not installed")
+def test_tiles_shrink_while_shared_memory_is_short():
+    from triton.runtime.errors import OutOfResources
+
+    tried = []
+
+    def launch(bt):  # a GPU whose shared memory fits tiles of 16 only
+        tried.append(bt)
+        if bt > 16:
+            raise OutOfResources(bt * 4096, 16 * 4096, "shared memory")
+
+    ssd_triton._shrinking(launch, 64)
+    assert tried == [64, 32, 16]
+    with pytest.raises(OutOfResources):
+        ssd_triton._shrinking(lambda bt: launch(bt * 2), 16)
