@@ -1,6 +1,6 @@
-"""The optional Triton forward of mamba_chunk_scan_combined: against the torch path under the Triton
-interpreter (a subprocess with TRITON_INTERPRET=1, so CPU CI runs it), the backend resolution and the
-refusal of gradients."""
+"""The optional Triton forward of mamba_chunk_scan_combined: against the torch path (and in float64 the
+sequential twin) under the Triton interpreter (a subprocess with TRITON_INTERPRET=1, so CPU CI runs it); the
+backend resolution, the refusal of gradients and the tile sizes."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ SCRIPT = """
 import json
 import torch
 from ssm.ops import ssd_triton
-from ssm.ops.ssd import mamba_chunk_scan_combined
+from ssm.ops.ssd import mamba_chunk_scan_combined, mamba_chunk_scan_ref
 assert ssd_triton.interpreting() and ssd_triton.accepts(torch.device("cpu"))
 ssd_triton.BLOCK_T = 16
 torch.manual_seed(0)
@@ -58,6 +58,9 @@ for b, l, h, p, g, n, Q, dtype, options in cases:
     assert out.dtype == dtype and last.dtype == dtype, name
     results[name + ": out"] = float((out - ref).abs().max() / ref.abs().max())
     results[name + ": final state"] = float((last - ref_last).abs().max() / ref_last.abs().max())
+    if dtype == torch.float64:  # and against the sequential twin
+        ref = mamba_chunk_scan_ref(*args, **kw)[0]
+        results[name + ": out, sequential"] = float((out - ref).abs().max() / ref.abs().max())
 # huge dt |A| (decays underflow to zero), l shorter than a chunk of two tiles: finite, equal to the torch
 # path, and the final state is the last input alone, dt x B^T
 x, B, C = torch.randn(1, 20, 2, 3), torch.randn(1, 20, 1, 4), torch.randn(1, 20, 1, 4)
@@ -86,7 +89,7 @@ def interpreted() -> dict[str, float]:
 
 @pytest.mark.skipif(not ssd_triton.available(), reason="triton is not installed")
 def test_triton_forward_equals_torch_under_the_interpreter(interpreted):
-    assert len(interpreted) == 4 * 2 + 2
+    assert len(interpreted) == 4 * 2 + 2 + 2
     bad = {k: v for k, v in interpreted.items() if not v < TOL[k.split(" ")[0]]}
     assert not bad, bad
 
