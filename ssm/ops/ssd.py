@@ -21,7 +21,8 @@ zero dt: decay 1, no input) and, with a_t = dt_t A and the segment sums S[i, j] 
     y_off[i]  = exp(a_0 + ... + a_i) h_{c-1} C_i                          (the state entering the chunk)
 
 Plain autograd; memory O(b h l Q + b h p n l / Q), never a (b, l, h, p, n) tensor. ``mamba_chunk_scan_ref``
-is the sequential twin with the same signature.
+is the sequential twin with the same signature. ``backend="triton"`` runs the same algorithm as Triton
+kernels (``ssm.ops.ssd_triton``), forward only: for inference, with no input that requires grad.
 """
 
 from __future__ import annotations
@@ -32,9 +33,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import check_bool, check_int, check_tensor
+from .._checks import check_bool, check_choice, check_int, check_tensor
 
-__all__ = ["mamba_chunk_scan_combined", "mamba_chunk_scan_ref"]
+__all__ = ["mamba_chunk_scan_combined", "mamba_chunk_scan_ref", "BACKENDS"]
+
+BACKENDS = ("auto", "torch", "triton")
+#: Whether ``"auto"`` picks the Triton forward for CUDA tensors (off until it has run on a GPU).
+AUTO_TRITON = False
+_TRITON_INSTALL = "pip install triton  (or: pip install 'ssm-layers[triton]')"
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    """``"torch"`` or ``"triton"`` for ``backend`` (one of ``BACKENDS``) and tensors on ``device``; the same
+    rules and errors as ``ssm.ops.selective_scan.resolve_scan_backend`` (to be replaced by the package's one
+    resolver). ``"auto"`` is ``"torch"`` until the kernels have run on a GPU (``AUTO_TRITON``)."""
+    from . import ssd_triton
+
+    check_choice("backend", backend, BACKENDS)
+    if backend == "auto":
+        use = AUTO_TRITON and device.type == "cuda" and ssd_triton.available()
+        return "triton" if use else "torch"
+    if backend == "triton":
+        if not ssd_triton.accepts(device):
+            raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1); got tensors on "
+                             f"{device.type!r}")
+        if not ssd_triton.available():
+            raise ImportError(f"backend 'triton' needs the triton package: {_TRITON_INSTALL}")
+    return backend
 
 
 def _check_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit,
@@ -148,7 +173,7 @@ def _decay_t(a: Tensor, invalid: Tensor | None = None) -> Tensor:
 
 def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
                               seq_idx=None, dt_softplus=False, dt_limit=(0.0, float("inf")),
-                              return_final_states=False):
+                              return_final_states=False, *, backend="auto"):
     """SSD scan with mamba_ssm's signature: y_t = h_t C_t + D x_t, h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T,
     out = y * silu(z), by the chunked state-space-duality algorithm (module docstring).
 
@@ -160,13 +185,31 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
             document; ``initial_states`` belongs to document 0).
         dt_softplus: softplus on dt.  dt_limit: (lo, hi) clamp of dt.
         return_final_states: also return the state after the last step.
+        backend: ``"auto"`` (``"torch"`` for now), ``"torch"`` or ``"triton"``: the forward as Triton kernels
+            (``ssm.ops.ssd_triton``; CUDA tensors), forward only: ``ValueError`` when grad mode is on and an
+            input requires grad (run inference under ``torch.no_grad()``).
 
     Returns:
         out (b, l, h, p) in x's dtype, or (out, final_states (b, h, p, n), float32 or float64).
     """
     _check_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit,
                 return_final_states)
+    route = _resolve_backend(backend, x.device)
+    if route == "triton" and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias, initial_states)):
+        if backend == "triton":
+            raise ValueError("backend 'triton' of mamba_chunk_scan_combined is forward-only (no backward): "
+                             "call it under torch.no_grad() or use backend='torch' for training")
+        route = "torch"
     ct = _compute_dtype(x, dt, A, B, C, initial_states)
+    if route == "triton":
+        from .ssd_triton import ssd_forward_triton
+
+        out, last = ssd_forward_triton(
+            x.to(ct), _dt(dt, dt_bias, dt_softplus, dt_limit, ct), A.to(ct), B.to(ct), C.to(ct), chunk_size,
+            D, z, initial_states, seq_idx)
+        out = out.to(x.dtype)
+        return (out, last) if return_final_states else out
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     hg = h // g
