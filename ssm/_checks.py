@@ -60,6 +60,20 @@ def traced() -> bool:
         return False
 
 
+#: Depth of ``ssm.export.real_arithmetic`` contexts (the real route is taken while it is positive).
+_REAL_ROUTE = [0]
+
+
+def real_route() -> bool:
+    """Whether the layers take their route in real arithmetic (no complex tensor; recurrences as one loop
+    operator): while ``torch.onnx.export`` runs (``torch.onnx.is_in_onnx_export()``), or inside
+    ``ssm.export.real_arithmetic`` (docs/deployment.md)."""
+    if _REAL_ROUTE[0]:
+        return True
+    onnx = getattr(torch, "onnx", None)
+    return onnx is not None and onnx.is_in_onnx_export()
+
+
 def check_positive(name: str, value: Any) -> Any:
     """Check that a float or tensor is strictly positive (all entries)."""
     if isinstance(value, torch.Tensor):
