@@ -368,8 +368,8 @@ class Mamba(_Selective):
             return y, (conv_window(xc, k, ends).to(sd), h), None
 
         def run(a, b, h):
-            return scan(xconv[..., a:b], delta[..., a:b], A, Bm[..., a:b], Cm[..., a:b], D,
-                                  z[..., a:b], initial_state=h, **opts)
+            return scan(xconv[..., a:b], delta[..., a:b], A, Bm[..., a:b], Cm[..., a:b], D, z[..., a:b],
+                        initial_state=h, **opts)
 
         ys, found = self._segments(run, xs.shape[-1], h0, seq, cuts, boundaries=True)
         found = {e: (packed_window(xc, k, e, cols).to(sd), h) for e, h in found.items()}
@@ -571,7 +571,7 @@ class Mamba2(_Selective):
         def run(a, b, h):
             sq = None if seq is None else seq[:, a:b] - seq[:, a:a + 1]
             return scan_heads(x[:, a:b], dt[:, a:b], A, Bm[:, a:b], Cm[:, a:b], self.chunk_size, D,
-                                        initial_states=h, seq_idx=sq, **opts)
+                              initial_states=h, seq_idx=sq, **opts)
 
         ys, found = self._segments(run, xbc.shape[-1], h0, seq, cuts, boundaries=False)
         found = {e: (packed_window(xc, k, e, cols).to(sd), h) for e, h in found.items()}
