@@ -70,8 +70,17 @@ def real_route() -> bool:
     ``ssm.export.real_arithmetic`` (docs/deployment.md)."""
     if _REAL_ROUTE[0]:
         return True
-    # the exporter traces (is_compiling); asked first, it keeps an eager call at ~0.1 us
-    return torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export()
+    # the exporter traces (is_compiling; asked first, it keeps an eager call at ~0.3 us). Its flag is read
+    # as well: Dynamo folds is_in_onnx_export() to False, and the exporter's strict fallback runs Dynamo.
+    return torch.compiler.is_compiling() and (torch.onnx.is_in_onnx_export() or _onnx_flag())
+
+
+def _onnx_flag() -> bool:
+    try:
+        from torch.onnx._internal.exporter import _flags
+    except ImportError:  # a torch without the dynamo exporter
+        return False
+    return bool(getattr(_flags, "_is_onnx_exporting", False))
 
 
 def check_positive(name: str, value: Any) -> Any:

@@ -374,7 +374,7 @@ class LTILayer(SSMLayer):
         frozen = self.__dict__.get("_real_frozen")
         if frozen is not None and frozen[0] == rate:
             return frozen[1]
-        if traced():
+        if traced() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():  # (the exporter's fallbacks)
             raise ValueError(f"{type(self).__name__}: exporting needs the step constants computed outside "
                              f"the trace (ONNX has no complex type): export inside "
                              f"`with ssm.export.real_arithmetic(model, rate={rate}):`")

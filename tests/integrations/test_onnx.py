@@ -131,3 +131,9 @@ def test_onnx_step_every_layer():
             _assert_scaled(torch.view_as_real(got) if got.is_complex() else got,
                            torch.view_as_real(want) if want.is_complex() else want)
         i += n
+
+
+def test_onnx_lti_layer_outside_real_arithmetic_is_named():
+    """An LTI layer exported without its step constants: the exporter's error names the remedy."""
+    with pytest.raises(Exception, match=r"ssm\.export\.real_arithmetic"):
+        torch.onnx.export(ssm.S4D(4, 8).eval(), (torch.randn(1, 16, 4),), dynamo=True, verbose=False)
