@@ -72,7 +72,8 @@ def real_route() -> bool:
         return True
     # the exporter traces (is_compiling; asked first, it keeps an eager call at ~0.3 us). Its flag is read
     # as well: Dynamo folds is_in_onnx_export() to False, and the exporter's strict fallback runs Dynamo.
-    return torch.compiler.is_compiling() and (torch.onnx.is_in_onnx_export() or _onnx_flag())
+    return torch.compiler.is_compiling() and (torch.onnx.is_in_onnx_export()
+                                              or torch.compiler.is_exporting() and _onnx_flag())
 
 
 def _onnx_flag() -> bool:
