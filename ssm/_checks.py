@@ -77,11 +77,12 @@ def real_route() -> bool:
 
 
 def _onnx_flag() -> bool:
+    """The dynamo exporter's own flag (torch's, private: read defensively)."""
     try:
-        from torch.onnx._internal.exporter import _flags
+        import torch.onnx._internal.exporter._flags as flags
     except ImportError:  # a torch without the dynamo exporter
         return False
-    return bool(getattr(_flags, "_is_onnx_exporting", False))
+    return bool(getattr(flags, "_is_onnx_exporting", False))
 
 
 def check_positive(name: str, value: Any) -> Any:
