@@ -3,8 +3,9 @@
 Public API: the layers ``S4``, ``S4D``, ``RTF``, ``S5``, ``Mamba``, ``Mamba2`` (``ssm.layers``), the residual
 ``SSMBlock``, the stacked
 ``SSMModel``, and the pure-function modules ``hippo``, ``discretize``, ``systems`` (one module per SSM
-family), ``kernels``, ``transfer`` and ``optim``. ``ssm.reference`` (the float64 oracle of the tests) and
-``ssm.data`` are imported on first access, so importing ``ssm`` never loads them.
+family), ``kernels``, ``transfer`` and ``optim``. ``ssm.reference`` (the float64 oracle of the tests),
+``ssm.data`` and ``ssm.export`` (ONNX export) are imported on first access, so importing ``ssm`` never loads
+them.
 """
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "__version__",
     "data",
     "discretize",
+    "export",
     "hippo",
     "kernels",
     "layers",
@@ -39,7 +41,7 @@ __all__ = [
     "transfer",
 ]
 
-_LAZY = ("data", "reference")
+_LAZY = ("data", "export", "reference")
 
 
 def __getattr__(name: str):

@@ -60,6 +60,31 @@ def traced() -> bool:
         return False
 
 
+#: Depth of ``ssm.export.real_arithmetic`` contexts (the real route is taken while it is positive).
+_REAL_ROUTE = [0]
+
+
+def real_route() -> bool:
+    """Whether the layers take their route in real arithmetic (no complex tensor; recurrences as one loop
+    operator): while ``torch.onnx.export`` runs (``torch.onnx.is_in_onnx_export()``), or inside
+    ``ssm.export.real_arithmetic`` (docs/deployment.md)."""
+    if _REAL_ROUTE[0]:
+        return True
+    # the exporter traces (is_compiling; asked first, it keeps an eager call at ~0.3 us). Its flag is read
+    # as well: Dynamo folds is_in_onnx_export() to False, and the exporter's strict fallback runs Dynamo.
+    return torch.compiler.is_compiling() and (torch.onnx.is_in_onnx_export()
+                                              or torch.compiler.is_exporting() and _onnx_flag())
+
+
+def _onnx_flag() -> bool:
+    """The dynamo exporter's own flag (torch's, private: read defensively)."""
+    try:
+        import torch.onnx._internal.exporter._flags as flags
+    except ImportError:  # a torch without the dynamo exporter
+        return False
+    return bool(getattr(flags, "_is_onnx_exporting", False))
+
+
 def check_positive(name: str, value: Any) -> Any:
     """Check that a float or tensor is strictly positive (all entries)."""
     if isinstance(value, torch.Tensor):

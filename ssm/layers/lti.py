@@ -20,8 +20,9 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .._checks import check_int, traced
+from .._checks import check_int, real_route, traced
 from ..ops.fftconv import fftconv
+from ..ops.scan import step_scan
 from .base import SSMLayer, with_param_strides
 
 #: Dtypes whose CPU values the eval cache snapshots as bytes (numpy views them; bfloat16 it cannot).
@@ -258,6 +259,8 @@ class LTILayer(SSMLayer):
             y with the layout of x, then ``next_state`` when ``return_state``, then the states when
             ``return_states_at`` (a tuple when there is more than y).
         """
+        if real_route():
+            return self._real_forward(x, state, return_state, lengths, rate, seq_idx, return_states_at)
         if isinstance(rate, Tensor):
             return self._rows_by_rate(self.forward, x, state, rate, lengths, seq_idx, return_state,
                                       return_states_at)
@@ -390,3 +393,91 @@ class LTILayer(SSMLayer):
         y, D = (y if y.dtype == u.dtype else y.to(u.dtype)), (D if D.dtype == u.dtype else D.to(u.dtype))
         y = torch.addcmul(y, D, u[:, None, :])
         return self._post(y, x), next_state
+
+    # ---- the real route (ONNX export: no complex type; docs/deployment.md) ------------------------------
+    #: Lag of the anti-causal direction: 1 for the convolution (lag 0 counted once, in K), 0 for S5's
+    #: reverse scan (``ssm.systems.s5.scan(..., reverse=True)``).
+    reverse_lag: int = 1
+
+    def prepare_real(self, rate: float = 1.0):
+        """The family's step constants in real tensors only (``family.prepare_real_step``), from the current
+        parameters (differentiable)."""
+        with torch.autocast(device_type=self.D.device.type, enabled=False):
+            return self.family.prepare_real_step(self.family.prepare_step(self.discrete_system(rate)))
+
+    def _real_constants(self, rate: float) -> tuple:
+        """(constants, the real state's shape after the batch axis, its dtype) of the real route: those that
+        ``ssm.export.real_arithmetic(layer)`` computed before a trace, else computed now (eager only: under a
+        trace their complex arithmetic would enter the graph)."""
+        frozen = self.__dict__.get("_real_frozen")
+        if frozen is not None and frozen[0] == rate:
+            return frozen[1]
+        if traced() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():  # (the exporter's fallbacks)
+            raise ValueError(f"{type(self).__name__}: exporting needs the step constants computed outside "
+                             f"the trace (ONNX has no complex type): export inside "
+                             f"`with ssm.export.real_arithmetic(model, rate={rate}):`")
+        c = self.prepare_real(rate)
+        # each constant in its own storage: a loop operator refuses inputs that alias each other
+        c = c._make(t.clone() if isinstance(t, Tensor) else t for t in c)
+        probe = self.family.to_real_state(c, self.default_state(1, device="meta"))
+        return c, tuple(probe.shape[1:]), probe.dtype
+
+    def to_real_state(self, state, rate: float = 1.0) -> Tensor:
+        """The layer's state -> the real state of the real route (complex states as real planes)."""
+        return self.family.to_real_state(self._real_constants(rate)[0], state)
+
+    def from_real_state(self, xr: Tensor, rate: float = 1.0):
+        """Inverse of ``to_real_state``."""
+        return self.family.from_real_state(self._real_constants(rate)[0], xr)
+
+    def _real_ssm(self, u: Tensor, rate: float) -> Tensor:
+        """The SSM outputs (B, C, H, L) of u (B, H, L), no D skip, by the family's ``real_step`` repeated in
+        one loop operator (``step_scan``): real arithmetic, a dynamic length; bidirectional runs the reversed
+        inputs as more rows of the batch and reads the second half of the channels from them."""
+        c, shape, dtype = self._real_constants(rate)
+        Bsz = u.shape[0]
+        ub = torch.cat([u, u.flip(-1)]) if self.bidirectional else u  # (B', H, L)
+        x0 = ub.new_zeros((ub.shape[0], *shape), dtype=dtype)
+
+        def body(xr, u_t):
+            y, xr = self.family.real_step(c, xr, u_t)
+            return xr.contiguous(), y  # (the loop keeps the carry's layout: the initial one)
+
+        _, ys = step_scan(body, x0, ub.permute(2, 0, 1))  # (L, B', C', H)
+        y = ys.permute(1, 2, 3, 0)  # (B', C', H, L)
+        if not self.bidirectional:
+            return y
+        half = y.shape[1] // 2
+        rev = y[Bsz:, half:].flip(-1)  # sum_{s >= t} K_rev[s - t] u_s
+        if self.reverse_lag:
+            rev = torch.cat([rev[..., 1:], torch.zeros_like(rev[..., :1])], dim=-1)
+        return y[:Bsz, :half] + rev
+
+    def _real_input(self, x: Tensor, state, return_state, lengths, rate, seq_idx, positions) -> tuple:
+        """The checks of the real route's ``forward``: (u (B, H, L) float32 or wider, rate)."""
+        if (state is not None or return_state or lengths is not None or seq_idx is not None
+                or positions is not None or isinstance(rate, Tensor)):
+            raise ValueError("the real route (ONNX export) takes forward(x, rate=number) only: stream with "
+                             "ssm.export.StepModule")
+        u = self._to_BHL(x)
+        return (u.float() if u.dtype in (torch.float16, torch.bfloat16) else u), self._check_rate(rate)
+
+    def _real_forward(self, x: Tensor, state, return_state, lengths, rate, seq_idx, positions) -> Tensor:
+        """``forward`` on the real route: the recurrence (``_real_ssm``) instead of the convolution."""
+        u, rate = self._real_input(x, state, return_state, lengths, rate, seq_idx, positions)
+        y = self._real_ssm(u, rate)
+        y = y + with_param_strides(self.D).to(y.dtype)[..., None] * u[:, None].to(y.dtype)
+        return self._post(y, x)
+
+    def real_step(self, x: Tensor, xr: Tensor, *, rate: float = 1.0) -> tuple[Tensor, Tensor]:
+        """``step`` on the real route: x (B, H) and the real state (``to_real_state``) -> (y, next real
+        state); ``ssm.export.StepModule`` exports it."""
+        self._check_step_input(x)
+        rate = self._check_rate(rate)
+        c = self._real_constants(rate)[0]
+        u = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        y, xr = self.family.real_step(c, xr, u)
+        y = y.to(u.dtype)
+        y = torch.addcmul(y, with_param_strides(self.D).to(u.dtype), u[:, None, :])
+        return self._post(y, x), xr
+

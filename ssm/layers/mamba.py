@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_bool, check_choice, check_int, check_real
+from .._checks import check_bool, check_choice, check_int, check_real, real_route
 from ..systems import selective
 from .base import SSMLayer, check_dt_range
 
@@ -363,13 +363,14 @@ class Mamba(_Selective):
                 delta = delta * keep[:, None, :]
             opts = {}
         sd = state_dtype(self.A_log)
+        scan = selective.scan_loop if real_route() else selective.scan  # (the export route: one loop op)
         if cuts is None:
-            y, h = selective.scan(xconv, delta, A, Bm, Cm, D, z, initial_state=h0, **opts)
+            y, h = scan(xconv, delta, A, Bm, Cm, D, z, initial_state=h0, **opts)
             return y, (conv_window(xc, k, ends).to(sd), h), None
 
         def run(a, b, h):
-            return selective.scan(xconv[..., a:b], delta[..., a:b], A, Bm[..., a:b], Cm[..., a:b], D,
-                                  z[..., a:b], initial_state=h, **opts)
+            return scan(xconv[..., a:b], delta[..., a:b], A, Bm[..., a:b], Cm[..., a:b], D, z[..., a:b],
+                        initial_state=h, **opts)
 
         ys, found = self._segments(run, xs.shape[-1], h0, seq, cuts, boundaries=True)
         found = {e: (packed_window(xc, k, e, cols).to(sd), h) for e, h in found.items()}
@@ -563,14 +564,15 @@ class Mamba2(_Selective):
                 dt = dt * keep[..., None]
             opts = {}
         sd = state_dtype(self.A_log)
+        scan_heads = selective.scan_heads_loop if real_route() else selective.scan_heads  # (export route)
         if cuts is None:
-            y, h = selective.scan_heads(x, dt, A, Bm, Cm, self.chunk_size, D, initial_states=h0, **opts)
+            y, h = scan_heads(x, dt, A, Bm, Cm, self.chunk_size, D, initial_states=h0, **opts)
             return y, (conv_window(xc, k, ends).to(sd), h), None
 
         def run(a, b, h):
             sq = None if seq is None else seq[:, a:b] - seq[:, a:a + 1]
-            return selective.scan_heads(x[:, a:b], dt[:, a:b], A, Bm[:, a:b], Cm[:, a:b], self.chunk_size, D,
-                                        initial_states=h, seq_idx=sq, **opts)
+            return scan_heads(x[:, a:b], dt[:, a:b], A, Bm[:, a:b], Cm[:, a:b], self.chunk_size, D,
+                              initial_states=h, seq_idx=sq, **opts)
 
         ys, found = self._segments(run, xbc.shape[-1], h0, seq, cuts, boundaries=False)
         found = {e: (packed_window(xc, k, e, cols).to(sd), h) for e, h in found.items()}

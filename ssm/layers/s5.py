@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import check_bool, check_choice, check_int
+from .._checks import check_bool, check_choice, check_int, real_route
 from ..hippo import nplr
 from ..systems import s5
 from .base import as_complex, check_dt_range, init_log_dt
@@ -196,6 +196,8 @@ class S5(LTILayer):
         from the same scan with ``return_state``); bidirectional adds a scan backward in time read by C[1].
         With ``seq_idx`` each document is scanned on its own (batched by similar lengths).
         """
+        if real_route():
+            return self._real_forward(x, state, return_state, lengths, rate, seq_idx, return_states_at)
         if isinstance(rate, Tensor):
             return self._rows_by_rate(self.forward, x, state, rate, lengths, seq_idx, return_state,
                                       return_states_at)
@@ -224,3 +226,18 @@ class S5(LTILayer):
         y = self.output(y, x)  # (B, L, H)
         states = None if order is None else self._gather_states(found, order, index)
         return self._result(y, next_state if return_state else None, states, return_state, order)
+
+    # ---- the real route (ONNX export; docs/deployment.md): the step repeated by one loop operator ------
+    reverse_lag = 0  # the reverse scan reads u_t at lag 0 (its D skip is added once)
+
+    def prepare_real(self, rate: float = 1.0) -> s5.S5RealStep:
+        """``ssm.systems.s5.prepare_real_step`` of ``discrete_system(rate)`` (real tensors only)."""
+        with torch.autocast(device_type=self.D.device.type, enabled=False):
+            return s5.prepare_real_step(self.discrete_system(rate))
+
+    def _real_forward(self, x, state, return_state, lengths, rate, seq_idx, positions) -> Tensor:
+        u, rate = self._real_input(x, state, return_state, lengths, rate, seq_idx, positions)
+        y = self._real_ssm(u, rate)[:, 0].transpose(1, 2)  # (B, L, H)
+        y = y + self.D[0].to(y.dtype) * u.transpose(1, 2).to(y.dtype)
+        return self.output(y, x)
+

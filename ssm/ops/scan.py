@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import check_int, check_tensor
+from .._checks import check_int, check_tensor, traced
 
 
 def _is_diag(Ab: Tensor, Bb: Tensor) -> bool:
@@ -147,3 +147,29 @@ def states_at(Ab: Tensor, Bb: Tensor, u: Tensor, ends: list[int], x0: Tensor | N
     for i, (end, start) in enumerate(zip(e.tolist(), first.tolist())):
         out[end] = _matvec(_matrix_power(Ab, end - start, diag), at_block[start // T], diag) + part[:, i]
     return out
+
+
+def step_scan(fn, init, xs):
+    """The recurrence ``(carry, y_k) = fn(carry, x_k)`` over the leading axis of ``xs`` as one loop operator:
+    torch's ``scan`` higher-order op, which ``torch.export`` keeps with a dynamic length and
+    ``torch.onnx.export`` writes as an ONNX ``Scan``. ``init`` and each x_k are tensors or tuples of
+    tensors; returns (the last carry, the y_k stacked along a new leading axis). The layers' real route
+    (``ssm._checks.real_route``) runs its recurrences through it; a torch without the op gets a Python loop
+    (the same steps), and so do eager calls."""
+    scan = None
+    if traced():  # eager calls run the same steps in a Python loop (the op would compile its body)
+        try:
+            from torch._higher_order_ops.scan import scan
+        except ImportError:  # a torch without the op: the loop, unrolled by the trace
+            scan = None
+    if scan is not None:
+        return scan(fn, init, xs)
+    leaves = xs if isinstance(xs, (tuple, list)) else (xs,)
+    carry, ys = init, []
+    for k in range(leaves[0].shape[0]):
+        x_k = type(xs)(t[k] for t in xs) if isinstance(xs, (tuple, list)) else xs[k]
+        carry, y = fn(carry, x_k)
+        ys.append(y)
+    if isinstance(ys[0], (tuple, list)):
+        return carry, type(ys[0])(torch.stack(parts) for parts in zip(*ys))
+    return carry, torch.stack(ys)

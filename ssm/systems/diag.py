@@ -207,6 +207,42 @@ def step_prepared(c: PairStep, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     return pair_step(c, x, u)
 
 
+# ---- the real route (ONNX export: no complex type; docs/deployment.md) ----
+
+
+def prepare_real_step(c: PairStep) -> PairStep:
+    """``prepare_step``'s constants with E as real planes (H, N/2, 2) = [Re E, Im E]: all real."""
+    return c._replace(E=torch.view_as_real(c.E.resolve_conj()).clone())
+
+
+def real_step(c: PairStep, xr: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """``pair_step`` in real arithmetic only, on the state's planes xr = view_as_real(x) (B, H, N) flattened
+    [Re x_1, Im x_1, ...], from ``prepare_real_step``: (y (B, Ch, H), next xr). E x on planes:
+    (Er Re x - Ei Im x, Er Im x + Ei Re x)."""
+    Bsz, H, N = xr.shape
+    xr = xr.to(c.Q.dtype)
+    x = xr.view(Bsz, H, N // 2, 2)
+    Er, Ei = c.E[..., 0], c.E[..., 1]
+    Ex = torch.stack([Er * x[..., 0] - Ei * x[..., 1], Er * x[..., 1] + Ei * x[..., 0]], dim=-1)
+    u = u.to(c.Q.dtype)[..., None]  # (B, H, 1)
+    out = torch.addcmul(Ex.reshape(Bsz, H, N), u, c.Q[0])
+    for r in range(c.W.shape[0]):
+        coef = torch.addcmul((xr * c.W[r]).sum(-1, keepdim=True), u, c.h[r, :, None])  # (B, H, 1)
+        out = torch.addcmul(out, coef, c.Q[1 + r])
+    return (out[:, None] * c.Cr).sum(-1), out
+
+
+def to_real_state(c: PairStep, x: Tensor) -> Tensor:
+    """The half-storage state x (B, H, N/2) complex -> the planes of ``real_step`` (B, H, N)."""
+    return torch.view_as_real(x.to(torch.complex128 if c.Q.dtype == torch.float64 else torch.complex64)
+                              ).flatten(-2)
+
+
+def from_real_state(c: PairStep, xr: Tensor) -> Tensor:
+    """Inverse of ``to_real_state``."""
+    return torch.view_as_complex(xr.unflatten(-1, (-1, 2)).contiguous())
+
+
 def free_response(sys: DiagSystem, x0: Tensor, L: int, *, backend: str = "auto") -> Tensor:
     """Zero-input response y_k = 2 Re(sum_n C_n Ab_n^{k+1} x0_n): x0 (B, H, N/2) -> (B, Ch, H, L), one
     Vandermonde product whose nodes (and powers) are shared by the batch."""

@@ -15,6 +15,7 @@ from .._checks import check_choice, check_shape, check_tensor, traced_size
 from ..discretize import discretize as _discretize_dense
 from ..ops.cauchy import cauchy
 from ..ops.scan import states_at as scan_states_at
+from . import diag
 from .common import SYMBOLIC_POWER_BITS, check_kernel_args, complex_dtype, power_rows, small_solve
 from .dense import DenseSystem
 from .dense import final_state as dense_final_state
@@ -502,6 +503,31 @@ def step_prepared(c: PairStep | DenseSystem, x: Tensor, u: Tensor) -> tuple[Tens
         y, xr = dense_step(c, real_state(x), u)
         return y, complex_state(xr)
     return pair_step(c, x, u)
+
+
+# ---- the real route (ONNX export: no complex type; docs/deployment.md) ----
+
+
+def prepare_real_step(c: PairStep | DenseSystem) -> PairStep | DenseSystem:
+    """``prepare_step``'s constants in real tensors only (bilinear: E as planes; zoh: already real)."""
+    return c if isinstance(c, DenseSystem) else diag.prepare_real_step(c)
+
+
+def real_step(c: PairStep | DenseSystem, xr: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """``step_prepared`` in real arithmetic on the real state of ``to_real_state``."""
+    if isinstance(c, DenseSystem):
+        return dense_step(c, xr, u)
+    return diag.real_step(c, xr, u)
+
+
+def to_real_state(c: PairStep | DenseSystem, x: Tensor) -> Tensor:
+    """x (B, H, N/2) complex -> the real state of ``real_step``: [Re x, Im x] (zoh), the planes (bilinear)."""
+    return real_state(x).to(c.Ab.dtype) if isinstance(c, DenseSystem) else diag.to_real_state(c, x)
+
+
+def from_real_state(c: PairStep | DenseSystem, xr: Tensor) -> Tensor:
+    """Inverse of ``to_real_state``."""
+    return complex_state(xr) if isinstance(c, DenseSystem) else diag.from_real_state(c, xr)
 
 
 def free_response(sys: DPLRSystem, x0: Tensor, L: int) -> Tensor:

@@ -448,6 +448,28 @@ def step_prepared(c: RTFStep, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     return wy[:, 1:], torch.cat([wy[:, :1].transpose(1, 2), x[..., :-1]], dim=-1)
 
 
+# ---- the real route (ONNX export; docs/deployment.md): the step is real already ----
+
+
+def prepare_real_step(c: RTFStep) -> RTFStep:
+    """``prepare_step``'s constants, real already."""
+    return c
+
+
+def real_step(c: RTFStep, xr: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """``step_prepared`` (real arithmetic)."""
+    return step_prepared(c, xr, u)
+
+
+def to_real_state(c: RTFStep, x: Tensor) -> Tensor:
+    """The state, real already (float64)."""
+    return x.to(c.M.dtype)
+
+
+def from_real_state(c: RTFStep, xr: Tensor) -> Tensor:
+    return xr
+
+
 def state_input(sys: RTFSystem, x0: Tensor, L: int) -> tuple[Tensor, Tensor]:
     """The initial state as an equivalent input p and output offset q, n = min(N, L) terms each:
 

@@ -349,3 +349,44 @@ def final_state(sys: S5System, u: Tensor, x0: Tensor | None = None) -> Tensor:
     pw = powers(sys.Ab, L)  # a^(1..L)
     w = torch.cat([pw[: L - 1].flip(0), torch.ones_like(pw[:1])])  # (L, Q): a^(L-1-j)
     return pw[-1] * x + torch.einsum("bhl,lq,qh->bq", u.to(sys.Bb.dtype), w, sys.Bb)
+
+
+# ---- the real route (ONNX export: no complex type; docs/deployment.md) -------------------------------------
+
+
+class S5RealStep(NamedTuple):
+    """The step in real tensors only: a (Q, 2) = [Re Ab, Im Ab], Wb (H, 2Q) and Wc (Ch, 2Q, H) the real
+    projections of ``projections`` for every channel (the state as planes [Re x_1, Im x_1, ...])."""
+
+    a: Tensor
+    Wb: Tensor
+    Wc: Tensor
+
+
+def prepare_real_step(sys: S5System) -> S5RealStep:
+    """The constants of ``real_step`` (computed once, outside any graph)."""
+    Wcs = [projections(sys, c)[1] for c in range(sys.C.shape[0])]
+    return S5RealStep(torch.view_as_real(sys.Ab.resolve_conj()).clone(), projections(sys)[0].clone(),
+                      torch.stack(Wcs))
+
+
+def real_step(c: S5RealStep, xr: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """``step`` in real arithmetic: xr (B, 2Q) the planes of x, u (B, H) -> (y (B, Ch, H), next xr):
+    x_k = Ab x_{k-1} + Bb u_k on planes, y_k = f Re(C x_k) = xr_k Wc."""
+    Bsz = xr.shape[0]
+    x = xr.to(c.Wb.dtype).view(Bsz, -1, 2)
+    ar, ai = c.a[:, 0], c.a[:, 1]
+    ax = torch.stack([ar * x[..., 0] - ai * x[..., 1], ar * x[..., 1] + ai * x[..., 0]], dim=-1)
+    xr = ax.reshape(Bsz, -1) + u.to(c.Wb.dtype) @ c.Wb
+    return torch.einsum("bq,cqh->bch", xr, c.Wc), xr
+
+
+def to_real_state(c: S5RealStep, x: Tensor) -> Tensor:
+    """x (B, Q) complex -> its planes (B, 2Q)."""
+    return torch.view_as_real(x.to(torch.complex128 if c.Wb.dtype == torch.float64 else torch.complex64)
+                              ).flatten(-2)
+
+
+def from_real_state(c: S5RealStep, xr: Tensor) -> Tensor:
+    """Inverse of ``to_real_state``."""
+    return torch.view_as_complex(xr.unflatten(-1, (-1, 2)).contiguous())

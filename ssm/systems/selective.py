@@ -21,10 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import check_tensor
+from ..ops.scan import step_scan
 from ..ops.selective_scan import selective_scan_fn
 from ..ops.ssd import mamba_chunk_scan_combined
 
-__all__ = ["TIER", "discretize", "step", "scan", "final_state", "step_heads", "scan_heads"]
+__all__ = ["TIER", "discretize", "step", "scan", "final_state", "step_heads", "scan_heads", "scan_loop",
+           "scan_heads_loop"]
 
 TIER = "scan"
 
@@ -188,3 +190,64 @@ def scan_heads(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_siz
     """
     return mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
                                      dt_softplus, dt_limit, return_final_states=True)
+
+
+# ---- the real route (ONNX export; docs/deployment.md): the recurrence as one loop operator ----------------
+
+
+def _time_major(M: Tensor) -> Tensor:
+    """(Bt, ..., L) -> (L, Bt, ...)."""
+    return M.movedim(-1, 0)
+
+
+def scan_loop(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+              z: Tensor | None = None, *, delta_bias: Tensor | None = None, delta_softplus: bool = False,
+              initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``scan`` as ``step`` repeated by one loop operator (``ssm.ops.scan.step_scan``): the same arguments
+    and results, B and C per token (Bt, N, L) or (Bt, G, N, L). A traced length stays dynamic (ONNX
+    ``Scan``); the export route of Mamba, not its fast path."""
+    check_tensor("x", x, 3)
+    if B.ndim == 2 or C.ndim == 2:
+        raise ValueError("scan_loop takes B and C per token, (Bt, N, L) or (Bt, G, N, L)")
+    ct = torch.promote_types(torch.promote_types(x.dtype, torch.float32), A.dtype)
+    h0 = (x.new_zeros(x.shape[0], x.shape[1], A.shape[1], dtype=ct) if initial_state is None
+          else initial_state.to(ct))
+    Bm, Cm = _time_major(B), _time_major(C)  # (L, Bt, N) or (L, Bt, G, N), as ``step`` reads them
+
+    def body(h, inputs):
+        x_t, d_t, B_t, C_t, z_t = inputs
+        y, h = step(h, x_t, d_t, A, B_t, C_t, D, z_t if z is not None else None, delta_bias=delta_bias,
+                    delta_softplus=delta_softplus)
+        return h.contiguous(), y
+
+    zs = _time_major(z) if z is not None else _time_major(x)  # (an unused stand-in without z)
+    h, ys = step_scan(body, h0, (_time_major(x), _time_major(delta), Bm, Cm, zs))
+    return ys.movedim(0, -1), h
+
+
+def scan_heads_loop(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
+                    D: Tensor | None = None, z: Tensor | None = None, *, dt_bias: Tensor | None = None,
+                    dt_softplus: bool = False, dt_limit: tuple[float, float] = (0.0, float("inf")),
+                    initial_states: Tensor | None = None, seq_idx: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor]:
+    """``scan_heads`` as ``step_heads`` repeated by one loop operator (``ssm.ops.scan.step_scan``): the
+    same arguments and results (``chunk_size`` unused; no ``seq_idx``). The export route of Mamba-2."""
+    if seq_idx is not None:
+        raise ValueError("scan_heads_loop does not take seq_idx (packed documents are not on the export "
+                         "route)")
+    check_tensor("x", x, 4)
+    Bt, _, H, P = x.shape
+    ct = torch.promote_types(torch.promote_types(x.dtype, torch.float32), A.dtype)
+    h0 = (x.new_zeros(Bt, H, P, B.shape[-1], dtype=ct) if initial_states is None
+          else initial_states.to(ct))
+
+    def body(h, inputs):
+        x_t, dt_t, B_t, C_t, z_t = inputs
+        y, h = step_heads(h, x_t, dt_t, A, B_t, C_t, D, z_t if z is not None else None, dt_bias=dt_bias,
+                          dt_softplus=dt_softplus, dt_limit=dt_limit)
+        return h.contiguous(), y
+
+    tm = [t.transpose(0, 1) for t in (x, dt, B, C, z if z is not None else x)]  # (L, Bt, ...)
+    h, ys = step_scan(body, h0, tuple(tm))
+    return ys.transpose(0, 1), h
+
