@@ -39,9 +39,12 @@ def _autocast_on(device_type: str) -> bool:
 
 
 def _padded_size(n: int) -> int:
-    """The smallest of 2^k and 3 2^(k-1) that is >= n: the length a packed document is padded to."""
-    p = 1 << max(0, n - 1).bit_length()
-    return 3 * p // 4 if p >= 4 and 3 * p // 4 >= n else p
+    """The length a packed document of length n is padded to, to batch it with others: n itself up to 8,
+    else the smallest of 2^k times 5/4, 6/4, 7/4 or 2 that is >= n (at most 25% padding, and few groups)."""
+    if n <= 8:
+        return n
+    p = 1 << ((n - 1).bit_length() - 1)  # the largest power of two below n, >= 8
+    return next(p * m // 4 for m in (5, 6, 7, 8) if p * m // 4 >= n)
 
 
 class LTILayer(SSMLayer):
@@ -315,7 +318,7 @@ class LTILayer(SSMLayer):
     @staticmethod
     def _each_document(v: Tensor, lens: list[int], run) -> Tensor:
         """``run`` on every packed document of v (B, L, ...) on its own: the documents are grouped by padded
-        length (sizes 2^k and 3 2^(k-1): at most 1.5x padding), ``run(batch, group)`` maps each group
+        length (``_padded_size``: at most 25% padding), ``run(batch, group)`` maps each group
         (docs in group, size, ...) right-padded with zeros, and ``group`` its document numbers, to outputs
         (docs in group, size, ...); returns them reassembled as (B, L, ...). Split, pad, stack and their
         inverses only: the backward pass slices and concatenates."""
