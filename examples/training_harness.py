@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -213,7 +213,7 @@ def launch_rank() -> int:
     return int(rank) if rank.isdigit() else 0
 
 
-def fail(message: str, status: int) -> None:
+def fail(message: str, status: int) -> NoReturn:
     """Exit with ``status`` after printing ``error: <message>`` as one line on stderr, from rank 0 only (the
     other ranks of a torchrun job fail with the same message and say nothing)."""
     if launch_rank() == 0:
@@ -238,7 +238,7 @@ class ExampleParser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         fail(f"{message} (see {self.prog} --help)", 2)
 
 
