@@ -33,10 +33,11 @@ Configs:
         generated expressions of LRA's lengths (500-2,000 tokens) for 2 epochs and is tested on a generated
         test split of the official size (2,000) and format; a bidirectional S4D model (2 layers, width 32)
         read at position 0 (``--pool first``, see :class:`FirstPosition`). Measured with the current
-        generator (cache folders ``*-v2``), generator seed 0: test accuracy 35.30% against a majority class
-        of 17.45%, in 7.3 minutes of CPU time (31.7 minutes of wall time on a 2-core CPU shared with other
-        jobs). For the other tasks it is a small, short smoke configuration (subsets, truncated documents),
-        not tuned.
+        generator (cache folders ``*-v2``): test accuracy 35.30% against a majority class of 17.45%
+        (generator seed 0; seeds 1 and 2: 36.30% vs 17.40%, 36.15% vs 17.90%); on a 2-core CPU shared with
+        other jobs, 3 minutes of wall time and 80 s of CPU time with ``OMP_NUM_THREADS=1`` (31.7 minutes
+        with torch's two threads when the machine was busier). For the other tasks it is a small, short
+        smoke configuration (subsets, truncated documents), not tuned.
     s4: the S4 paper's hyperparameters per task (see the comment above ``S4_PRESETS``).
     s5: the S5 paper's hyperparameters per task, S5 layers (see the comment above ``S5_PRESETS``).
 """
