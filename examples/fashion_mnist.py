@@ -30,7 +30,6 @@ Configs:
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import replace
 from typing import Any
 
@@ -93,33 +92,32 @@ PRESET_DATA: dict[str, dict[str, Any]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = harness.ExampleParser(
         description="Sequential Fashion-MNIST (784 steps, 1 feature) with an S4, S4D or RTF classifier.",
     )
-    parser.add_argument("--config", choices=sorted(PRESETS), default="quick", help="preset (default: quick)")
-    parser.add_argument(
-        "--data",
-        default=DEFAULT_ROOT,
-        help=f"directory of the four MNIST-format IDX files (default: {DEFAULT_ROOT})",
-    )
+    parser.add_argument("--config", choices=sorted(PRESETS), default="quick", help="preset")
+    parser.add_argument("--data", default=DEFAULT_ROOT, help="directory of the four MNIST-format IDX files")
     parser.add_argument("--permuted", action="store_true", help="permuted variant: one fixed pixel order")
-    parser.add_argument(
-        "--permutation-seed", type=int, default=0, help="seed of the pixel order (default: 0)"
-    )
+    parser.add_argument("--permutation-seed", type=int, default=0, help="seed of the pixel order")
     parser.add_argument(
         "--val-size",
         type=int,
         default=None,
-        help="training images held out for validation (default: preset's)",
+        help="training images held out for validation (default: the preset's, 2000 for quick and s5, 5000 "
+        "for full)",
     )
     parser.add_argument(
         "--train-subset",
         type=int,
         default=None,
-        help="train on this many of the remaining images, a seeded choice (default: the preset's; 0: all)",
+        help="train on this many of the remaining images, a seeded choice (0: all; default: the preset's, "
+        "48000 for quick and s5, all for full)",
     )
     parser.add_argument(
-        "--test-subset", type=int, default=None, help="evaluate on this many test images (smoke tests only)"
+        "--test-subset",
+        type=int,
+        default=None,
+        help="evaluate on this many test images, for smoke tests (default: none, all 10000)",
     )
     harness.add_run_args(parser, default_out="runs/fashion_mnist/<model>-<config>")
     title = "training configuration: overrides of the --config preset (defaults shown: quick)"
@@ -146,23 +144,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace, cfg: Config, d: harness.DistInfo) -> dict[str, Any]:
-    out = args.out
-    if out == "runs/fashion_mnist/<model>-<config>":
-        out = f"runs/fashion_mnist/{cfg.model}-{args.config}{'-permuted' if args.permuted else ''}"
-    harness.check_out_dir(out)
-    preset = PRESET_DATA[args.config]
-    train_subset = preset["train_subset"] if args.train_subset is None else (args.train_subset or None)
-    val_size = preset["val_size"] if args.val_size is None else args.val_size
+    with harness.config_errors():  # a bad option or value: one line, exit status 2
+        out = args.out
+        if out == "runs/fashion_mnist/<model>-<config>":
+            out = f"runs/fashion_mnist/{cfg.model}-{args.config}{'-permuted' if args.permuted else ''}"
+        harness.check_out_dir(out)
+        preset = PRESET_DATA[args.config]
+        train_subset = preset["train_subset"] if args.train_subset is None else (args.train_subset or None)
+        val_size = preset["val_size"] if args.val_size is None else args.val_size
 
-    data_kwargs = {"permuted": args.permuted, "permutation_seed": args.permutation_seed, "val_size": val_size}
-    train_ds = SequentialMNIST(args.data, "train", **data_kwargs)
-    train_ds = _subset(train_ds, train_subset, cfg.seed, "train_subset")
-    val_ds = SequentialMNIST(args.data, "val", **data_kwargs) if val_size > 0 else None
-    test_ds = SequentialMNIST(args.data, "test", **data_kwargs)
-    test_ds = _subset(test_ds, args.test_subset, cfg.seed, "test_subset")
+        data_kwargs = {
+            "permuted": args.permuted, "permutation_seed": args.permutation_seed, "val_size": val_size
+        }
+        train_ds = SequentialMNIST(args.data, "train", **data_kwargs)
+        train_ds = _subset(train_ds, train_subset, cfg.seed, "train_subset")
+        val_ds = SequentialMNIST(args.data, "val", **data_kwargs) if val_size > 0 else None
+        test_ds = SequentialMNIST(args.data, "test", **data_kwargs)
+        test_ds = _subset(test_ds, args.test_subset, cfg.seed, "test_subset")
 
-    harness.seed_everything(cfg.seed)
-    model = harness.build_model(cfg, SequentialMNIST.d_input, SequentialMNIST.num_classes)
+        harness.seed_everything(cfg.seed)
+        model = harness.build_model(cfg, SequentialMNIST.d_input, SequentialMNIST.num_classes)
     if d.main:
         print(
             f"sequential Fashion-MNIST{' (permuted)' if args.permuted else ''}: train {len(train_ds)}, "
@@ -178,9 +179,6 @@ def _run(args: argparse.Namespace, cfg: Config, d: harness.DistInfo) -> dict[str
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    # no data, --out naming a file, a damaged checkpoint, divergence: say so without a traceback
-    except (FileNotFoundError, NotADirectoryError, harness.CheckpointError, harness.OutDirInUse,
-            FloatingPointError) as err:
-        sys.exit(f"error: {err}")
+    # a configuration error (exit status 2), no data, --out naming a file, a damaged checkpoint, divergence
+    # (status 1): one line from rank 0, no traceback
+    harness.run_cli(main)

@@ -43,6 +43,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import training_harness as harness  # before ssm: from a checkout it makes the repository's ssm importable
 import transformers
 
 import ssm
@@ -124,19 +125,45 @@ def run(kind: str, args, train: torch.Tensor, val: torch.Tensor) -> dict:
     return row
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--d-state", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--eval-batches", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--models", default="attention,s4d,s4")
+KINDS = ("attention", *ssm.layers.LAYERS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = harness.ExampleParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps of each model")
+    p.add_argument("--d-model", type=int, default=64, help="width of every GPT-2 (n_embd)")
+    p.add_argument("--layers", type=int, default=2, help="GPT-2 blocks (n_layer)")
+    p.add_argument("--d-state", type=int, default=64,
+                   help="state size N of the s4, s4d, rtf and s5 layers (mamba, mamba2: 16, see SELECTIVE)")
+    p.add_argument("--seq-len", type=int, default=128, help="characters per training and validation window")
+    p.add_argument("--batch", type=int, default=16, help="windows per batch (training and validation)")
+    p.add_argument("--lr", type=float, default=3e-3,
+                   help="peak lr of the one-cycle schedule (the SSM parameters peak at their own, 1e-3)")
+    p.add_argument("--eval-batches", type=int, default=20, help="validation batches per model")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialization and the training windows")
+    p.add_argument("--models", default="attention,s4d,s4",
+                   help=f"comma-separated models to train, each one of {', '.join(KINDS)}")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
+    for name in ("steps", "d_model", "layers", "d_state", "seq_len", "batch", "eval_batches"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    if not args.lr > 0:
+        p.error(f"--lr must be > 0; got {args.lr}")
+    if args.d_model % 4:
+        p.error(f"--d-model must be a multiple of the 4 attention heads; got {args.d_model}")
+    unknown = [kind for kind in args.models.split(",") if kind not in KINDS]
+    if unknown:
+        p.error(f"--models: {', '.join(map(repr, unknown))} not among {', '.join(KINDS)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
     data = torch.tensor(list(corpus()), dtype=torch.long)
     cut = int(0.9 * len(data))
     train, val = data[:cut], data[cut:]
@@ -157,4 +184,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    harness.run_cli(main)

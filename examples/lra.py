@@ -32,10 +32,12 @@ Configs:
     quick: CPU runs. For ListOps it is tuned to learn in a few minutes on 2 cores: it trains on 2,000
         generated expressions of LRA's lengths (500-2,000 tokens) for 2 epochs and is tested on a generated
         test split of the official size (2,000) and format; a bidirectional S4D model (2 layers, width 32)
-        read at position 0 (``--pool first``, see :class:`FirstPosition`). Measured on a shared 2-core CPU:
-        test accuracy 36.05% against a majority class of 18.25% (generator seed 0; seeds 1 and 2: 37.0% vs
-        18.2%, 38.5% vs 18.6%), about 40 s per epoch when the machine is quiet. For the other tasks it is a
-        small, short smoke configuration (subsets, truncated documents), not tuned.
+        read at position 0 (``--pool first``, see :class:`FirstPosition`). Measured with the current
+        generator (cache folders ``*-v2``): test accuracy 35.30% against a majority class of 17.45%
+        (generator seed 0; seeds 1 and 2: 36.30% vs 17.40%, 36.15% vs 17.90%); on a 2-core CPU shared with
+        other jobs, 3 minutes of wall time and 80 s of CPU time with ``OMP_NUM_THREADS=1`` (31.7 minutes
+        with torch's two threads when the machine was busier). For the other tasks it is a small, short
+        smoke configuration (subsets, truncated documents), not tuned.
     s4: the S4 paper's hyperparameters per task (see the comment above ``S4_PRESETS``).
     s5: the S5 paper's hyperparameters per task, S5 layers (see the comment above ``S5_PRESETS``).
 """
@@ -48,7 +50,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import threading
 import time
 from collections import Counter
@@ -614,16 +615,25 @@ def subset(dataset: Dataset, n: int | None, seed: int, name: str) -> Dataset:
 # Command line
 
 
+# What --pool does here: harness.build_model's pooling, plus "first" (build_classifier, FirstPosition).
+POOL_HELP = (
+    "how the classifier reads the sequence of outputs: mean (their mean over the valid positions, padding "
+    "excluded), last (the output at the last valid position) or first (the output at position 0 of a "
+    "bidirectional model, whose anti-causal half carries the whole sequence there, see FirstPosition; needs "
+    "--bidirectional). Retrieval reads each document so before the pair head"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = harness.ExampleParser(
         description="Long Range Arena with an S4, S4D or RTF classifier (see the module docstring).",
     )
-    parser.add_argument("--task", required=True, choices=TASKS, help="LRA task")
-    parser.add_argument("--config", choices=CONFIGS, default="quick", help="preset (default: quick)")
+    parser.add_argument("--task", required=True, choices=TASKS, help="LRA task (required)")
+    parser.add_argument("--config", choices=CONFIGS, default="quick", help="preset")
     parser.add_argument(
         "--data",
         default=None,
-        help="folder of the official files (default: generate ListOps/Pathfinder into the cache)",
+        help="folder of the official files (default: none, generate ListOps/Pathfinder into the cache)",
     )
     parser.add_argument(
         "--cache-dir",
@@ -634,53 +644,69 @@ def build_parser() -> argparse.ArgumentParser:
         "--difficulty",
         choices=tuple(DIFFICULTY_DIRS),
         default="hard",
-        help="Pathfinder difficulty, read or generated (default: hard, LRA's)",
+        help="Pathfinder difficulty, read or generated (default: %(default)s, LRA's)",
     )
     data = parser.add_argument_group("data: overrides of the preset (see EXTRAS in examples/lra.py)")
     data.add_argument(
         "--train-subset",
         type=harness.optional_int,
         default=argparse.SUPPRESS,
-        help="train on a seeded subset of this many examples ('none': all)",
+        help="train on a seeded subset of this many examples ('none': all; default: the preset's, 2000 for "
+        "quick text and retrieval, 5000 for quick image, else all)",
     )
     data.add_argument(
         "--val-subset",
         type=harness.optional_int,
         default=argparse.SUPPRESS,
-        help="validate on a seeded subset ('none': all)",
+        help="validate on a seeded subset ('none': all; default: the preset's, 500 for quick text and "
+        "retrieval, 1000 for quick image, else all)",
     )
     data.add_argument(
         "--test-subset",
         type=harness.optional_int,
         default=argparse.SUPPRESS,
-        help="test on a seeded subset ('none': all)",
+        help="test on a seeded subset ('none': all; default: the preset's, 2000 for quick text, retrieval "
+        "and image, else all)",
     )
     data.add_argument(
         "--truncate",
         type=harness.optional_int,
         default=argparse.SUPPRESS,
-        help="token tasks: ids kept per document, end-of-sequence included ('none': LRA's)",
+        help="token tasks: ids kept per document, end-of-sequence included ('none': LRA's; default: the "
+        "preset's, 1024 for quick text and retrieval, else LRA's)",
     )
     data.add_argument(
         "--bidirectional",
         action=argparse.BooleanOptionalAction,
         default=argparse.SUPPRESS,
-        help="bidirectional SSM layers (default: on)",
+        help="bidirectional SSM layers (default: on in every preset)",
     )
     data.add_argument(
         "--glu",
         action=argparse.BooleanOptionalAction,
         default=argparse.SUPPRESS,
-        help="GLU after each layer's output projection (default: on for s4, off for quick)",
+        help="GLU after each layer's output projection (default: on for s4 and s5, off for quick)",
     )
     gen = parser.add_argument_group("generated data (without --data)")
-    gen.add_argument("--gen-train", type=int, default=None, help="ListOps training expressions")
-    gen.add_argument("--gen-val", type=int, default=None, help="ListOps validation expressions")
-    gen.add_argument("--gen-test", type=int, default=None, help="ListOps test expressions")
-    gen.add_argument("--gen-min-length", type=int, default=None, help="ListOps: length > this (default 500)")
-    gen.add_argument("--gen-max-length", type=int, default=None, help="ListOps: length < this (default 2000)")
-    gen.add_argument("--gen-n", type=int, default=None, help="Pathfinder: images (split 80/10/10)")
-    gen.add_argument("--gen-seed", type=int, default=0, help="generator seed (default: 0)")
+    gen.add_argument(
+        "--gen-train", type=int, default=None,
+        help="ListOps training expressions (default: the preset's, 96000 for s4 and s5, 2000 for quick)",
+    )
+    gen.add_argument(
+        "--gen-val", type=int, default=None,
+        help="ListOps validation expressions (default: the preset's, 2000 for s4 and s5, 500 for quick)",
+    )
+    gen.add_argument("--gen-test", type=int, default=None, help="ListOps test expressions (default: 2000)")
+    gen.add_argument("--gen-min-length", type=int, default=None, help="ListOps: length > this (default: 500)")
+    gen.add_argument(
+        "--gen-max-length", type=int, default=None, help="ListOps: length < this (default: 2000)"
+    )
+    gen.add_argument(
+        "--gen-n", type=int, default=None,
+        help="Pathfinder: images, split 80/10/10 (default: the preset's, 200000 for s4 and s5; for quick "
+        "2000 at 32 x 32, 1000 at 64 x 64, 500 for pathfinder128 and pathx)",
+    )
+    gen.add_argument("--gen-seed", type=int, default=0, help="generator seed")
     gen.add_argument(
         "--gen-workers",
         type=int,
@@ -690,7 +716,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     harness.add_run_args(parser, default_out="runs/lra/<task>-<model>-<config>")
     title = "training configuration: overrides of the --config preset (defaults shown: quick ListOps)"
-    harness.add_config_args(parser, QUICK_PRESETS["listops"], title=title)
+    harness.add_config_args(
+        parser, QUICK_PRESETS["listops"], title=title, helps={"pool": POOL_HELP},
+        choices={"pool": ("mean", "last", "first")},
+    )
     return parser
 
 
@@ -731,43 +760,49 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace, cfg: Config, d: harness.DistInfo) -> dict[str, Any]:
     task = args.task
-    extra = _extra_from_args(args)
-    info = LRA_TASKS[task]
-    out = args.out
-    if out == "runs/lra/<task>-<model>-<config>":
-        out = f"runs/lra/{task}-{cfg.model}-{args.config}"
-    harness.check_out_dir(out)
-    cache = Path(args.cache_dir) if args.cache_dir is not None else default_cache_dir()
+    with harness.config_errors():  # a bad option or value: one line, exit status 2
+        extra = _extra_from_args(args)
+        info = LRA_TASKS[task]
+        out = args.out
+        if out == "runs/lra/<task>-<model>-<config>":
+            out = f"runs/lra/{task}-{cfg.model}-{args.config}"
+        harness.check_out_dir(out)
+        cache = Path(args.cache_dir) if args.cache_dir is not None else default_cache_dir()
 
-    for first in (True, False):  # rank 0 generates missing data; the other ranks then find it in the cache
-        if d.main == first:
-            root = resolve_data(
-                task, args.data, cache, extra, seed=args.gen_seed, difficulty=args.difficulty,
-                workers=args.gen_workers,
+        # rank 0 generates missing data; the other ranks then find it in the cache
+        for first in (True, False):
+            if d.main == first:
+                root = resolve_data(
+                    task, args.data, cache, extra, seed=args.gen_seed, difficulty=args.difficulty,
+                    workers=args.gen_workers,
+                )
+            if d.active and first:
+                torch.distributed.barrier()
+        options: dict[str, Any] = {}
+        if info["input"] == "tokens" and extra["truncate"] is not None:
+            options["max_length"] = check_int("truncate", extra["truncate"], minimum=2)
+        if task in PATHFINDER_TASKS:
+            options["difficulty"] = args.difficulty
+        splits = {split: load_lra(task, root, split, **options) for split in ("train", "val", "test")}
+        train_ds = subset(splits["train"], extra["train_subset"], cfg.seed, "train_subset")
+        val_ds = subset(splits["val"], extra["val_subset"], cfg.seed, "val_subset")
+        test_ds = subset(splits["test"], extra["test_subset"], cfg.seed, "test_subset")
+        majority_label, majority_acc = majority_class(test_ds)
+
+        harness.seed_everything(cfg.seed)
+        model_kwargs = dict(
+            bidirectional=bool(extra["bidirectional"]), layer_kwargs=_layer_kwargs(cfg, extra)
+        )
+        collate = info["collate"]
+        if info["pair"]:
+            model = build_pair_model(cfg, info["vocab_size"], info["num_classes"], **model_kwargs)
+            collate = collate_stacked_pair
+        elif info["input"] == "tokens":
+            model = build_classifier(
+                cfg, info["vocab_size"], info["num_classes"], embedding=True, **model_kwargs
             )
-        if d.active and first:
-            torch.distributed.barrier()
-    options: dict[str, Any] = {}
-    if info["input"] == "tokens" and extra["truncate"] is not None:
-        options["max_length"] = check_int("truncate", extra["truncate"], minimum=2)
-    if task in PATHFINDER_TASKS:
-        options["difficulty"] = args.difficulty
-    splits = {split: load_lra(task, root, split, **options) for split in ("train", "val", "test")}
-    train_ds = subset(splits["train"], extra["train_subset"], cfg.seed, "train_subset")
-    val_ds = subset(splits["val"], extra["val_subset"], cfg.seed, "val_subset")
-    test_ds = subset(splits["test"], extra["test_subset"], cfg.seed, "test_subset")
-    majority_label, majority_acc = majority_class(test_ds)
-
-    harness.seed_everything(cfg.seed)
-    model_kwargs = dict(bidirectional=bool(extra["bidirectional"]), layer_kwargs=_layer_kwargs(cfg, extra))
-    collate = info["collate"]
-    if info["pair"]:
-        model = build_pair_model(cfg, info["vocab_size"], info["num_classes"], **model_kwargs)
-        collate = collate_stacked_pair
-    elif info["input"] == "tokens":
-        model = build_classifier(cfg, info["vocab_size"], info["num_classes"], embedding=True, **model_kwargs)
-    else:
-        model = build_classifier(cfg, info["d_input"], info["num_classes"], **model_kwargs)
+        else:
+            model = build_classifier(cfg, info["d_input"], info["num_classes"], **model_kwargs)
     say = print if d.main else _quiet
     say(
         f"LRA {task} ({args.config}): data {root}; train {len(train_ds)}, val {len(val_ds)}, test "
@@ -811,9 +846,6 @@ def _quiet(*args: Any, **kwargs: Any) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    # no data, --out naming a file, a damaged checkpoint, divergence: say so without a traceback
-    except (FileNotFoundError, NotADirectoryError, harness.CheckpointError, harness.OutDirInUse,
-            FloatingPointError) as err:
-        sys.exit(f"error: {err}")
+    # a configuration error (exit status 2), no data, --out naming a file, a damaged checkpoint, divergence
+    # (status 1): one line from rank 0, no traceback
+    harness.run_cli(main)

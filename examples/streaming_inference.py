@@ -34,18 +34,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
+import training_harness as harness  # before ssm: from a checkout it makes the repository's ssm importable
 
-try:
-    import ssm
-except ImportError:  # running from a checkout without installing: use the repository's package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import ssm
+import ssm
 
 
 def make_signal(length: int, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -96,21 +91,25 @@ def timed(fn, *args):
     return out, time.perf_counter() - t0
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = harness.ExampleParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layer", default="s4d", choices=tuple(ssm.layers.LAYERS), help="SSM layer of the stack")
     p.add_argument("--length", type=int, default=100_000, help="samples in the signal")
     p.add_argument("--chunk", type=int, default=4096, help="samples per chunk")
     p.add_argument("--step-prefix", type=int, default=2000, help="samples fed one at a time through step")
-    p.add_argument("--d-model", type=int, default=32)
-    p.add_argument("--n-layers", type=int, default=2)
-    p.add_argument("--d-state", type=int, default=64)
+    p.add_argument("--d-model", type=int, default=32, help="width H of the stack")
+    p.add_argument("--n-layers", type=int, default=2, help="SSM blocks in the stack")
+    p.add_argument("--d-state", type=int, default=64, help="state size N of every layer")
     p.add_argument("--double", action="store_true", help="run in float64")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (0: torch's default); 1 is the fastest for these small "
                         "models on a small or shared CPU")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialization and the signal's noise")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     for name in ("length", "chunk", "d_model", "n_layers", "d_state"):
         if getattr(args, name) < 1:
@@ -164,4 +163,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    harness.run_cli(main)

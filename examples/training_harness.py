@@ -1,10 +1,13 @@
 """The training harness shared by the examples (fashion_mnist.py, lra.py).
 
 One configuration dataclass with command-line overrides, a model builder for :class:`ssm.SSMModel`, and
-:func:`train`: AdamW over :func:`ssm.optim.param_groups`, linear warmup then cosine decay, a progress bar,
-per-epoch metrics in ``metrics.jsonl`` (with throughput: tokens per second, peak device memory),
-``last.pt``/``best.pt`` checkpoints with exact resume, the final test accuracy of the best checkpoint,
-``curves.png`` and ``summary.json``.
+:func:`train`: AdamW over :func:`ssm.optim.param_groups`, linear warmup then cosine decay, a progress bar
+(or, with ``--no-progress``, a line with the step, loss and tokens per second at least every 30 s),
+per-epoch metrics in ``metrics.jsonl`` (with throughput: tokens per second, peak device memory), the loss
+of every optimizer step in ``steps.jsonl``, ``last.pt``/``best.pt`` checkpoints with exact resume, the final
+test accuracy of the best checkpoint, ``curves.png`` (per step) and ``summary.json``. The scripts' command
+lines come from :class:`ExampleParser` and :func:`run_cli`: every default in ``--help``, a configuration
+error as one line ``error: ...`` (exit status 2) from rank 0 only.
 
 Exact resume: the data order of epoch ``e`` is a function of ``(seed, e)`` only (global batch ``s`` of the
 epoch is items ``s * batch_size`` to ``(s + 1) * batch_size`` of that order), and ``last.pt`` holds the
@@ -40,7 +43,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -55,6 +58,7 @@ except ImportError:  # running from a checkout without installing: use the repos
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ssm._checks import check_choice, check_int, check_positive
+from ssm.blocks import NORMS
 from ssm.layers import LAYERS
 
 MODELS = tuple(LAYERS)  # "s4", "s4d", "rtf", ...: every layer in the registry
@@ -71,8 +75,13 @@ _RESUME_HPARAMS = ("lr", "lr_ssm", "weight_decay")
 # Fields that may be None (set from the command line with the word "none").
 _OPTIONAL_INTS = ("max_steps_per_epoch", "max_eval_steps", "eval_batch_size", "checkpoint_every")
 _CHOICES = {"scheduler": SCHEDULERS, "precision": PRECISIONS, "dtype": DTYPES}
+# Choices the command line enforces on top of the Config checks (SSMModel checks norm and pool; a classifier
+# needs a pooled output, so pool "none" is not offered). add_config_args(choices=...) replaces them.
+CLI_CHOICES = {"norm": NORMS, "pool": ("mean", "last")}
 # curves.png is redrawn after every epoch that took at least this long, and at the end of each call.
 _REPLOT_SECONDS = 30.0
+# Without a progress bar (progress=False, --no-progress), a progress line at least this often.
+_HEARTBEAT_SECONDS = 30.0
 
 _HELP = {
     "model": f"SSM layer: {', '.join(MODELS)}",
@@ -80,9 +89,10 @@ _HELP = {
     "n_layers": "number of residual SSM blocks",
     "d_state": "state size N of each SSM",
     "dropout": "dropout probability in the blocks",
-    "norm": "normalization in the blocks: layer, batch or none (checked by ssm.SSMModel)",
+    "norm": "normalization in the blocks: layer, batch or none",
     "prenorm": "normalize before (pre-norm) or after (post-norm) each block",
-    "pool": "pooling over the sequence before the head: mean or last (checked by ssm.SSMModel)",
+    "pool": "how the classifier reads the sequence of outputs: mean (their mean over the valid positions, "
+    "padding excluded) or last (the output at the last valid position)",
     "ff": "expansion factor of a GELU feed-forward branch after each SSM layer (0: none)",
     "lr": "learning rate of all non-SSM parameters",
     "lr_ssm": "learning rate of the SSM parameters (no weight decay on them)",
@@ -103,7 +113,8 @@ _HELP = {
     "max_eval_steps": "cap on batches per evaluation, for smoke tests ('none': the whole split)",
     "eval_batch_size": "evaluation batch size ('none': the training batch size)",
     "device": "auto, cpu, cuda or cuda:N",
-    "progress": "show a progress bar (tqdm when installed, else periodic prints)",
+    "progress": "show a progress bar (tqdm when installed, else a line every 10%% of an epoch); without it "
+    f"(--no-progress), a line (step, loss, tokens/s) every {_HEARTBEAT_SECONDS:.0f} s",
 }
 
 
@@ -190,6 +201,72 @@ class Config:
 # Command line
 
 
+class ConfigError(ValueError):
+    """A configuration that cannot run: a bad value or a bad combination of options (a batch size that
+    ``world_size * accumulate`` does not divide, ...). :func:`run_cli` prints it as one line."""
+
+
+def launch_rank() -> int:
+    """This process's rank as ``torchrun`` announces it (``$RANK``), known before the process group is
+    joined; 0 without torchrun."""
+    rank = os.environ.get("RANK", "0")
+    return int(rank) if rank.isdigit() else 0
+
+
+def fail(message: str, status: int) -> NoReturn:
+    """Exit with ``status`` after printing ``error: <message>`` as one line on stderr, from rank 0 only (the
+    other ranks of a torchrun job fail with the same message and say nothing)."""
+    if launch_rank() == 0:
+        print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, ``(default: ...)``, unless the help already says what the
+    default is (a word "default" in it: a default that depends on the preset, say)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        return text if "default" in text.lower() else super()._get_help_string(action)
+
+
+class ExampleParser(argparse.ArgumentParser):
+    """The examples' ``ArgumentParser``: ``--help`` shows every default (:class:`DefaultsHelpFormatter`),
+    and a command-line error is one line from rank 0 only, exit status 2 (as argparse), see :func:`fail`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see {self.prog} --help)", 2)
+
+
+def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
+    """Run a script's ``main(argv)`` the way its ``__main__`` block does: a :class:`ConfigError` becomes one
+    line ``error: ...`` and exit status 2 (as a command-line error in argparse), an error of
+    :data:`RUN_ERRORS` one line and status 1, printed by rank 0 only under torchrun (:func:`fail`); any other
+    exception (a bug) keeps its traceback."""
+    try:
+        main(argv)
+    except ConfigError as err:
+        fail(str(err), 2)
+    except RUN_ERRORS as err:
+        fail(str(err), 1)
+
+
+@contextlib.contextmanager
+def config_errors() -> Iterator[None]:
+    """Turn a ValueError raised inside into a :class:`ConfigError`: for a script's setup (options, data,
+    model), where a bad value is the command line's."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
 def optional_int(text: str) -> int | None:
     """An argparse ``type``: an integer, or None for the word "none" (any case)."""
     return None if text.lower() == "none" else int(text)
@@ -200,28 +277,32 @@ def add_config_args(
     base: Config | None = None,
     *,
     title: str = "training configuration",
+    helps: dict[str, str] | None = None,
+    choices: dict[str, Sequence[str]] | None = None,
 ) -> argparse.ArgumentParser:
     """Add ``--<field>`` options (dashes for underscores) for every :class:`Config` field to ``parser``.
 
     Options left out keep the value of the configuration they are applied to (see :func:`config_from_args`);
     ``base`` only supplies the defaults shown in ``--help``. Booleans take ``--prenorm/--no-prenorm``;
-    optional integers take ``none``. The options form an argument group named ``title``.
+    optional integers take ``none``. The options form an argument group named ``title``. ``helps`` and
+    ``choices`` replace the help text and the allowed values (:data:`CLI_CHOICES`) of the fields they name.
     """
     base = base if base is not None else Config()
+    helps = {**_HELP, **(helps or {})}
+    allowed = {**CLI_CHOICES, "model": MODELS, **_CHOICES, **(choices or {})}
     group = parser.add_argument_group(title)
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         value = getattr(base, f.name)
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
-        kwargs["help"] = f"{_HELP[f.name]} (default: {value})"
+        shown = "none" if value is None else value
+        kwargs["help"] = f"{helps[f.name]} (default: {shown})"
         if isinstance(value, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif f.name in _OPTIONAL_INTS:
             kwargs["type"] = optional_int
-        elif f.name == "model":
-            kwargs["choices"] = MODELS
-        elif f.name in _CHOICES:
-            kwargs["choices"] = _CHOICES[f.name]
+        elif f.name in allowed:
+            kwargs["choices"] = tuple(allowed[f.name])
         else:
             kwargs["type"] = type(value)
         group.add_argument(flag, **kwargs)
@@ -229,9 +310,11 @@ def add_config_args(
 
 
 def config_from_args(args: argparse.Namespace, base: Config) -> Config:
-    """``base`` with every :class:`Config` field given on the command line replaced (and validated)."""
+    """``base`` with every :class:`Config` field given on the command line replaced (and validated: a
+    :class:`ConfigError` names a bad field)."""
     names = {f.name for f in fields(Config)}
-    return replace(base, **{k: v for k, v in vars(args).items() if k in names})
+    with config_errors():
+        return replace(base, **{k: v for k, v in vars(args).items() if k in names})
 
 
 def add_run_args(parser: argparse.ArgumentParser, default_out: str) -> argparse.ArgumentParser:
@@ -242,13 +325,14 @@ def add_run_args(parser: argparse.ArgumentParser, default_out: str) -> argparse.
         "--resume",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="continue from OUT/last.pt when it exists (default: on)",
+        help="continue from OUT/last.pt when it exists (default: %(default)s)",
     )
     parser.add_argument(
         "--stop-after-steps",
-        type=int,
+        type=optional_int,
         default=None,
-        help="for tests: end after this many optimizer steps in all, as if killed (no checkpoint is written)",
+        help="for tests: end after this many optimizer steps in all, as if killed (no checkpoint is written; "
+        "default: none, run to the end)",
     )
     return parser
 
@@ -277,7 +361,8 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str, *, local_rank: int | None = None) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; otherwise ``torch.device(name)`` (which must exist).
+    """``"auto"`` -> CUDA when available, else CPU; otherwise ``torch.device(name)`` (which must exist: a
+    :class:`ConfigError` otherwise).
 
     With ``local_rank`` (a torchrun process), "auto" and "cuda" mean ``cuda:<local_rank>``.
     """
@@ -286,9 +371,9 @@ def resolve_device(name: str, *, local_rank: int | None = None) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {name!r}") from err
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {name!r}") from err
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was requested but CUDA is not available; use --device cpu")
+        raise ConfigError(f"device {name!r} was requested but CUDA is not available; use --device cpu")
     if device.type == "cuda" and device.index is None and local_rank is not None:
         device = torch.device("cuda", local_rank)
     return device
@@ -574,14 +659,26 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-class _Progress:
-    """tqdm when importable, else a line every ~10% of the steps; silent when disabled."""
+def _clock() -> float:
+    """Seconds on a monotonic clock: the progress lines' timer (tests replace it)."""
+    return time.monotonic()
 
-    def __init__(self, total: int, desc: str, enabled: bool) -> None:
-        self.total, self.desc, self.enabled, self.count = total, desc, enabled, 0
+
+class _Progress:
+    """The progress of one loop over ``total`` steps, shown by rank 0 (``main``) only.
+
+    With ``bar``: tqdm when importable, else a line every ~10% of the steps. With or without it, a line
+    whenever :data:`_HEARTBEAT_SECONDS` of :func:`_clock` passed since the last one (or since the start), so
+    that a run without a bar (``--no-progress``) still says every 30 s how far it is, its loss and its speed.
+    A line reads ``desc: count/total key value ...``.
+    """
+
+    def __init__(self, total: int, desc: str, *, bar: bool, main: bool = True) -> None:
+        self.total, self.desc, self.main, self.count = total, desc, main, 0
         self.bar = None
-        self.every = max(1, total // 10)
-        if enabled:
+        self.every = max(1, total // 10) if bar else None
+        self.last = _clock()
+        if main and bar:
             try:
                 from tqdm.auto import tqdm
             except ImportError:
@@ -595,14 +692,18 @@ class _Progress:
         """One step done; ``sums[k] / n`` are the running means shown, ``extra()`` more fields (both read
         only when shown)."""
         self.count += 1
-        if not self.enabled:
+        if not self.main:
             return
         if self.bar is not None:
             self.bar.update(1)
             if self.count % 10 == 0 or self.count == self.total:
                 post = {k: f"{v.item() / n:.4g}" for k, v in sums.items()}
                 self.bar.set_postfix({**post, **(extra() if extra else {})}, refresh=False)
-        elif self.count % self.every == 0 or self.count == self.total:
+            return
+        now = _clock()
+        periodic = self.every is not None and (self.count % self.every == 0 or self.count == self.total)
+        if periodic or now - self.last >= _HEARTBEAT_SECONDS:
+            self.last = now
             fields_ = {k: f"{v.item() / n:.4g}" for k, v in sums.items()} | (extra() if extra else {})
             text = " ".join(f"{k} {v}" for k, v in fields_.items())
             print(f"{self.desc}: {self.count}/{self.total} {text}", flush=True)
@@ -625,7 +726,13 @@ class OutDirInUse(RuntimeError):
     """Another run holds the lock of the ``--out`` folder: two runs would mix their files."""
 
 
+# Errors of a run that are the user's to fix, printed by run_cli as one line (exit status 1): missing data,
+# --out naming a file or in use, a damaged checkpoint, divergence.
+RUN_ERRORS = (FileNotFoundError, NotADirectoryError, CheckpointError, OutDirInUse, FloatingPointError)
+
+
 LOCK_NAME = ".lock"
+STEPS_NAME = "steps.jsonl"
 
 
 @contextlib.contextmanager
@@ -701,7 +808,7 @@ def evaluate(
     correct = torch.zeros((), dtype=torch.int64, device=device)
     n = 0
     dtype = _model_dtype(cfg)
-    bar = _Progress(total, desc, cfg.progress and d.main)
+    bar = _Progress(total, desc, bar=cfg.progress, main=d.main)
     for i, batch in enumerate(loader):
         if i == total:
             break
@@ -711,7 +818,7 @@ def evaluate(
         loss_sum += F.cross_entropy(_upcast(logits), y, reduction="sum").double()
         correct += (logits.argmax(-1) == y).sum()
         n += y.shape[0]
-        bar.update({"acc": correct}, n)
+        bar.update({"loss": loss_sum, "acc": correct}, n)
     bar.close()
     model.train(was_training)
     count = torch.tensor(float(n), dtype=torch.float64, device=device)
@@ -853,40 +960,84 @@ def _write_metrics(path: Path, records: Sequence[dict[str, Any]]) -> None:
     _write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
-def plot_curves(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> bool:
-    """Write loss, accuracy and learning-rate curves per epoch to ``path`` (PNG).
+def curve_points(
+    records: Sequence[dict[str, Any]], steps: Sequence[dict[str, Any]] = ()
+) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
+    """The curves of curves.png as ``{panel: {series: (xs, ys)}}``, x the optimizer step.
 
-    Returns False (writing nothing) when matplotlib is not installed.
+    Panels "loss", "acc" and "lr". Series "train": per step from ``steps`` (the lines of steps.jsonl), or,
+    without them (a run from before steps.jsonl), the epoch means of ``records`` (metrics.jsonl) at each
+    epoch's last step; "val" (loss and acc): one point per evaluation, at the step of each epoch end.
     """
+    curves: dict[str, dict[str, tuple[list[float], list[float]]]] = {"loss": {}, "acc": {}, "lr": {}}
+    rows = steps if steps else records
+    xs = [r["step"] for r in rows]
+    for panel, epoch_key in (("loss", "train_loss"), ("acc", "train_acc"), ("lr", "lr")):
+        curves[panel]["train"] = (xs, [r[panel] if steps else r[epoch_key] for r in rows])
+    for panel in ("loss", "acc"):
+        points = [(r["step"], r[f"val_{panel}"]) for r in records if r.get(f"val_{panel}") is not None]
+        if points:
+            curves[panel]["val"] = ([x for x, _ in points], [y for _, y in points])
+    return curves
+
+
+def plot_curves(
+    records: Sequence[dict[str, Any]], path: str | os.PathLike, steps: Sequence[dict[str, Any]] = ()
+) -> bool:
+    """Write the loss, accuracy and learning-rate curves of :func:`curve_points` to ``path`` (PNG): training
+    per optimizer step (with a running mean over ~4% of the run once it has 50 steps), validation per epoch.
+
+    Returns False (writing nothing) when matplotlib is not installed. Raises ValueError when there are fewer
+    than two training points: one point is no curve.
+    """
+    curves = curve_points(records, steps)
+    n = len(curves["loss"]["train"][0])
+    if n < 2:
+        raise ValueError(f"records and steps must hold two training points to draw a curve; got {n}")
     try:
         from matplotlib.figure import Figure
     except ImportError:
         return False
-    epochs = [r["epoch"] for r in records]
+    window = n // 25 if n >= 50 else 1
+    per = "per step" if steps else "per epoch"
     fig = Figure(figsize=(13, 3.6), layout="constrained")
-    ax_loss, ax_acc, ax_lr = fig.subplots(1, 3)
-    for key, ax in (("loss", ax_loss), ("acc", ax_acc)):
-        for split in ("train", "val"):
-            ys = [r.get(f"{split}_{key}") for r in records]
-            if any(y is not None for y in ys):
-                ax.plot(epochs, [np.nan if y is None else y for y in ys], marker="o", label=split)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("cross-entropy" if key == "loss" else "accuracy")
-        ax.legend()
+    labels = {"loss": "cross-entropy", "acc": "accuracy", "lr": "learning rate (group 0)"}
+    for ax, (panel, series) in zip(fig.subplots(1, 3), curves.items()):
+        for split, (xs, ys) in series.items():
+            ys = [np.nan if y is None else y for y in ys]
+            if split == "val":
+                ax.plot(xs, ys, marker="o", label="val (per epoch)")
+            elif window > 1 and panel != "lr":
+                ax.plot(xs, ys, lw=0.6, alpha=0.35, label=f"train ({per})")
+                smooth = np.convolve(ys, np.ones(window) / window, mode="valid")
+                ax.plot(xs[window - 1:], smooth, label=f"train (mean of {window} steps)")
+            else:
+                ax.plot(xs, ys, label=f"train ({per})" if panel != "lr" else None)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(labels[panel])
+        if panel != "lr":
+            ax.legend()
         ax.grid(alpha=0.3)
-    ax_lr.plot(epochs, [r["lr"] for r in records], marker="o")
-    ax_lr.set_xlabel("epoch")
-    ax_lr.set_ylabel("learning rate (end of epoch)")
-    ax_lr.grid(alpha=0.3)
     fig.savefig(path, dpi=100)
     return True
 
 
-def _plot(records: Sequence[dict[str, Any]], out: Path, noted: bool) -> bool:
-    if not plot_curves(records, out / "curves.png") and not noted:
-        print("matplotlib is not installed: skipping curves.png (pip install matplotlib)", flush=True)
-        return True
-    return noted
+def _plot(records: Sequence[dict[str, Any]], steps_path: Path, out: Path, noted: set[str]) -> None:
+    """Draw out/curves.png; say once per reason (kept in ``noted``) why it was not drawn."""
+    steps = _read_metrics(steps_path)
+    n = len(curve_points(records, steps)["loss"]["train"][0])
+    if n < 2:
+        reason = (
+            f"curves.png not drawn: a curve needs two points and the run has {n} optimizer step so far "
+            "(it is drawn once there are two)"
+        )
+    elif not plot_curves(records, out / "curves.png", steps):
+        reason = "matplotlib is not installed: skipping curves.png (pip install matplotlib)"
+    else:
+        return
+    if reason not in noted:
+        noted.add(reason)
+        print(reason, flush=True)
 
 
 class _Trainer:
@@ -896,6 +1047,8 @@ class _Trainer:
     def __init__(self, model, train_ds, cfg, device, d, collate_fn, last_path, stop_after_steps):
         self.model, self.train_ds, self.cfg, self.device, self.d = model, train_ds, cfg, device, d
         self.collate_fn, self.last_path, self.stop_after_steps = collate_fn, last_path, stop_after_steps
+        self.steps_path = last_path.with_name(STEPS_NAME)
+        self.step_log: list[tuple] = []  # steps not yet in steps.jsonl (written with each last.pt)
         self.dtype = _model_dtype(cfg)
         self.steps_per_epoch = steps_per_epoch(len(train_ds), cfg, d.world_size)
         self.optimizer = make_optimizer(model, cfg)
@@ -1020,13 +1173,15 @@ class _Trainer:
             rate = (tokens - partial["tokens"]) * d.world_size / max(time.perf_counter() - t0, 1e-9)
             return {"tok/s": f"{rate:.3g}", "mem": _fmt_bytes(_peak_memory(device)[0])}
 
-        bar = _Progress(self.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and d.main)
+        desc = f"epoch {epoch + 1}/{cfg.epochs}"
+        bar = _Progress(self.steps_per_epoch, desc, bar=cfg.progress, main=d.main)
         bar.count = start_step
         batches = iter(loader)
         A, W = cfg.accumulate, d.world_size
         for s in range(start_step, self.steps_per_epoch):
             n_global = sizes[s - start_step]
             step_loss = torch.zeros((), dtype=torch.float64, device=device)
+            step_correct = torch.zeros((), dtype=torch.int64, device=device)
             for m in range(A):
                 x, y, lengths = _unpack(next(batches), device, self.dtype)
                 sync = self.ddp is None or m == A - 1  # DDP all-reduces in the last micro-batch's backward
@@ -1037,10 +1192,12 @@ class _Trainer:
                     scaled = loss * (y.shape[0] * W / n_global)
                     (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
                 step_loss += loss.detach().double() * y.shape[0]
-                sums["acc"] += (logits.detach().argmax(-1) == y).sum()
+                step_correct += (logits.detach().argmax(-1) == y).sum()
                 n += y.shape[0]
                 tokens += _positions(x)
             sums["loss"] += step_loss
+            sums["acc"] += step_correct
+            lr = self.optimizer.param_groups[0]["lr"]  # the rate of this step (the schedule moves on below)
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             if cfg.grad_clip > 0:
@@ -1053,6 +1210,9 @@ class _Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             self.state["step"] += 1
+            self.step_log.append(
+                (self.state["step"], epoch + 1, s + 1, step_loss, step_correct, n_global, lr)
+            )
             self._check_finite(step_loss, epoch)
             bar.update(sums, n, shown)
             mid_epoch = s + 1 < self.steps_per_epoch
@@ -1086,8 +1246,31 @@ class _Trainer:
             "time_s": loop_s,
         }
 
+    def flush_steps(self) -> None:
+        """Append the steps trained since the last call to steps.jsonl (rank 0), one line per optimizer step:
+        ``step``, ``epoch``, ``epoch_step``, the ``loss`` and ``acc`` of the step's global batch (summed over
+        ranks in one all-reduce here) and the ``lr`` of group 0. Every rank calls it together."""
+        log, self.step_log = self.step_log, []
+        if not log:
+            return
+        sums = torch.stack([torch.stack([loss, correct.double()]) for _, _, _, loss, correct, _, _ in log])
+        sums = _all_reduce(sums, self.d).tolist()
+        if not self.d.main:
+            return
+        lines = [
+            json.dumps({"step": step, "epoch": epoch, "epoch_step": epoch_step, "loss": loss / size,
+                        "acc": correct / size, "lr": lr})
+            for (step, epoch, epoch_step, _, _, size, lr), (loss, correct) in zip(log, sums)
+        ]
+        with self.steps_path.open("a") as fh:
+            fh.write("".join(line + "\n" for line in lines))
+            fh.flush()
+            os.fsync(fh.fileno())
+
     def save_last(self, *, epoch_step: int = 0, partial: dict[str, Any] | None = None) -> None:
-        """Write last.pt (rank 0; every rank contributes its RNG states and partial sums)."""
+        """Write steps.jsonl's new lines and last.pt (rank 0; every rank contributes its RNG states and
+        partial sums)."""
+        self.flush_steps()
         ranks = _gather({"rng": _rng_state(), "partial": partial}, self.d)
         if not self.d.main:
             return
@@ -1217,11 +1400,12 @@ def train(
         cfg: the run's :class:`Config`.
         out_dir: created if needed (NotADirectoryError when it is a file); receives ``metrics.jsonl`` (one
             JSON object per epoch: epoch, step, train_loss, train_acc, val_loss, val_acc, lr, lrs,
-            epoch_time_s, tokens, tokens_per_s, peak_mem_bytes, peak_mem_kind), ``last.pt`` (model,
-            optimizer, scheduler, scaler, epoch, step, epoch_step, best val, RNG states of every rank,
+            epoch_time_s, tokens, tokens_per_s, peak_mem_bytes, peak_mem_kind), ``steps.jsonl`` (one per
+            optimizer step: step, epoch, epoch_step, loss, acc, lr; see ``_Trainer.flush_steps``), ``last.pt``
+            (model, optimizer, scheduler, scaler, epoch, step, epoch_step, best val, RNG states of every rank,
             data-order state, config; written at each epoch end and every ``cfg.checkpoint_every`` steps),
-            ``best.pt`` (model of the best val accuracy, or the latest without ``val_ds``), ``curves.png`` and
-            ``summary.json``.
+            ``best.pt`` (model of the best val accuracy, or the latest without ``val_ds``), ``curves.png``
+            (training per step, validation per epoch: :func:`plot_curves`) and ``summary.json``.
         resume: continue from ``out_dir/last.pt`` when it exists (a damaged file raises
             :class:`CheckpointError` naming it; the configuration's lr, lr_ssm and weight_decay replace the
             checkpoint's); otherwise start afresh (re-seeding with ``cfg.seed``, deleting an earlier run's
@@ -1233,10 +1417,10 @@ def train(
 
     Distributed: under ``torchrun`` (or inside an initialized process group) every rank calls ``train``
     with the same arguments. ``cfg.batch_size`` is the global batch: each rank takes ``batch_size /
-    world_size`` items of every global batch (a ValueError when ``world_size * accumulate`` does not divide
-    it), gradients are averaged by DistributedDataParallel so that the step is that of the global batch,
-    batch norms become synchronized ones (:func:`sync_batchnorm`), metrics are reduced over ranks, and rank 0
-    alone prints and writes files; every rank reads ``last.pt`` on resume.
+    world_size`` items of every global batch (a :class:`ConfigError`, a ValueError, when ``world_size *
+    accumulate`` does not divide it), gradients are averaged by DistributedDataParallel so that the step is
+    that of the global batch, batch norms become synchronized ones (:func:`sync_batchnorm`), metrics are
+    reduced over ranks, and rank 0 alone prints and writes files; every rank reads ``last.pt`` on resume.
 
     Returns:
         The summary also written to ``summary.json``: finished, epochs_completed, steps, best_epoch,
@@ -1266,13 +1450,13 @@ def _train(
 ) -> dict[str, Any]:
     parts = d.world_size * cfg.accumulate
     if cfg.batch_size % parts:
-        raise ValueError(
+        raise ConfigError(
             f"batch_size {cfg.batch_size} (the global batch) must be divisible by world_size * accumulate = "
             f"{d.world_size} * {cfg.accumulate}: each rank takes batch_size / world_size items per step, in "
             "accumulate micro-batches"
         )
     if steps_per_epoch(len(train_ds), cfg, d.world_size) == 0:
-        raise ValueError(f"train_ds has {len(train_ds)} items: fewer than one per micro-batch ({parts})")
+        raise ConfigError(f"train_ds has {len(train_ds)} items: fewer than one per micro-batch ({parts})")
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device, local_rank=d.local_rank if d.active else None)
@@ -1286,19 +1470,22 @@ def _train(
     state = run.state
 
     epoch_step, partial = 0, None
-    if _broadcast(resume and last_path.exists(), d):
+    resumed = _broadcast(resume and last_path.exists(), d)
+    if resumed:
         epoch_step, partial, records = run.resume(metrics_path)
     else:
         seed_everything(cfg.seed if d.main else _mix(cfg.seed, 2**31 + d.rank))
         records = []
         if d.main:
-            for stale in (last_path, best_path, out / "curves.png", out / "summary.json"):
+            for stale in (last_path, best_path, out / "curves.png", out / "summary.json", run.steps_path):
                 stale.unlink(missing_ok=True)
     if d.main:
         _write_metrics(metrics_path, records)
+        kept = [r for r in _read_metrics(run.steps_path) if r["step"] <= state["step"]] if resumed else []
+        _write_metrics(run.steps_path, kept)  # the steps up to last.pt's (none when starting afresh)
 
     n_params = count_parameters(model)
-    plot_note = False
+    plot_notes: set[str] = set()
     stopped = False
     for epoch in range(state["epoch"], cfg.epochs):
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
@@ -1355,9 +1542,9 @@ def _train(
             f"{_fmt_bytes(tr['peak_mem_bytes'])})"
         )
         if elapsed >= _REPLOT_SECONDS and d.main:  # refresh the curves during long runs; drawn at the end
-            plot_note = _plot(records, out, plot_note)
+            _plot(records, run.steps_path, out, plot_notes)
     if records and d.main:
-        _plot(records, out, plot_note)
+        _plot(records, run.steps_path, out, plot_notes)
 
     finished = state["epoch"] >= cfg.epochs and not stopped
     test = None

@@ -57,20 +57,15 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import training_harness as harness  # before ssm: from a checkout it makes the repository's ssm importable
 from torch import Tensor, nn
 
-try:
-    import ssm
-except ImportError:  # running from a checkout without installing: use the repository's package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import ssm
+import ssm
 
 MIXERS = ("attention", "s4", "s4d", "rtf")
 
@@ -397,24 +392,24 @@ def step_latency(model: Decoder, context: int, n_steps: int, vocab: int) -> tupl
 
 
 # ---- command line ------------------------------------------------------------------------------------------
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = harness.ExampleParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mixer", default="s4d", choices=MIXERS, help="token mixer of the trained decoder")
     p.add_argument("--compare", default="attention", choices=MIXERS,
                    help="mixer of the second model in the latency comparison")
     p.add_argument("--d-model", type=int, default=64, help="width of the trained model")
-    p.add_argument("--n-layers", type=int, default=2)
-    p.add_argument("--n-heads", type=int, default=4)
+    p.add_argument("--n-layers", type=int, default=2, help="decoder blocks (trained and latency models)")
+    p.add_argument("--n-heads", type=int, default=4, help="attention heads (attention mixer only)")
     p.add_argument("--d-state", type=int, default=64, help="state size N of the SSM layers")
-    p.add_argument("--vocab", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=16, help="vocabulary size of the periodic sequences")
     p.add_argument("--delay", type=int, default=64, help="period D of the sequences: the memory needed")
     p.add_argument("--seq-len", type=int, default=256, help="training sequence length")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="training sequences per step")
     p.add_argument("--lr", type=float, default=3e-3, help="learning rate (SSM parameters: their own, 1e-3)")
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--weight-decay", type=float, default=0.01,
+                   help="AdamW weight decay of the non-SSM parameters (the SSM parameters: none)")
+    p.add_argument("--log-every", type=int, default=50, help="print loss and accuracy every this many steps")
     p.add_argument("--gen-len", type=int, default=192, help="tokens generated after a prompt of D tokens")
     p.add_argument("--bench-d-model", type=int, default=256, help="width of the models in the latency test")
     p.add_argument("--contexts", type=int, nargs="+", default=[256, 4096, 32768],
@@ -423,7 +418,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (0: torch's default); 1 is the fastest for these small "
                         "models on a small or shared CPU")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialization and the data")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     for name in ("d_model", "n_layers", "n_heads", "d_state", "vocab", "delay", "seq_len", "steps",
                  "batch_size", "log_every", "gen_len", "bench_d_model", "bench_steps"):
@@ -507,4 +507,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    harness.run_cli(main)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -52,8 +53,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run --nproc_per_node=nproc examples/lra.py *args`` on a free port."""
+def torchrun(nproc: int, *args: str, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc_per_node=nproc examples/lra.py *args`` on a free port (with
+    ``check``, asserting that it succeeds)."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(ROOT / "examples" / "lra.py"),
@@ -61,7 +63,7 @@ def torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.Complet
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0 or not check, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
 
@@ -69,8 +71,8 @@ def _model(out: Path) -> dict[str, torch.Tensor]:
     return torch.load(out / "last.pt", weights_only=True)["model"]
 
 
-def _records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+def _records(out: Path, name: str = "metrics.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (out / name).read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +97,11 @@ def test_two_processes_match_one(cache, two_process_run, tmp_path):
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "tokens"):
             assert r2[key] == pytest.approx(r1[key], rel=1e-9), key
     assert summary["test_loss"] == pytest.approx(one["test_loss"], rel=1e-9)
+    # steps.jsonl: the loss of each global batch, summed over the ranks
+    steps1, steps2 = _records(tmp_path / "one", "steps.jsonl"), _records(two, "steps.jsonl")
+    assert [r["step"] for r in steps2] == [r["step"] for r in steps1] == list(range(1, len(steps1) + 1))
+    for r1, r2 in zip(steps1, steps2):
+        assert (r2["loss"], r2["acc"]) == (pytest.approx(r1["loss"], rel=1e-9), r1["acc"])
 
 
 def test_accumulate_matches_one_large_batch(cache, tmp_path):
@@ -127,3 +134,17 @@ def test_two_process_resume_mid_epoch_is_exact(cache, two_process_run, tmp_path)
     assert [{k: v for k, v in r.items() if k not in strip} for r in _records(two)] == [
         {k: v for k, v in r.items() if k not in strip} for r in _records(out)
     ]
+    assert (two / "steps.jsonl").read_text() == (out / "steps.jsonl").read_text()
+
+
+def test_config_error_is_one_line_from_rank_0(cache, tmp_path):
+    """A batch of 3 on 2 ranks: both ranks refuse it after joining the group, rank 0 alone says so, in one
+    line; no rank prints a traceback (torchrun adds its own report of the failed child)."""
+    done = torchrun(
+        2, *TINY, "--cache-dir", str(cache), "--out", str(tmp_path), "--batch-size", "3", check=False
+    )
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: batch_size 3 (the global batch) must be divisible")
+    assert "lra.py\", line" not in done.stderr and "ConfigError" not in done.stderr  # no rank's traceback
+    assert re.search(r"exitcode\s*:\s*2\b", done.stderr)  # rank 0's status, as argparse's

@@ -243,7 +243,7 @@ def test_missing_tqdm_and_matplotlib_fall_back(tmp_path, monkeypatch, capsys):
     tr, va, te = data()
     harness.train(MeanPoolNet(), tr, va, te, tiny_cfg(epochs=2, progress=True), tmp_path)
     out = capsys.readouterr().out
-    assert "epoch 1/2: 6/6 loss" in out and "val: 3/3 acc" in out
+    assert "epoch 1/2: 6/6 loss" in out and "val: 3/3 loss" in out
     assert out.count("matplotlib is not installed") == 1
     assert not (tmp_path / "curves.png").exists()
 
@@ -384,6 +384,10 @@ def test_mid_epoch_checkpoint_resumes_exactly(tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
     full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
     assert _strip(full) == _strip((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines())
+    # steps.jsonl: step 9 (lost with the kill) is written once, by the resumed run, as in the full run
+    steps = (tmp_path / "full" / "steps.jsonl").read_text()
+    assert [json.loads(line)["step"] for line in steps.splitlines()] == list(range(1, 13))
+    assert (tmp_path / "cut" / "steps.jsonl").read_text() == steps
 
 
 def test_accumulate_matches_the_large_batch(tmp_path):
@@ -522,3 +526,57 @@ def test_out_naming_a_file_is_a_clear_error(tmp_path):
         harness.train(MeanPoolNet(), tr, va, te, tiny_cfg(), tmp_path / "file")
     with pytest.raises(NotADirectoryError, match="existing file"):
         harness.check_out_dir(tmp_path / "file" / "below")
+
+
+def test_no_progress_still_prints_a_line_every_30_seconds(tmp_path, monkeypatch, capsys):
+    """--no-progress: a line with the step, loss and tokens/s once 30 s (of an injected clock) have passed."""
+    now = [0.0]
+    monkeypatch.setattr(harness, "_clock", lambda: now[0])
+    model = MeanPoolNet()
+
+    def ten_seconds_per_batch(module, args):
+        now[0] += 10.0
+
+    model.register_forward_pre_hook(ten_seconds_per_batch)
+    tr, va, te = data()  # 6 training steps, 3 val and 4 test batches
+    harness.train(model, tr, va, te, tiny_cfg(epochs=1, progress=False), tmp_path / "slow")
+    lines = capsys.readouterr().out.splitlines()
+    train = [line for line in lines if line.startswith("epoch 1/1: ") and "/6 " in line]
+    assert [line.split()[2] for line in train] == ["3/6", "6/6"]  # after 30 s and 60 s of training
+    assert all("loss" in line and "tok/s" in line for line in train)
+    assert any(line.startswith("val: 3/3 loss") for line in lines)
+    assert any(line.startswith("test: 3/4 loss") for line in lines)
+    # while the clock stands, no line
+    bar = harness._Progress(5, "quiet", bar=False)
+    for _ in range(5):
+        bar.update({"loss": torch.ones(())}, 1)
+    assert "quiet" not in capsys.readouterr().out
+
+
+def test_one_epoch_run_draws_per_step_curves(tmp_path):
+    tr, va, te = data()
+    harness.train(MeanPoolNet(), tr, va, te, tiny_cfg(epochs=1), tmp_path)
+    steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps] == list(range(1, 7)) and {r["epoch"] for r in steps} == {1}
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # the epoch's mean loss is the mean of its steps' losses (every global batch has 16 items)
+    assert records[0]["train_loss"] == pytest.approx(sum(r["loss"] for r in steps) / 6, rel=1e-9)
+    curves = harness.curve_points(records, steps)
+    assert curves["loss"]["train"] == (list(range(1, 7)), [r["loss"] for r in steps])
+    assert curves["lr"]["train"][1] == [r["lr"] for r in steps]
+    assert curves["acc"]["val"] == ([6], [records[0]["val_acc"]])  # one evaluation: one point
+    assert len(harness.curve_points(records)["loss"]["train"][0]) == 1  # per epoch it would be a dot
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_one_point_is_not_drawn_as_a_curve(tmp_path, capsys):
+    tr, va, te = data()
+    harness.train(MeanPoolNet(), tr, va, te, tiny_cfg(epochs=1, max_steps_per_epoch=1), tmp_path)
+    assert "curves.png not drawn: a curve needs two points and the run has 1 optimizer step" in (
+        capsys.readouterr().out
+    )
+    assert not (tmp_path / "curves.png").exists()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    with pytest.raises(ValueError, match="two training points"):
+        harness.plot_curves(records, tmp_path / "curves.png")
