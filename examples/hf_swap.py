@@ -2,7 +2,7 @@
 language models.
 
 The corpus is offline text: this repository's LICENSE plus /usr/share/common-licenses/* when present (the
-license texts of a Debian / Ubuntu system), bytes as tokens, the last 10% held out. Three GPT-2s of the same
+license texts of a Debian / Ubuntu system), bytes as tokens, the last 10% held out. GPT-2s of the same
 shape (``--d-model`` 64, ``--layers`` 2, 4 heads, learned positions) train for ``--steps`` steps with
 ``ssm.optim.make_optimizer`` (AdamW; the SSM parameters get lr 1e-3 and no weight decay):
 
@@ -21,17 +21,21 @@ prints the validation loss table (nats per character, and bits per character).
 
 ``main(argv)`` returns the rows as dicts (tests/test_integrations_hf.py runs it at a tiny size).
 
-Measured with the defaults on this project's 2-core CPU (one seed; 150 steps, batch 16, 128 characters; the
-machine was shared with other jobs, so the times are inflated and noisy):
+Measured on this project's 2-core CPU with ``--models attention,s4d,s4,mamba,mamba2`` and the other defaults
+(one seed; 150 steps, batch 16, 128 characters; transformers 5.25; the machine was shared with other jobs,
+so the times are inflated and noisy):
 
     model        params  val loss  bits/char     time
-    attention   124,672     2.991      4.314   353.2s
-    s4d         124,544     2.750      3.967   228.8s
-    s4          132,736     2.749      3.966   235.0s
+    attention   124,672     2.958      4.268    13.7s
+    s4d         124,544     2.750      3.967    12.1s
+    s4          132,736     2.749      3.966    33.3s
+    mamba       124,032     2.326      3.355   175.6s
+    mamba2      121,688     2.304      3.324  2523.0s
 
-and the S4D model's cached ``generate`` equalled uncached generation. 150 steps is early training (every model
-is still at the stage of character frequencies and common words); the ranking at this budget says little
-about longer runs.
+(Mamba-2's time: its SSD chunk of 256 was padded from the 128 characters of a sequence, 10x the work of a
+chunk of 64 on this CPU, and the machine was at its busiest.) The S4D and Mamba models' cached ``generate``
+equalled uncached generation. 150 steps is early training (every model is still at the stage of character
+frequencies and common words); the ranking at this budget says little about longer runs.
 """
 
 from __future__ import annotations
