@@ -157,8 +157,9 @@ class RTF(LTILayer):
         return super()._open(x, state, return_state, lengths, rate, seq_idx, positions, split_rate)
 
     def _step_guard(self) -> None:
-        """``step`` is refused (naming why) where ``streaming_refusal`` says the state cannot carry the stream:
-        the recurrence then amplifies its rounding as the chunked path does, and disagrees with one pass."""
+        """``step`` is refused (naming why) where ``streaming_refusal`` says the state cannot carry the
+        stream: the recurrence then amplifies its rounding as the chunked path does, and disagrees with one
+        pass."""
         self._check_streamable("step")
 
     def _check_rate(self, rate: float) -> float:
