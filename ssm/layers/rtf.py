@@ -56,6 +56,9 @@ class RTF(LTILayer):
 
     Shapes: forward x (B, L, H) -> (B, L, H); step x (B, H), state (B, H, N) float64 (the last N values of
     the all-pole part w, newest first, shared by the channels).
+
+    Streaming: where poles crowd the unit circle the direct-form state cannot carry a stream; the layer then
+    refuses every route that carries a state, saying why (``streaming_refusal``, docs/rtf.md).
     """
 
     family = rtf_family
