@@ -442,9 +442,9 @@ def to_rtf(layer, rate: float = 1.0, *, dtype: torch.dtype | None = None, check_
     chunks of ``check_length / 4``, its chunked output differs from one pass by more than that tolerance
     relative to the output scale: clustered poles near the unit circle make the direct-form state
     ill-conditioned, ``ssm.systems.rtf.streaming_error``) is returned with ``stream_refusal`` set: its one
-    pass is exact, and every route that carries a state (``forward`` with ``state``, ``return_state`` or
-    ``return_states_at``, ``step``) raises a ValueError saying why (``RTF.streaming_refusal``,
-    docs/convert_to_rtf.md).
+    pass is exact, ``step`` (the float64 recurrence) too, and every route that folds a state into a chunk
+    (``forward`` with ``state``, ``return_state`` or ``return_states_at``) raises a ValueError saying why
+    (``RTF.streaming_refusal``, docs/convert_to_rtf.md).
     """
     from .layers.rtf import RTF  # deferred: the layers import this module's siblings
 

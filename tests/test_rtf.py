@@ -359,8 +359,8 @@ def test_rtf_filter_chunks_near_the_unit_circle_float32():
 def test_to_rtf_refuses_to_stream_what_it_cannot():
     """S4D at dt = 0.01 (four poles of modulus 0.995 near z = 1): the converted kernel passes the kernel
     check, but its direct-form state put float64 chunks 1e-3 off one pass. The converted layer keeps its
-    exact one pass and refuses chunked state passing, naming why; step too (it was not refused, so a stream
-    token by token disagreed with the one pass), and the states at positions."""
+    exact one pass and refuses chunked state passing and the states at positions, naming why; its step, the
+    float64 recurrence, stays exact (closer to the S4D than the one pass)."""
     torch.manual_seed(0)
     layer = ssm.S4D(4, 4, dt_min=0.01, dt_max=0.01, dtype=torch.float64).eval()
     rtf = layer.to_rtf()
@@ -368,10 +368,10 @@ def test_to_rtf_refuses_to_stream_what_it_cannot():
     with torch.no_grad():
         assert rel_err(rtf(x), layer(x)) < 1e-6
         for call in (lambda: rtf(x, rtf.default_state(1)), lambda: rtf(x, return_state=True),
-                     lambda: rtf(x, return_states_at=torch.tensor([3])),
-                     lambda: rtf.step(x[:, 0], rtf.default_state(1))):
-            with pytest.raises(ValueError, match="this RTF layer cannot carry a state.*clustered poles"):
+                     lambda: rtf(x, return_states_at=torch.tensor([3]))):
+            with pytest.raises(ValueError, match="cannot pass a state between chunks.*clustered poles"):
                 call()
+        assert rel_err(_stepped(rtf, x)[0], layer(x)) < 1e-8
     assert ssm.S4D(4, 4, dt_min=0.1, dt_max=0.1).to_rtf(dtype=torch.float64).stream_refusal is None
 
 
@@ -426,7 +426,8 @@ def test_float32_step_runs_in_the_state_precision():
 def test_hand_set_poles_stream_within_tolerance_or_refuse(dtype):
     """Coefficients set by hand: poles spread near the circle stream within STREAM_RTOL (chunks and steps
     equal one pass); four poles crowding z = 1 at radius 0.999 put float64 chunks 3e-4 off one pass, and every
-    route that carries a state now refuses, naming why, while packed documents run one by one (exact)."""
+    route that folds a state into a chunk now refuses, naming why, while packed documents run one by one
+    (exact) and step, the float64 recurrence, still equals one pass."""
     torch.manual_seed(0)
     rtol = {torch.float32: 2e-5, torch.float64: 1e-6}[dtype]  # ssm.systems.rtf.STREAM_RTOL
     layer = ssm.RTF(3, 4, constraint="none", dtype=dtype).eval()
@@ -438,17 +439,18 @@ def test_hand_set_poles_stream_within_tolerance_or_refuse(dtype):
             assert ((y_stream - y[:, : y_stream.shape[1]]).abs().max() / y.abs().max()).item() <= rtol
         layer.a.copy_(_clustered(3, 4, 0.999))  # assignment: the cached verdict follows the values
         y = layer(x)
-        with pytest.raises(ValueError, match="state: this RTF layer cannot carry a state: its poles crowd"):
+        with pytest.raises(ValueError, match="state: this RTF layer cannot pass a state between chunks: its "
+                                             "poles crowd"):
             layer(x, layer.default_state(1))
-        with pytest.raises(ValueError, match="return_state: .*cannot carry a state"):
+        with pytest.raises(ValueError, match="return_state: .*cannot pass a state"):
             layer(x, return_state=True)
-        with pytest.raises(ValueError, match="return_states_at: .*cannot carry a state"):
+        with pytest.raises(ValueError, match="return_states_at: .*cannot pass a state"):
             layer(x, return_states_at=torch.tensor([5]))
-        with pytest.raises(ValueError, match="step: .*cannot carry a state"):
-            layer.step(x[:, 0], layer.default_state(1))
         block = ssm.SSMBlock(3, layer=layer).to(dtype).eval()
-        with pytest.raises(ValueError, match="step: .*cannot carry a state"):
-            block.step(x[:, 0], block.default_state(1))
+        with pytest.raises(ValueError, match="state: .*cannot pass a state"):
+            block(x, block.default_state(1), return_state=True)
+        y_steps = _stepped(layer, x[:, :300])[0]
+        assert ((y_steps - y[:, :300]).abs().max() / y.abs().max()).item() <= rtol
         seq = (torch.arange(1200) >= 700).long()[None]
         packed = layer(x, seq_idx=seq)
         apart = torch.cat([layer(x[:, :700]), layer(x[:, 700:])], dim=1)

@@ -320,15 +320,10 @@ class LTILayer(SSMLayer):
         dev = self.D.device.type
 
         def compute():
-            self._step_guard()
             with torch.autocast(device_type=dev, enabled=False):
                 return self.family.prepare_step(self.discrete_system(rate))
 
         return self.memo("step", (rate,), compute)
-
-    def _step_guard(self) -> None:
-        """Raise a ValueError where this layer's state cannot carry a stream (``RTF`` overrides it). Called
-        when the step constants are computed, so a step from cached constants pays nothing for it."""
 
     def step(self, x: Tensor, state: Tensor, *, rate: float | Tensor = 1.0) -> tuple[Tensor, Tensor]:
         """Recurrent path: one token x (B, H) and the state -> (y (B, H), next_state); a (B,) ``rate`` runs

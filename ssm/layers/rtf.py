@@ -57,8 +57,9 @@ class RTF(LTILayer):
     Shapes: forward x (B, L, H) -> (B, L, H); step x (B, H), state (B, H, N) float64 (the last N values of
     the all-pole part w, newest first, shared by the channels).
 
-    Streaming: where poles crowd the unit circle the direct-form state cannot carry a stream; the layer then
-    refuses every route that carries a state, saying why (``streaming_refusal``, docs/rtf.md).
+    Streaming: where poles crowd the unit circle the direct-form state cannot be folded into a chunk; the
+    layer then refuses ``forward`` with ``state``, ``return_state`` or ``return_states_at``, saying why
+    (``streaming_refusal``, docs/rtf.md); ``step``, the float64 recurrence, stays exact.
     """
 
     family = rtf_family
@@ -107,15 +108,16 @@ class RTF(LTILayer):
             values["b0_rev"] = (b[self.channels * H :, 0].reshape(self.channels, H).clone(), False, False)
         return values
 
-    # ---- streaming: refused where the direct-form state cannot carry the stream -------------------------
+    # ---- chunked streaming: refused where the direct-form state cannot be folded into a chunk ---------
     def streaming_refusal(self) -> str | None:
-        """Why this layer cannot carry a state within its tolerance, or None.
+        """Why this layer cannot pass a state between chunks within its tolerance, or None.
 
         The ``to_rtf`` mark (``stream_refusal``), else the family's ``streaming_error`` probe of the current
         coefficients against ``STREAM_RTOL`` of their dtype (2e-5 float32, 1e-6 float64, relative to the
         output scale). Coefficients set by hand (``load_state_dict``, assignment, training) with poles
         crowding the unit circle fail it. Computed once per parameter values (the eval cache's snapshot,
-        in every mode); skipped under ``torch.compile`` / ``torch.func`` (no value checks there).
+        in every mode); skipped under ``torch.compile`` / ``torch.func`` (no value checks there). ``step``
+        is not refused: the recurrence in float64 is the most accurate route (docs/rtf.md).
         """
         if self.stream_refusal is not None:
             return self.stream_refusal
@@ -134,8 +136,8 @@ class RTF(LTILayer):
             reason = (f"its poles crowd the unit circle, where the direct-form state (float64) puts chunked "
                       f"outputs {err:.3g} off one pass relative to the output scale (tolerance {rtol:g} in "
                       f"{self.a.dtype}, on a white-noise probe of {2 * rtf_family.STREAM_PROBE} steps in "
-                      f"chunks); run the sequence in one pass, or keep the poles away from the circle "
-                      "(constraint='montel')")
+                      f"chunks); run the sequence in one pass or token by token (step), or keep the poles "
+                      "away from the circle (constraint='montel')")
         if self._params_equal(snap):
             self._stream_memo = (snap, reason)
         return reason
@@ -143,12 +145,13 @@ class RTF(LTILayer):
     def _check_streamable(self, what: str) -> None:
         reason = self.streaming_refusal()
         if reason is not None:
-            raise ValueError(f"{what}: this RTF layer cannot carry a state: {reason}")
+            raise ValueError(f"{what}: this RTF layer cannot pass a state between chunks: {reason}")
 
     def _open(self, x: Tensor, state, return_state: bool, lengths, rate, seq_idx, positions, split_rate=None):
-        """``LTILayer._open``, with every route that carries a state checked (``streaming_refusal``):
-        ``state``, ``return_state`` and ``return_states_at`` are refused, and packed documents (``seq_idx``,
-        whose boundaries take back the free response of a state) run one by one, which is exact."""
+        """``LTILayer._open``, with every route that folds a state into a chunk checked
+        (``streaming_refusal``): ``state``, ``return_state`` and ``return_states_at`` are refused, and packed
+        documents (``seq_idx``, whose boundaries take back the free response of a state) run one by one,
+        which is exact."""
         if state is not None or return_state or positions is not None:
             self._check_streamable("state" if state is not None else
                                    "return_state" if return_state else "return_states_at")
@@ -158,12 +161,6 @@ class RTF(LTILayer):
                 done = self._split_documents(x, seq, rate)
             return done, u, rate, seq, order, index
         return super()._open(x, state, return_state, lengths, rate, seq_idx, positions, split_rate)
-
-    def _step_guard(self) -> None:
-        """``step`` is refused (naming why) where ``streaming_refusal`` says the state cannot carry the
-        stream: the recurrence then amplifies its rounding as the chunked path does, and disagrees with one
-        pass."""
-        self._check_streamable("step")
 
     def _check_rate(self, rate: float) -> float:
         if rate != 1.0:
