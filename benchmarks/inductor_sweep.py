@@ -4,10 +4,11 @@
     python benchmarks/inductor_sweep.py --quick    # S4D only, two lengths
 
 For each layer (eval mode, no autograd) the compiled forward is compared with eager at every length; the
-table gives the compile-and-run time and the largest relative difference, or the error. Known open case:
-S5 (its strided in-place complex scan is refused by inductor's fake tensors in PyTorch 2.13). The suite
-keeps the op-level regression test and the S4D case (tests/test_compile_inductor.py); this sweep takes about
-ten minutes of compiling on a 2-core CPU. Writes benchmarks/results/inductor_sweep.json.
+table gives the compile-and-run time and the largest relative difference, or the error. S5 was the open
+case (inductor's fake tensors refused its strided in-place complex scan in PyTorch 2.13); under compile its
+scan now runs as the FFT route ``ssm.systems.s5.scan_conv``. The suite keeps the op-level regression test,
+the S4D case and S5 with dynamic=True (tests/test_compile_inductor.py); this sweep takes about ten minutes of
+compiling on a 2-core CPU. Writes benchmarks/results/inductor_sweep.json.
 """
 
 from __future__ import annotations

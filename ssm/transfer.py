@@ -30,7 +30,6 @@ import copy
 import torch
 
 from ._checks import check_int, check_tensor
-from .ops.fftconv import fftconv
 from .systems import rtf as rtf_family
 from .systems.rtf import STABLE_METHODS, rtf_filter, rtf_init, rtf_kernel, rtf_step, stable_denominator
 
@@ -422,28 +421,6 @@ def rtf_to_ssm(
     return A, B, b.clone(), torch.zeros(batch, dtype=dtype, device=a.device)
 
 
-def _streaming_error(b: torch.Tensor, a: torch.Tensor, L: int) -> float:
-    """max |chunked - one pass| / max |one pass| of the RTF b (C, H, N+1) / a (H, N) on a fixed white-noise
-    probe of 2L steps in chunks of ceil(L / 4), through the family's state path (``final_state``,
-    ``free_response``) as a layer streams, in float64 like an RTF layer's state. Several chunks, since
-    a carried state adds its own rounding at every boundary (the direct-form state's p terms)."""
-    sys = rtf_family.system(b.double(), a.double())
-    u = torch.randn(1, a.shape[0], 2 * L, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    chunk = -(-L // 4)
-    K = rtf_family.kernel(sys, 2 * L)  # (C, H, 2L)
-    whole = fftconv(u, K, layout="BHL")  # (1, C, H, 2L)
-    state, parts = None, []
-    for start in range(0, 2 * L, chunk):
-        v = u[..., start : start + chunk]
-        y = fftconv(v, K, layout="BHL")
-        if state is not None:
-            y = y + rtf_family.free_response(sys, state, v.shape[-1])
-        state = rtf_family.final_state(sys, v, state)
-        parts.append(y)
-    err = (torch.cat(parts, dim=-1) - whole).abs().max()
-    return (err / whole.abs().max().clamp_min(1e-300)).item()
-
-
 def to_rtf(layer, rate: float = 1.0, *, dtype: torch.dtype | None = None, check_length: int = 1024):
     """An ``ssm.RTF`` layer with the same outputs as the LTI ``layer``: the exact transfer function of its
     system (also reached as ``layer.to_rtf(...)``).
@@ -464,8 +441,10 @@ def to_rtf(layer, rate: float = 1.0, *, dtype: torch.dtype | None = None, check_
     A converted system that cannot be streamed (on a white-noise probe of 2 ``check_length`` steps in
     chunks of ``check_length / 4``, its chunked output differs from one pass by more than that tolerance
     relative to the output scale: clustered poles near the unit circle make the direct-form state
-    ill-conditioned) is returned with ``stream_refusal`` set: its one pass is exact, and ``forward`` with a
-    state or ``return_state`` raises a ValueError saying why (docs/convert_to_rtf.md).
+    ill-conditioned, ``ssm.systems.rtf.streaming_error``) is returned with ``stream_refusal`` set: its one
+    pass is exact, ``step`` (the float64 recurrence) too, and every route that folds a state into a chunk
+    (``forward`` with ``state``, ``return_state`` or ``return_states_at``) raises a ValueError saying why
+    (``RTF.streaming_refusal``, docs/convert_to_rtf.md).
     """
     from .layers.rtf import RTF  # deferred: the layers import this module's siblings
 
@@ -521,7 +500,7 @@ def to_rtf(layer, rate: float = 1.0, *, dtype: torch.dtype | None = None, check_
         out.out_proj.load_state_dict(layer.out_proj.state_dict())
         if N:
             system = out.discrete_system()
-            err = _streaming_error(system.b, system.a, L)
+            err = rtf_family.streaming_error(system, L)
             if not err <= rtol:
                 out.stream_refusal = (
                     f"converted from {type(layer).__name__} with clustered poles near the unit circle, its "

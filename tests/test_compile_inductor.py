@@ -4,9 +4,11 @@ tests/test_compile.py checks the graph capture with the cheap "aot_eager" backen
 itself, whose generated code can differ from eager where aot_eager cannot: inductor's C++ loop for
 ``arange(L) // 64`` with a symbolic L (a dynamic length) wrote only the first 64 floor(L / 64) entries and
 left the rest uninitialized, so ``torch.compile(ssm.S4D(...))`` failed at its second length with an
-IndexError (issue 22, docs/deployment.md). The op-level test is fast; the layer case is the one of the report
-(S4D, automatic dynamic shapes). Every layer, dynamic too, is swept by ``benchmarks/inductor_sweep.py`` (about
-ten minutes of compiling on a 2-core CPU: too long for the suite).
+IndexError (issue 22, docs/deployment.md). The op-level test is fast; the layer cases are the one of the
+report (S4D, automatic dynamic shapes) and S5 with ``dynamic=True`` (its scan takes
+``ssm.systems.s5.scan_conv`` under compile: inductor refused the in-place strided complex scan). Every layer,
+dynamic too, is swept by ``benchmarks/inductor_sweep.py`` (about ten minutes of compiling on a 2-core CPU:
+too long for the suite).
 """
 
 from __future__ import annotations
@@ -48,3 +50,22 @@ def test_s4d_under_inductor_at_several_lengths():
         for L in LENGTHS:
             x = torch.randn(2, L, layer.d_model)
             torch.testing.assert_close(compiled(x), layer(x), **tol(torch.float32))
+
+
+@pytest.mark.slow
+def test_s5_under_inductor_with_a_dynamic_length():
+    """S5 compiled with dynamic=True (the recipe of docs/deployment.md) equals eager at two lengths: it failed
+    in inductor's fake tensors on the scan's strided in-place complex updates; under compile the scan is the
+    out-of-place FFT route ``scan_conv``, one graph for every L. A state in and out too."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = ssm.S5(4, 4).eval()
+    compiled = torch.compile(layer, dynamic=True)
+    with torch.no_grad():
+        for L in (37, 130):
+            x = torch.randn(2, L, layer.d_model)
+            x0 = torch.randn(2, 2, dtype=torch.complex64)
+            y, state = compiled(x, x0, return_state=True)
+            y_ref, state_ref = layer(x, x0, return_state=True)
+            torch.testing.assert_close(y, y_ref, **tol(torch.float32))
+            torch.testing.assert_close(state, state_ref, **tol(torch.float32))

@@ -118,3 +118,16 @@ def test_real_route_bad_input():
     with real_arithmetic(), pytest.raises(ValueError, match="real_arithmetic"):
         torch.export.export(layer.eval(), (torch.randn(1, 80, 4),))
 
+
+def test_export_s5_dynamic_length_matches_eager():
+    """S5's scan specialized the length (its chunk loop and Blelloch passes depend on L): under export it
+    takes the FFT route ``ssm.systems.s5.scan_conv``, one program for every length."""
+    torch.manual_seed(0)
+    layer = ssm.S5(4, 4).eval()
+    length = torch.export.Dim("L", min=2, max=1 << 16)
+    program = torch.export.export(layer, (torch.randn(2, 48, 4),), dynamic_shapes={"x": {1: length}})
+    exported = program.module()
+    with torch.no_grad():
+        for L in (37, 100):
+            x = torch.randn(2, L, 4)
+            torch.testing.assert_close(exported(x), layer(x), **tol(torch.float32))

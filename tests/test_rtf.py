@@ -359,16 +359,19 @@ def test_rtf_filter_chunks_near_the_unit_circle_float32():
 def test_to_rtf_refuses_to_stream_what_it_cannot():
     """S4D at dt = 0.01 (four poles of modulus 0.995 near z = 1): the converted kernel passes the kernel
     check, but its direct-form state put float64 chunks 1e-3 off one pass. The converted layer keeps its
-    exact one pass and refuses chunked state passing, naming why."""
+    exact one pass and refuses chunked state passing and the states at positions, naming why; its step, the
+    float64 recurrence, stays exact (closer to the S4D than the one pass)."""
     torch.manual_seed(0)
     layer = ssm.S4D(4, 4, dt_min=0.01, dt_max=0.01, dtype=torch.float64).eval()
     rtf = layer.to_rtf()
     x = torch.randn(1, 64, 4, dtype=torch.float64)
     with torch.no_grad():
         assert rel_err(rtf(x), layer(x)) < 1e-6
-        for call in (lambda: rtf(x, rtf.default_state(1)), lambda: rtf(x, return_state=True)):
-            with pytest.raises(ValueError, match="state: this RTF layer cannot be streamed.*clustered poles"):
+        for call in (lambda: rtf(x, rtf.default_state(1)), lambda: rtf(x, return_state=True),
+                     lambda: rtf(x, return_states_at=torch.tensor([3]))):
+            with pytest.raises(ValueError, match="cannot pass a state between chunks.*clustered poles"):
                 call()
+        assert rel_err(_stepped(rtf, x)[0], layer(x)) < 1e-8
     assert ssm.S4D(4, 4, dt_min=0.1, dt_max=0.1).to_rtf(dtype=torch.float64).stream_refusal is None
 
 
@@ -382,3 +385,73 @@ def test_converted_rtf_streams_like_one_pass_float64(dt, N):
         y = rtf(x)
         y_chunks, _ = _chunked(rtf, x, 1000)
     assert ((y_chunks - y).abs().max() / y.abs().max()).item() <= 1e-6
+
+
+def _clustered(H: int, N: int, radius: float, seed: int = 0) -> torch.Tensor:
+    """Denominators a (H, N) with N / 2 conjugate pole pairs of modulus ``radius`` crowding z = 1 (angles in
+    [0.01, 0.06]): the direct-form state is then ill-conditioned."""
+    g = torch.Generator().manual_seed(seed)
+    a = []
+    for _ in range(H):
+        roots = torch.polar(torch.full((N // 2,), radius, dtype=torch.float64),
+                            0.01 + 0.05 * torch.rand(N // 2, generator=g, dtype=torch.float64))
+        a.append(torch.from_numpy(np.poly(torch.cat([roots, roots.conj()]).numpy()).real[1:]))
+    return torch.stack(a)
+
+
+def _stepped(layer, x):
+    state, outs = layer.default_state(x.shape[0]), []
+    for t in range(x.shape[1]):
+        y, state = layer.step(x[:, t], state)
+        outs.append(y)
+    return torch.stack(outs, dim=1), state
+
+
+def test_float32_step_runs_in_the_state_precision():
+    """A float32 layer's prepared step ran in float32 and returned a float32 state: with eight poles at
+    radius 0.999 a loop of step was 1e-3 off one pass (the chunked path, float64, 4e-7). Now float64 like
+    ``step``."""
+    torch.manual_seed(0)
+    layer = ssm.RTF(3, 8, constraint="none").eval()
+    with torch.no_grad():
+        layer.a.copy_(_pole_pairs(3, 8, 0.999))
+        x = torch.randn(1, 600, 3)
+        y = layer(x)
+        y_steps, state = _stepped(layer, x)
+    assert state.dtype == torch.float64 and y_steps.dtype == torch.float32
+    assert ((y_steps - y).abs().max() / y.abs().max()).item() <= 2e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hand_set_poles_stream_within_tolerance_or_refuse(dtype):
+    """Coefficients set by hand: poles spread near the circle stream within STREAM_RTOL (chunks and steps
+    equal one pass); four poles crowding z = 1 at radius 0.999 put float64 chunks 3e-4 off one pass, and every
+    route that folds a state into a chunk now refuses, naming why, while packed documents run one by one
+    (exact) and step, the float64 recurrence, still equals one pass."""
+    torch.manual_seed(0)
+    rtol = {torch.float32: 2e-5, torch.float64: 1e-6}[dtype]  # ssm.systems.rtf.STREAM_RTOL
+    layer = ssm.RTF(3, 4, constraint="none", dtype=dtype).eval()
+    x = torch.randn(1, 1200, 3, dtype=dtype)
+    with torch.no_grad():
+        layer.load_state_dict({**layer.state_dict(), "a": _pole_pairs(3, 4, 0.9999).to(dtype)})
+        y = layer(x)
+        for y_stream in (_chunked(layer, x, 300)[0], _stepped(layer, x[:, :300])[0]):
+            assert ((y_stream - y[:, : y_stream.shape[1]]).abs().max() / y.abs().max()).item() <= rtol
+        layer.a.copy_(_clustered(3, 4, 0.999))  # assignment: the cached verdict follows the values
+        y = layer(x)
+        with pytest.raises(ValueError, match="state: this RTF layer cannot pass a state between chunks: its "
+                                             "poles crowd"):
+            layer(x, layer.default_state(1))
+        with pytest.raises(ValueError, match="return_state: .*cannot pass a state"):
+            layer(x, return_state=True)
+        with pytest.raises(ValueError, match="return_states_at: .*cannot pass a state"):
+            layer(x, return_states_at=torch.tensor([5]))
+        block = ssm.SSMBlock(3, layer=layer).to(dtype).eval()
+        with pytest.raises(ValueError, match="state: .*cannot pass a state"):
+            block(x, block.default_state(1), return_state=True)
+        y_steps = _stepped(layer, x[:, :300])[0]
+        assert ((y_steps - y[:, :300]).abs().max() / y.abs().max()).item() <= rtol
+        seq = (torch.arange(1200) >= 700).long()[None]
+        packed = layer(x, seq_idx=seq)
+        apart = torch.cat([layer(x[:, :700]), layer(x[:, 700:])], dim=1)
+        torch.testing.assert_close(packed, apart, rtol=0, atol=0)

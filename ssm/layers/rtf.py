@@ -56,6 +56,10 @@ class RTF(LTILayer):
 
     Shapes: forward x (B, L, H) -> (B, L, H); step x (B, H), state (B, H, N) float64 (the last N values of
     the all-pole part w, newest first, shared by the channels).
+
+    Streaming: where poles crowd the unit circle the direct-form state cannot be folded into a chunk; the
+    layer then refuses ``forward`` with ``state``, ``return_state`` or ``return_states_at``, saying why
+    (``streaming_refusal``, docs/rtf.md); ``step``, the float64 recurrence, stays exact.
     """
 
     family = rtf_family
@@ -84,9 +88,9 @@ class RTF(LTILayer):
         self.constraint = check_choice("constraint", constraint, RTF_CONSTRAINTS)
         self.build_ssm(device, dtype)
         # Set by ``to_rtf`` when the converted system cannot be streamed (its direct-form state is
-        # ill-conditioned): why; ``forward`` with a state or ``return_state`` then refuses (``step`` does not:
-        # the per-token recurrence is not the chunk folding the probe measures).
+        # ill-conditioned): why. ``streaming_refusal`` also probes the current coefficients themselves.
         self.stream_refusal: str | None = None
+        self._stream_memo: tuple[list[tuple], str | None] | None = None
 
     def ssm_init(self, real_dtype: torch.dtype) -> dict:
         """The initial parameters (name -> (value, complex, optimizer hint)), computed on the CPU: a = 0 and a
@@ -104,13 +108,59 @@ class RTF(LTILayer):
             values["b0_rev"] = (b[self.channels * H :, 0].reshape(self.channels, H).clone(), False, False)
         return values
 
-    def _check_streamable(self, state, return_state: bool = False) -> None:
-        if self.stream_refusal is not None and (state is not None or return_state):
-            raise ValueError(f"state: this RTF layer cannot be streamed: {self.stream_refusal}")
+    # ---- chunked streaming: refused where the direct-form state cannot be folded into a chunk ---------
+    def streaming_refusal(self) -> str | None:
+        """Why this layer cannot pass a state between chunks within its tolerance, or None.
 
-    def _prepare(self, x: Tensor, state, return_state: bool, lengths, rate: float):
-        self._check_streamable(state, return_state)
-        return super()._prepare(x, state, return_state, lengths, rate)
+        The ``to_rtf`` mark (``stream_refusal``), else the family's ``streaming_error`` probe of the current
+        coefficients against ``STREAM_RTOL`` of their dtype (2e-5 float32, 1e-6 float64, relative to the
+        output scale). Coefficients set by hand (``load_state_dict``, assignment, training) with poles
+        crowding the unit circle fail it. Computed once per parameter values (the eval cache's snapshot,
+        in every mode); skipped under ``torch.compile`` / ``torch.func`` (no value checks there). ``step``
+        is not refused: the recurrence in float64 is the most accurate route (docs/rtf.md).
+        """
+        if self.stream_refusal is not None:
+            return self.stream_refusal
+        if self.d_state == 0 or self.bidirectional or traced():
+            return None
+        memo = self._stream_memo
+        if memo is not None and self._params_equal(memo[0]):
+            return memo[1]
+        snap = [self._snapshot(p) for p in self.ssm_parameters()]
+        with torch.no_grad():
+            system = self.discrete_system()
+            err = rtf_family.streaming_error(system, rtf_family.STREAM_PROBE)
+        rtol = rtf_family.STREAM_RTOL.get(self.a.dtype, rtf_family.STREAM_RTOL[torch.float32])
+        reason = None
+        if not err <= rtol:
+            reason = (f"its poles crowd the unit circle, where the direct-form state (float64) puts chunked "
+                      f"outputs {err:.3g} off one pass relative to the output scale (tolerance {rtol:g} in "
+                      f"{self.a.dtype}, on a white-noise probe of {2 * rtf_family.STREAM_PROBE} steps in "
+                      f"chunks); run the sequence in one pass or token by token (step), or keep the poles "
+                      "away from the circle (constraint='montel')")
+        if self._params_equal(snap):
+            self._stream_memo = (snap, reason)
+        return reason
+
+    def _check_streamable(self, what: str) -> None:
+        reason = self.streaming_refusal()
+        if reason is not None:
+            raise ValueError(f"{what}: this RTF layer cannot pass a state between chunks: {reason}")
+
+    def _open(self, x: Tensor, state, return_state: bool, lengths, rate, seq_idx, positions, split_rate=None):
+        """``LTILayer._open``, with every route that folds a state into a chunk checked
+        (``streaming_refusal``): ``state``, ``return_state`` and ``return_states_at`` are refused, and packed
+        documents (``seq_idx``, whose boundaries take back the free response of a state) run one by one,
+        which is exact."""
+        if state is not None or return_state or positions is not None:
+            self._check_streamable("state" if state is not None else
+                                   "return_state" if return_state else "return_states_at")
+        if seq_idx is not None and state is None and not self.bidirectional and self.streaming_refusal():
+            done, u, rate, seq, order, index = super()._open(x, None, False, lengths, rate, seq_idx, None)
+            if done is None:
+                done = self._split_documents(x, seq, rate)
+            return done, u, rate, seq, order, index
+        return super()._open(x, state, return_state, lengths, rate, seq_idx, positions, split_rate)
 
     def _check_rate(self, rate: float) -> float:
         if rate != 1.0:

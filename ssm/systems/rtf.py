@@ -423,7 +423,9 @@ def step(sys: RTFSystem, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
 class RTFStep(NamedTuple):
     """The step constants of an RTF (``prepare_step``): w_k and y_k both read [u_k, x] linearly,
 
-        [w_k; y_k] = M . x + m u_k,    M = [-a; b_(1:) - b_0 a] (1+Ch, H, N),    m = [1; b_0] (1+Ch, H).
+        [w_k; y_k] = M . x + m u_k,    M = [-a; b_(1:) - b_0 a] (1+Ch, H, N),    m = [1; b_0] (1+Ch, H),
+
+    in the state's precision (float64, complex128 for complex coefficients), like ``step``.
     """
 
     M: Tensor
@@ -433,13 +435,15 @@ class RTFStep(NamedTuple):
 def prepare_step(sys: RTFSystem) -> RTFStep:
     """The constants of ``step`` (computed once per system; ``ssm.layers.LTILayer`` caches them)."""
     b, a = _check_system(sys)
-    a = a.to(b.dtype)
+    wide = state_dtype(b, a)  # the step runs in the state's precision (a float32 one put a stream 7e-2 off)
+    b, a = b.to(wide), a.to(wide)
     M = torch.cat([-a[None], b[..., 1:] - b[..., :1] * a], dim=0)  # (1+Ch, H, N)
     return RTFStep(M, torch.cat([torch.ones_like(b[:1, :, 0]), b[..., 0]], dim=0))
 
 
 def step_prepared(c: RTFStep, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
-    """``step(sys, x, u)`` from ``prepare_step(sys)``: w and every channel's y in one product."""
+    """``step(sys, x, u)`` from ``prepare_step(sys)``: w and every channel's y in one product, in the
+    constants' precision (float64 / complex128): y and the next state come back in it."""
     x = x if x.dtype == c.M.dtype else x.to(c.M.dtype)
     u = u if u.dtype == c.M.dtype else u.to(c.M.dtype)
     wy = torch.addcmul((x[:, None] * c.M).sum(-1), c.m, u[:, None])  # (B, 1+Ch, H)
@@ -572,6 +576,50 @@ def final_state(sys: RTFSystem, u: Tensor, x0: Tensor | None = None) -> Tensor:
     w = _causal_conv(g, u, L)[..., L - n :] + _short_conv(g, _prehistory(-a, x0)[..., :n], L - n, L)
     history = torch.cat([x0.flip(-1), w], dim=-1)  # w_(-N), ..., w_(-1), w_(L-n), ..., w_(L-1)
     return history[..., history.shape[-1] - N :].flip(-1)
+
+
+#: Relative tolerance (to the output scale) of chunked streaming against one pass, by the coefficients'
+#: dtype: what :func:`streaming_error` must stay within for a layer to carry a state (``ssm.RTF``).
+STREAM_RTOL = {torch.float32: 2e-5, torch.float64: 1e-6}
+#: Probe length of :func:`streaming_error` in an ``ssm.RTF`` layer (2 STREAM_PROBE steps, 8 chunks).
+STREAM_PROBE = 1024
+
+
+def streaming_error(sys: RTFSystem, L: int = STREAM_PROBE) -> float:
+    """max |chunked - one pass| / max |one pass| on a fixed white-noise probe of 2L steps in chunks of
+    ceil(L / 4), through the state path of a layer (``final_state``, ``free_response``), in float64.
+
+    The direct-form state w is large where poles crowd the unit circle (the output is a difference of its
+    entries), and a carried state adds its own rounding at every chunk boundary: clustered poles near
+    z = 1 put chunks 1e-3 off one pass, and eight poles at radius 0.99 overflow, although every pole is
+    inside the circle (docs/rtf.md). The one pass is unaffected.
+
+    Args:
+        sys: RTFSystem, b (Ch, H, N+1), a (H, N).
+        L: half the probe length, >= 1.
+
+    Returns:
+        the relative error (inf when the chunked output is not finite).
+    """
+    b, a = _check_system(sys)
+    L = check_int("L", L, minimum=1)
+    sys = RTFSystem(b.detach().to(state_dtype(b, a)), a.detach().to(state_dtype(b, a)))
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(1, a.shape[0], 2 * L, generator=g, dtype=torch.float64).to(a.device, sys.a.dtype)
+    chunk = -(-L // 4)
+    whole = _causal_conv(kernel(sys, 2 * L), u.unsqueeze(1), 2 * L)  # (1, Ch, H, 2L)
+    state, parts = None, []
+    for start in range(0, 2 * L, chunk):
+        v = u[..., start : start + chunk]
+        y = _causal_conv(kernel(sys, v.shape[-1]), v.unsqueeze(1), v.shape[-1])
+        if state is not None:
+            y = y + free_response(sys, state, v.shape[-1])
+        state = final_state(sys, v, state)
+        parts.append(y)
+    err = (torch.cat(parts, dim=-1) - whole).abs().max()
+    if not bool(torch.isfinite(err)):
+        return math.inf
+    return (err / whole.abs().max().clamp_min(1e-300)).item()
 
 
 def is_stable(a: Tensor) -> Tensor:

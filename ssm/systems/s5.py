@@ -289,11 +289,44 @@ def scan(
         x0 = x0.to(cdtype)
     if L == 0:
         return u.new_zeros(Bsz, 0, H), x0
+    if torch.compiler.is_compiling():  # torch.compile / torch.export: one graph for every L (scan_conv)
+        return scan_conv(sys, u, x0, channel=channel, reverse=reverse)
     Wb, Wc = projections(sys, channel)
     if reverse:
         u = u.flip(1)
     y, x, _ = _Scan.apply(u.contiguous(), Wb.contiguous(), Wc.contiguous(), sys.Ab, x0, T)
     return (y.flip(1) if reverse else y), x
+
+
+def scan_conv(
+    sys: S5System, u: Tensor, x0: Tensor | None = None, *, channel: int = 0, reverse: bool = False
+) -> tuple[Tensor, Tensor]:
+    """The route of ``scan`` under ``torch.compile`` / ``torch.export``: the same recurrence as a causal
+    convolution over time, by FFTs of length 2L,
+
+        x_k = sum_(s <= k) Ab^(k-s) Bb u_s + Ab^(k+1) x0,    Ab^k = exp(k log Ab) (k log Ab in float64),
+
+    out of place and with no Python loop over the length, so one graph serves every (symbolic) L: the
+    Blelloch passes of ``scan`` are strided in-place complex updates whose count depends on L, which
+    specializes the length (export) and which inductor's fake tensors refuse. Differentiable by autograd
+    (no custom Function). Memory O(B L Q) (no chunking); the arguments and results are those of ``scan``.
+    """
+    Bsz, L, H = u.shape
+    Q = sys.Ab.shape[0]
+    cdtype = sys.Bb.dtype
+    u = u.to(sys.Bb.real.dtype)
+    x0 = torch.zeros(Bsz, Q, dtype=cdtype, device=u.device) if x0 is None else x0.to(cdtype)
+    Wb, Wc = projections(sys, channel)
+    if reverse:
+        u = u.flip(1)
+    v = torch.view_as_complex((u @ Wb).reshape(Bsz, L, Q, 2).contiguous())  # Bb u_k, (B, L, Q)
+    k = torch.arange(L + 1, device=u.device, dtype=torch.float64)
+    pw = torch.exp(k[:, None] * torch.log(sys.Ab.to(torch.complex128))[None]).to(cdtype)  # (L+1, Q): Ab^k
+    n = 2 * L
+    x = torch.fft.ifft(torch.fft.fft(v, n=n, dim=1) * torch.fft.fft(pw[:L], n=n, dim=0), n=n, dim=1)[:, :L]
+    x = x + pw[1:] * x0[:, None]  # (B, L, Q)
+    y = torch.view_as_real(x).reshape(Bsz, L, 2 * Q) @ Wc  # (B, L, H)
+    return (y.flip(1) if reverse else y), x[:, -1]
 
 
 def scan_ref(
