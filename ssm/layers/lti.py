@@ -468,7 +468,8 @@ class LTILayer(SSMLayer):
     def _real_forward(self, x: Tensor, state, return_state, lengths, rate, seq_idx, positions) -> Tensor:
         """``forward`` on the real route: the recurrence (``_real_ssm``) instead of the convolution."""
         u, rate = self._real_input(x, state, return_state, lengths, rate, seq_idx, positions)
-        y = self._real_ssm(u, rate)
+        y = self._real_ssm(u, rate)  # in the state's precision (RTF: float64), rounded once
+        y = y.to(torch.promote_types(u.dtype, with_param_strides(self.D).dtype))
         y = y + with_param_strides(self.D).to(y.dtype)[..., None] * u[:, None].to(y.dtype)
         return self._post(y, x)
 
