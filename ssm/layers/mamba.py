@@ -68,18 +68,24 @@ def state_dtype(p: Tensor) -> torch.dtype:
 
 
 def conv_window(xc: Tensor, k: int, ends: Tensor | None) -> Tensor:
-    """The last k - 1 convolution inputs before each row's end, from xc (B, C, k - 1 + L) = [window, x]."""
+    """The last k - 1 convolution inputs before each row's end, from xc (B, C, k - 1 + L) = [window, x]; a
+    copy (a view would keep all of xc alive with the state)."""
     if k == 1:
-        return xc[..., :0]
+        return xc.new_empty((*xc.shape[:2], 0))
     if ends is None:
-        return xc[..., xc.shape[-1] - (k - 1):]
+        return xc[..., xc.shape[-1] - (k - 1):].clone()
     idx = ends.to(xc.device)[:, None] + torch.arange(k - 1, device=xc.device)  # (B, k-1)
     return xc.gather(-1, idx[:, None, :].expand(xc.shape[0], xc.shape[1], k - 1))
 
 
+def silu_(t: Tensor) -> Tensor:
+    """SiLU of a fresh temporary t, in place where autograd does not need t (no gradient flows)."""
+    return F.silu(t, inplace=not t.requires_grad)
+
+
 def causal_conv(xc: Tensor, conv: nn.Conv1d) -> Tensor:
     """Depthwise causal convolution of xc (B, C, k - 1 + L) (the window first) -> (B, C, L), then SiLU."""
-    return F.silu(F.conv1d(xc, conv.weight, conv.bias, groups=conv.weight.shape[0]))
+    return silu_(F.conv1d(xc, conv.weight, conv.bias, groups=conv.weight.shape[0]))
 
 
 def conv_step(window: Tensor, x: Tensor, conv: nn.Conv1d) -> tuple[Tensor, Tensor]:
@@ -419,11 +425,19 @@ class GatedRMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
-        dtype = y.dtype
-        g = wide(y) * F.silu(wide(z))
+        """g = y silu(z) (in float32 at least), g / rms(g) per group, times the weight; y, z (..., d). Without
+        autograd every step after the first works in place (one temporary of y's size)."""
+        dtype, inplace = y.dtype, not torch.is_grad_enabled() or not (y.requires_grad or z.requires_grad
+                                                                     or self.weight.requires_grad)
+        g = F.silu(wide(z))
+        g = g.mul_(y) if inplace else g * wide(y)
         g = g.unflatten(-1, (-1, self.group_size))
-        g = g * torch.rsqrt(g.square().mean(-1, keepdim=True) + self.eps)
-        return (g.flatten(-2) * wide(self.weight)).to(dtype)
+        # 1 / rms = rsqrt(mean(g^2) + eps), the mean of squares as a norm: no temporary of g's size
+        ms = torch.linalg.vector_norm(g, dim=-1, keepdim=True).square() / self.group_size
+        r = torch.rsqrt(ms + self.eps)
+        g = (g.mul_(r) if inplace else g * r).flatten(-2)
+        g = g.mul_(self.weight) if inplace else g * wide(self.weight)
+        return g.to(dtype)
 
 
 class Mamba2(_Selective):
@@ -563,8 +577,10 @@ class Mamba2(_Selective):
             opts = {}
         sd = state_dtype(self.A_log)
         if cuts is None:
+            window = conv_window(xc, k, ends).to(sd)
+            del xc  # a copy of the convolution's input: freed before the scan (unless autograd keeps it)
             y, h = selective.scan_heads(x, dt, A, Bm, Cm, self.chunk_size, D, initial_states=h0, **opts)
-            return y, (conv_window(xc, k, ends).to(sd), h), None
+            return y, (window, h), None
 
         def run(a, b, h):
             sq = None if seq is None else seq[:, a:b] - seq[:, a:a + 1]

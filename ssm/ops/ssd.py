@@ -139,7 +139,7 @@ def mamba_chunk_scan_ref(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=Non
 
 #: Elements of one (b, chunks, h, Q, Q) temporary: chunks are processed this many Q x Q blocks at a time
 #: (at least one chunk), so the op's temporaries stay O(b h Q^2 + GROUP_ELEMENTS) whatever the length.
-GROUP_ELEMENTS = 2**22
+GROUP_ELEMENTS = 2**21
 #: Sub-block size of the factored decay matrix (``_decay_matrix``); chunks that are not a multiple of it, or
 #: shorter than two sub-blocks, are computed directly.
 SUB = 32
