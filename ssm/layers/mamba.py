@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_bool, check_choice, check_int, check_real
+from ..ops.causal_conv import causal_conv1d_fn
 from ..systems import selective
 from .base import SSMLayer, check_dt_range
 
@@ -81,6 +82,20 @@ def conv_window(xc: Tensor, k: int, ends: Tensor | None) -> Tensor:
 def silu_(t: Tensor) -> Tensor:
     """SiLU of a fresh temporary t, in place where autograd does not need t (no gradient flows)."""
     return F.silu(t, inplace=not t.requires_grad)
+
+
+def stream_window(window: Tensor, x: Tensor, ends: Tensor | None) -> Tensor:
+    """``conv_window`` of the stream [window, x] without concatenating it: window (B, C, k - 1), x (B, C, L)
+    -> the k - 1 inputs before each row's end (a new tensor)."""
+    Bsz, Cn, k1 = window.shape
+    if k1 == 0:
+        return window.clone()
+    L = x.shape[-1]
+    ends = torch.full((Bsz,), L, device=x.device) if ends is None else ends.to(x.device)
+    idx = ends[:, None] + torch.arange(k1, device=x.device)  # positions in [window, x]
+    from_x = x.gather(-1, (idx - k1).clamp(min=0)[:, None, :].expand(Bsz, Cn, k1))
+    from_w = window.gather(-1, idx.clamp(max=k1 - 1)[:, None, :].expand(Bsz, Cn, k1))
+    return torch.where((idx >= k1)[:, None, :], from_x, from_w)
 
 
 def causal_conv(xc: Tensor, conv: nn.Conv1d) -> Tensor:
@@ -562,9 +577,13 @@ class Mamba2(_Selective):
         if keep is not None:
             xbc = xbc * keep[:, None, :].to(xbc.dtype)
         win = window.to(xbc.dtype) if window is not None else xbc.new_zeros(xbc.shape[0], xbc.shape[1], k - 1)
-        xc = torch.cat([win, xbc], dim=-1)
-        cols = self._seq_columns(seq, k)
-        xconv = causal_conv(xc, conv) if cols is None else packed_conv(xc, conv, cols)
+        if cuts is None:  # shifted multiply-adds on xbc itself: no copy of the input, a recomputing backward
+            xconv = causal_conv1d_fn(xbc, conv.weight[:, 0], conv.bias, win, "silu")
+            window = stream_window(win, xbc, ends)
+        else:
+            xc = torch.cat([win, xbc], dim=-1)
+            cols = self._seq_columns(seq, k)
+            xconv = causal_conv(xc, conv) if cols is None else packed_conv(xc, conv, cols)
         x, Bm, Cm = self._split_conv(xconv.transpose(1, 2))  # (B, L, ...)
         A = -torch.exp(self.ssm_param("A_log" + s))
         D, dt_bias = self.ssm_param("D" + s), self.ssm_param("dt_bias" + s)
@@ -577,10 +596,8 @@ class Mamba2(_Selective):
             opts = {}
         sd = state_dtype(self.A_log)
         if cuts is None:
-            window = conv_window(xc, k, ends).to(sd)
-            del xc  # a copy of the convolution's input: freed before the scan (unless autograd keeps it)
             y, h = selective.scan_heads(x, dt, A, Bm, Cm, self.chunk_size, D, initial_states=h0, **opts)
-            return y, (window, h), None
+            return y, (window.to(sd), h), None
 
         def run(a, b, h):
             sq = None if seq is None else seq[:, a:b] - seq[:, a:a + 1]
