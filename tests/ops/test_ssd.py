@@ -125,14 +125,14 @@ def test_gradcheck():
 @pytest.mark.parametrize("path", ["factored", "direct"])
 def test_function_gradcheck(monkeypatch, path, documents):
     """The custom autograd.Function in float64, every differentiable input (x, dt, A, B, C, D, z, the initial
-    state), one chunk a group, two full chunks and a short last one; the factored decay matrix with
-    sub-blocks of 2 (every dt A <= 0), the direct one with a positive A; documents that start inside a chunk
-    and at a chunk start."""
+    state), two groups of two heads, one chunk a group, two full chunks and a short last one; the factored
+    decay matrix with sub-blocks of 2 (every dt A <= 0), the direct one with a positive A; documents that
+    start inside a chunk and at a chunk start."""
     monkeypatch.setattr(ssd, "SUB", 2)
     monkeypatch.setattr(ssd, "GROUP_ELEMENTS", 1)
-    b, l, h, p, g, n, Q = 1, 9, 2, 2, 1, 2, 4
+    b, l, h, p, g, n, Q = 1, 9, 4, 2, 2, 2, 4
     ops = operands(b=b, l=l, h=h, p=p, g=g, n=n)
-    A = ops["A"] if path == "factored" else ops["A"] + torch.tensor([0.0, 0.8], dtype=f64)
+    A = ops["A"] if path == "factored" else ops["A"] + torch.tensor([0.0, 0.8, 0.0, 0.8], dtype=f64)
     inputs = [ops["x"], torch.rand(b, l, h, dtype=f64), A, ops["B"], ops["C"], ops["D"], ops["z"],
               ops["initial_states"]]
     inputs = [t.clone().requires_grad_() for t in inputs]
