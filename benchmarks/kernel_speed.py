@@ -70,11 +70,12 @@ def _naive_temp_bytes(kernel: str, L: int) -> int:
 def _resolved(kernel: str, backend: str, L: int) -> str:
     import torch
 
-    from ssm.ops.cauchy import resolve_backend
+    from ssm.ops.backends import resolve_backend
 
     if kernel == "s4-zoh":
         return "dense"
-    return resolve_backend(backend, _naive_temp_bytes(kernel, L), torch.device("cpu"))
+    op = "cauchy" if kernel == "s4" else "vandermonde"
+    return resolve_backend(op, backend, torch.device("cpu"), nbytes=_naive_temp_bytes(kernel, L))
 
 
 def run_case(kernel: str, backend: str, L: int, repeats: int) -> dict:

@@ -8,7 +8,8 @@ from conftest import rel_err, tol
 from torch.autograd import gradcheck
 
 from ssm.ops import cauchy as cauchy_mod
-from ssm.ops.cauchy import cauchy, cauchy_ref, resolve_backend
+from ssm.ops.backends import resolve_backend
+from ssm.ops.cauchy import cauchy, cauchy_ref
 from ssm.ops.vandermonde import vandermonde, vandermonde_ref
 
 CPU_BACKENDS = ["naive", "chunked", "auto"]
@@ -248,22 +249,23 @@ def test_public_chunked_path_with_many_chunks(monkeypatch):
     assert gradcheck(lambda v, w: cauchy(v, z, w, backend="chunked"), (v, w))
 
 
-def test_resolve_backend(monkeypatch):
+@pytest.mark.parametrize("op", ["cauchy", "vandermonde"])
+def test_resolve_backend(monkeypatch, op):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     cpu = torch.device("cpu")
-    assert resolve_backend("auto", 1024, cpu) == "naive"
-    assert resolve_backend("auto", cauchy_mod.AUTO_NAIVE_MAX_BYTES + 1, cpu) == "chunked"
-    assert resolve_backend("naive", 10**12, cpu) == "naive"
-    assert resolve_backend("chunked", 1, cpu) == "chunked"
+    assert resolve_backend(op, "auto", cpu, nbytes=1024) == "naive"
+    assert resolve_backend(op, "auto", cpu, nbytes=cauchy_mod.AUTO_NAIVE_MAX_BYTES + 1) == "chunked"
+    assert resolve_backend(op, "naive", cpu, nbytes=10**12) == "naive"
+    assert resolve_backend(op, "chunked", cpu, nbytes=1) == "chunked"
     with pytest.raises(ValueError, match="backend"):
-        resolve_backend("keops", 1, cpu)
+        resolve_backend(op, "keops", cpu, nbytes=1)
     with pytest.raises(ValueError, match="backend 'triton' needs CUDA"):
-        resolve_backend("triton", 1, cpu)
+        resolve_backend(op, "triton", cpu, nbytes=1)
     from ssm.ops import cauchy_triton
 
     monkeypatch.setattr(cauchy_triton, "available", lambda: False)
     with pytest.raises(ImportError, match="pip install triton"):
-        resolve_backend("triton", 1, torch.device("cuda"))
+        resolve_backend(op, "triton", torch.device("cuda"), nbytes=1)
 
 
 def test_triton_on_cpu_tensors_is_refused(monkeypatch):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_bool, check_choice, check_int, check_real, real_route
+from ..ops.causal_conv import causal_conv1d_fn
 from ..systems import selective
 from .base import SSMLayer, check_dt_range
 
@@ -68,18 +69,38 @@ def state_dtype(p: Tensor) -> torch.dtype:
 
 
 def conv_window(xc: Tensor, k: int, ends: Tensor | None) -> Tensor:
-    """The last k - 1 convolution inputs before each row's end, from xc (B, C, k - 1 + L) = [window, x]."""
+    """The last k - 1 convolution inputs before each row's end, from xc (B, C, k - 1 + L) = [window, x]; a
+    copy (a view would keep all of xc alive with the state)."""
     if k == 1:
-        return xc[..., :0]
+        return xc.new_empty((*xc.shape[:2], 0))
     if ends is None:
-        return xc[..., xc.shape[-1] - (k - 1):]
+        return xc[..., xc.shape[-1] - (k - 1):].clone()
     idx = ends.to(xc.device)[:, None] + torch.arange(k - 1, device=xc.device)  # (B, k-1)
     return xc.gather(-1, idx[:, None, :].expand(xc.shape[0], xc.shape[1], k - 1))
 
 
+def silu_(t: Tensor) -> Tensor:
+    """SiLU of a fresh temporary t, in place where autograd does not need t (no gradient flows)."""
+    return F.silu(t, inplace=not t.requires_grad)
+
+
+def stream_window(window: Tensor, x: Tensor, ends: Tensor | None) -> Tensor:
+    """``conv_window`` of the stream [window, x] without concatenating it: window (B, C, k - 1), x (B, C, L)
+    -> the k - 1 inputs before each row's end (a new tensor)."""
+    Bsz, Cn, k1 = window.shape
+    if k1 == 0:
+        return window.clone()
+    L = x.shape[-1]
+    ends = torch.full((Bsz,), L, device=x.device) if ends is None else ends.to(x.device)
+    idx = ends[:, None] + torch.arange(k1, device=x.device)  # positions in [window, x]
+    from_x = x.gather(-1, (idx - k1).clamp(min=0)[:, None, :].expand(Bsz, Cn, k1))
+    from_w = window.gather(-1, idx.clamp(max=k1 - 1)[:, None, :].expand(Bsz, Cn, k1))
+    return torch.where((idx >= k1)[:, None, :], from_x, from_w)
+
+
 def causal_conv(xc: Tensor, conv: nn.Conv1d) -> Tensor:
     """Depthwise causal convolution of xc (B, C, k - 1 + L) (the window first) -> (B, C, L), then SiLU."""
-    return F.silu(F.conv1d(xc, conv.weight, conv.bias, groups=conv.weight.shape[0]))
+    return silu_(F.conv1d(xc, conv.weight, conv.bias, groups=conv.weight.shape[0]))
 
 
 def conv_step(window: Tensor, x: Tensor, conv: nn.Conv1d) -> tuple[Tensor, Tensor]:
@@ -421,11 +442,19 @@ class GatedRMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
-        dtype = y.dtype
-        g = wide(y) * F.silu(wide(z))
+        """g = y silu(z) (in float32 at least), g / rms(g) per group, times the weight; y, z (..., d). Without
+        autograd every step after the first works in place (one temporary of y's size)."""
+        dtype, inplace = y.dtype, not torch.is_grad_enabled() or not (y.requires_grad or z.requires_grad
+                                                                     or self.weight.requires_grad)
+        g = F.silu(wide(z))
+        g = g.mul_(y) if inplace else g * wide(y)
         g = g.unflatten(-1, (-1, self.group_size))
-        g = g * torch.rsqrt(g.square().mean(-1, keepdim=True) + self.eps)
-        return (g.flatten(-2) * wide(self.weight)).to(dtype)
+        # 1 / rms = rsqrt(mean(g^2) + eps), the mean of squares as a norm: no temporary of g's size
+        ms = torch.linalg.vector_norm(g, dim=-1, keepdim=True).square() / self.group_size
+        r = torch.rsqrt(ms + self.eps)
+        g = (g.mul_(r) if inplace else g * r).flatten(-2)
+        g = g.mul_(self.weight) if inplace else g * wide(self.weight)
+        return g.to(dtype)
 
 
 class Mamba2(_Selective):
@@ -550,9 +579,13 @@ class Mamba2(_Selective):
         if keep is not None:
             xbc = xbc * keep[:, None, :].to(xbc.dtype)
         win = window.to(xbc.dtype) if window is not None else xbc.new_zeros(xbc.shape[0], xbc.shape[1], k - 1)
-        xc = torch.cat([win, xbc], dim=-1)
-        cols = self._seq_columns(seq, k)
-        xconv = causal_conv(xc, conv) if cols is None else packed_conv(xc, conv, cols)
+        if cuts is None:  # shifted multiply-adds on xbc itself: no copy of the input, a recomputing backward
+            xconv = causal_conv1d_fn(xbc, conv.weight[:, 0], conv.bias, win, "silu")
+            window = stream_window(win, xbc, ends)
+        else:
+            xc = torch.cat([win, xbc], dim=-1)
+            cols = self._seq_columns(seq, k)
+            xconv = causal_conv(xc, conv) if cols is None else packed_conv(xc, conv, cols)
         x, Bm, Cm = self._split_conv(xconv.transpose(1, 2))  # (B, L, ...)
         A = -torch.exp(self.ssm_param("A_log" + s))
         D, dt_bias = self.ssm_param("D" + s), self.ssm_param("dt_bias" + s)
@@ -567,7 +600,7 @@ class Mamba2(_Selective):
         scan_heads = selective.scan_heads_loop if real_route() else selective.scan_heads  # (export route)
         if cuts is None:
             y, h = scan_heads(x, dt, A, Bm, Cm, self.chunk_size, D, initial_states=h0, **opts)
-            return y, (conv_window(xc, k, ends).to(sd), h), None
+            return y, (window.to(sd), h), None
 
         def run(a, b, h):
             sq = None if seq is None else seq[:, a:b] - seq[:, a:a + 1]

@@ -6,7 +6,7 @@
 (bilinear-transformed) roots of unity, ``w = dt * Lambda`` and ``v`` the products of the B/P and C/Q vectors
 (S4 paper, Sec. 3.3 and Alg. 1).
 
-Backends (chosen by ``resolve_backend``, shared with ``ssm.ops.vandermonde``):
+Backends (chosen by ``ssm.ops.backends.resolve_backend``, the same for ``ssm.ops.vandermonde``):
 
 - ``"naive"``: materializes the (W, N, L) matrix 1 / (z - w) and multiplies (batched matmul); plain autograd,
   which keeps that matrix for the backward pass. Fastest for small problems.
@@ -17,8 +17,7 @@ Backends (chosen by ``resolve_backend``, shared with ``ssm.ops.vandermonde``):
   triton``; fused kernel that never materializes the intermediate (``ssm.ops.cauchy_triton``).
 - ``"auto"``: ``"triton"`` on CUDA when the package is installed and its kernel agrees with the reference
   on a probe (checked once per device); otherwise ``"naive"`` when the (W, N, L) temporary needs at most
-  ``AUTO_NAIVE_MAX_BYTES``, else ``"chunked"``. This is the one place a backend is resolved: the layers
-  pass their ``backend`` argument through.
+  ``AUTO_NAIVE_MAX_BYTES``, else ``"chunked"``. The layers pass their ``backend`` argument through.
 
 Here W is the number of distinct ``w`` rows (``w``'s batch size); batch dimensions of ``v`` along which ``w``
 is broadcast (output channels, the Woodbury B/P x C/Q products) share one 1 / (z - w) matrix. The operand
@@ -33,11 +32,12 @@ from typing import Callable
 import torch
 from torch.autograd.function import once_differentiable
 
-from .._checks import check_choice, check_tensor, traced, traced_size
+from .._checks import check_tensor
+from .backends import OPS, resolve_backend
 
-__all__ = ["cauchy", "cauchy_ref", "resolve_backend", "BACKENDS", "AUTO_NAIVE_MAX_BYTES", "CHUNK_BYTES"]
+__all__ = ["cauchy", "cauchy_ref", "BACKENDS", "AUTO_NAIVE_MAX_BYTES", "CHUNK_BYTES"]
 
-BACKENDS = ("auto", "naive", "chunked", "triton")
+BACKENDS = OPS["cauchy"].backends  # ("auto", "naive", "chunked", "triton"), resolved by ssm.ops.backends
 
 # "auto" uses the materialized product while its (W, N, L) temporary stays below this many bytes.
 AUTO_NAIVE_MAX_BYTES = 16 * 2**20
@@ -45,52 +45,6 @@ AUTO_NAIVE_MAX_BYTES = 16 * 2**20
 # (at least one z point per chunk): peak memory is the output plus a few such temporaries. Much smaller
 # chunks cost time: many small batched matmuls and elementwise calls, each with its own overhead.
 CHUNK_BYTES = 32 * 2**20
-
-_TRITON_INSTALL = "pip install triton  (or: pip install 'ssm-layers[triton]')"
-
-
-def resolve_backend(backend: str, nbytes: int, device: torch.device) -> str:
-    """Resolve ``backend`` to a concrete backend, once per call of ``cauchy`` / ``vandermonde`` (the one
-    resolver of the package: layers pass their ``backend`` argument through to here).
-
-    Args:
-        backend: one of ``BACKENDS``.
-        nbytes: size in bytes of the (W, N, L) temporary that the naive backend would materialize (a
-            symbolic ``torch.SymInt`` under a dynamic length; under torch.compile / torch.export ``"auto"``
-            is ``"naive"``).
-        device: device of the operands.
-
-    Returns:
-        ``"naive"``, ``"chunked"`` or ``"triton"``.
-
-    Raises:
-        ValueError: ``backend`` is unknown, or ``"triton"`` was asked for with non-CUDA tensors.
-        ImportError: ``"triton"`` was asked for and the ``triton`` package is not installed (the message
-            gives the install command).
-    """
-    check_choice("backend", backend, BACKENDS)
-    if backend == "auto":
-        if traced_size(nbytes) or torch.compiler.is_compiling():
-            # Under torch.compile / torch.export (the length may be symbolic): the chunked loop needs a
-            # concrete length, so the materialized product is traced, whatever the size.
-            return "naive"
-        if device.type == "cuda" and not traced():  # a torch.func transform cannot batch a Triton kernel
-            from . import cauchy_triton
-
-            if cauchy_triton.works(device):  # installed, compiles and agrees on a probe (once per device)
-                return "triton"
-        return "naive" if nbytes <= AUTO_NAIVE_MAX_BYTES else "chunked"
-    if backend == "triton":
-        from . import cauchy_triton
-
-        if not cauchy_triton.accepts(device):
-            raise ValueError(f"backend 'triton' needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1, "
-                             f"Triton's interpreter); got tensors on {device.type!r}")
-
-        if not cauchy_triton.available():
-            raise ImportError(f"backend 'triton' needs the triton package: {_TRITON_INSTALL}")
-    return backend
-
 
 def group_operands(v: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Callable]:
     """Arrange broadcasting v (..., N), w (..., N) as v (W, E, N), w (W, N).
@@ -231,7 +185,7 @@ def cauchy(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor, *, backend: str = 
     wsize, esize, n = vg.shape
     length = z.shape[0]
     itemsize = z.element_size()
-    name = resolve_backend(backend, wsize * n * length * itemsize, z.device)
+    name = resolve_backend("cauchy", backend, z.device, nbytes=wsize * n * length * itemsize)
     if name == "naive":
         out = _cauchy_naive(vg, z, wg)
     elif name == "chunked":

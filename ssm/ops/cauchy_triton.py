@@ -50,9 +50,11 @@ def interpreting() -> bool:
 
 
 def accepts(device: torch.device) -> bool:
-    """Whether the kernels can run on tensors of ``device``: CUDA, or the CPU under the interpreter."""
-    kind = torch.device(device).type
-    return kind == "cuda" or (kind == "cpu" and interpreting())
+    """Whether the kernels can run on tensors of ``device``: CUDA, or the CPU under the interpreter (the
+    rule of ``ssm.ops.backends``)."""
+    from .backends import triton_accepts
+
+    return triton_accepts(device)
 
 
 @functools.cache

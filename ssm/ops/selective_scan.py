@@ -30,42 +30,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .._checks import check_bool, check_choice, check_int, check_tensor
+from .._checks import check_bool, check_int, check_tensor
+from .backends import OPS, resolve_backend
 
-__all__ = ["selective_scan_fn", "selective_scan_ref", "resolve_scan_backend", "BACKENDS", "CHUNK"]
+__all__ = ["selective_scan_fn", "selective_scan_ref", "BACKENDS", "CHUNK"]
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = OPS["selective_scan"].backends  # ("auto", "torch", "triton"), resolved by ssm.ops.backends
 #: Whether ``"auto"`` picks the Triton forward for CUDA tensors (off until it has run on a GPU).
 AUTO_TRITON = False
-_TRITON_INSTALL = "pip install triton  (or: pip install 'ssm-layers[triton]')"
 
 #: Time steps per chunk of ``selective_scan_fn`` (measured on CPU: benchmarks/selective.py).
 CHUNK = 16
-
-
-def resolve_scan_backend(backend: str, device: torch.device) -> str:
-    """``"torch"`` or ``"triton"`` for ``backend`` (one of ``BACKENDS``) and tensors on ``device``.
-
-    ``"auto"`` is ``"torch"`` for now: the Triton kernel has been checked under the interpreter only, not yet
-    on a GPU (``AUTO_TRITON`` turns it on for CUDA tensors when triton imports). ``"triton"`` needs CUDA
-    tensors, or the Triton interpreter (``TRITON_INTERPRET=1``) for CPU tensors: else ``ValueError``; without
-    the triton package, ``ImportError`` with the install command.
-    """
-    import os
-
-    from . import selective_scan_triton
-
-    check_choice("backend", backend, BACKENDS)
-    if backend == "auto":
-        use = AUTO_TRITON and device.type == "cuda" and selective_scan_triton.available()
-        return "triton" if use else "torch"
-    if backend == "triton":
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1); got tensors on "
-                             f"{device.type!r}")
-        if not selective_scan_triton.available():
-            raise ImportError(f"backend 'triton' needs the triton package: {_TRITON_INSTALL}")
-    return backend
 
 
 def _check_bc(name: str, value, batch: int, dim: int, dstate: int, length: int) -> Tensor:
@@ -340,7 +315,7 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         initial_state: (B, D, N) state before the first step (default zero; not in mamba_ssm).
         chunk_size: time steps per chunk (default ``CHUNK``); memory O(B D N chunk_size) besides the
             chunk-start states.
-        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (``resolve_scan_backend``): the forward pass as a
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (``ssm.ops.backends``): the forward pass as a
             fused Triton kernel (``ssm.ops.selective_scan_triton``); the backward is the torch one.
 
     Returns:
@@ -348,7 +323,7 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     """
     _check_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
     chunk = CHUNK if chunk_size is None else check_int("chunk_size", chunk_size, minimum=1)
-    backend = resolve_scan_backend(backend, u.device)
+    backend = resolve_backend("selective_scan", backend, u.device)
     ct = _compute_dtype(u, delta, A, B, C, initial_state)
     batch, dim, length = u.shape
     dlt = _delta(delta, delta_bias, delta_softplus, ct).permute(2, 0, 1).contiguous()  # (L, B, D)

@@ -11,18 +11,22 @@ D (h, p) or (h,); states (b, h, p, n). ``seq_idx`` (b, l) numbers packed documen
 row): the state is zero at the start of every document, and ``initial_states`` belongs to document 0 (the
 state resets where seq_idx[t] != seq_idx[t - 1], with seq_idx[-1] = 0, as mamba_ssm's kernels do).
 
-``mamba_chunk_scan_combined`` splits l into chunks of Q = ``chunk_size`` (the last one padded by steps of
-zero dt: decay 1, no input) and, with a_t = dt_t A and the segment sums S[i, j] = a_{j+1} + ... + a_i
-(-inf for j > i or across documents; summed per segment, never as a difference of cumsums):
+``mamba_chunk_scan_combined`` splits l into chunks of Q = ``chunk_size`` (the last one may be shorter) and,
+with a_t = dt_t A, the cumsum cs_i = a_0 + ... + a_i within a chunk and L[i, j] = exp(cs_i - cs_j) for
+j <= i in the same document (else 0):
 
-    y_diag[i] = sum_{j <= i} (C_i . B_j) exp(S[i, j]) dt_j x_j           (intra-chunk: matmuls, Q x Q)
-    s_c       = sum_j exp(S[Q-1, j]) dt_j x_j B_j^T                        (state a chunk adds)
-    h_c       = exp(a_0 + ... + a_{Q-1}) h_{c-1} + s_c                     (inter-chunk recurrence)
-    y_off[i]  = exp(a_0 + ... + a_i) h_{c-1} C_i                          (the state entering the chunk)
+    y_diag[i] = sum_{j <= i} (C_i . B_j) L[i, j] dt_j x_j                (intra-chunk: matmuls, Q x Q)
+    s_c       = sum_j exp(cs_{Q-1} - cs_j) dt_j x_j B_j^T                 (state a chunk adds)
+    h_c       = exp(cs_{Q-1}) h_{c-1} + s_c                                (inter-chunk recurrence)
+    y_off[i]  = exp(cs_i) h_{c-1} C_i                                      (the state entering the chunk)
 
-Plain autograd; memory O(b h l Q + b h p n l / Q), never a (b, l, h, p, n) tensor. ``mamba_chunk_scan_ref``
-is the sequential twin with the same signature. ``backend="triton"`` runs the same algorithm as Triton
-kernels (``ssm.ops.ssd_triton``), forward only: for inference, with no input that requires grad.
+The exponents are differences of float64 cumsums (``_decay_matrix``, which also factors L when every
+dt A <= 0). A custom autograd.Function runs it over groups of chunks (``GROUP_ELEMENTS``) and saves only
+its inputs and the state entering each chunk; the backward recomputes every chunk's Q x Q blocks. Memory:
+O(b h p n l / Q) saved, O(b h Q^2) temporaries (forward and backward), never a (b, h, l, Q) or (b, l, h, p, n)
+tensor. ``mamba_chunk_scan_ref`` is the sequential twin with the same signature. ``backend="triton"`` runs
+the same algorithm as Triton kernels (``ssm.ops.ssd_triton``), forward only: for inference, with no input
+that requires grad.
 """
 
 from __future__ import annotations
@@ -32,34 +36,16 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from .._checks import check_bool, check_choice, check_int, check_tensor
+from .._checks import check_bool, check_int, check_tensor
+from .backends import OPS, resolve_backend
 
 __all__ = ["mamba_chunk_scan_combined", "mamba_chunk_scan_ref", "BACKENDS"]
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = OPS["ssd"].backends  # ("auto", "torch", "triton"), resolved by ssm.ops.backends
 #: Whether ``"auto"`` picks the Triton forward for CUDA tensors (off until it has run on a GPU).
 AUTO_TRITON = False
-_TRITON_INSTALL = "pip install triton  (or: pip install 'ssm-layers[triton]')"
-
-
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    """``"torch"`` or ``"triton"`` for ``backend`` (one of ``BACKENDS``) and tensors on ``device``; the same
-    rules and errors as ``ssm.ops.selective_scan.resolve_scan_backend`` (to be replaced by the package's one
-    resolver). ``"auto"`` is ``"torch"`` until the kernels have run on a GPU (``AUTO_TRITON``)."""
-    from . import ssd_triton
-
-    check_choice("backend", backend, BACKENDS)
-    if backend == "auto":
-        use = AUTO_TRITON and device.type == "cuda" and ssd_triton.available()
-        return "triton" if use else "torch"
-    if backend == "triton":
-        if not ssd_triton.accepts(device):
-            raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1); got tensors on "
-                             f"{device.type!r}")
-        if not ssd_triton.available():
-            raise ImportError(f"backend 'triton' needs the triton package: {_TRITON_INSTALL}")
-    return backend
 
 
 def _check_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit,
@@ -158,17 +144,249 @@ def mamba_chunk_scan_ref(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=Non
     return (out, state) if return_final_states else out
 
 
-def _decay_t(a: Tensor, invalid: Tensor | None = None) -> Tensor:
-    """E[..., j, i] = exp(S[i, j]) = exp(a[..., j+1] + ... + a[..., i]) for j <= i, else 0; a (..., Q).
+#: Elements of one (b, chunks, h, Q, Q) temporary: chunks are processed this many Q x Q blocks at a time
+#: (at least one chunk), so the op's temporaries stay O(b h Q^2 + GROUP_ELEMENTS) whatever the length.
+GROUP_ELEMENTS = 2**21
+#: Sub-block size of the factored decay matrix (``_decay_matrix``); chunks that are not a multiple of it, or
+#: shorter than two sub-blocks, are computed directly.
+SUB = 32
 
-    The transpose of exp(S): each segment is summed (a masked cumsum along the contiguous last axis), not
-    taken as cumsum[i] - cumsum[j], which cancels catastrophically when the cumsums are large; ``invalid``
-    (..., Q, Q) in the same (j, i) layout zeroes more pairs (other documents)."""
-    Q = a.shape[-1]
-    later = torch.ones(Q, Q, dtype=torch.bool, device=a.device).triu(1)  # k > j
-    T = torch.where(later, a.unsqueeze(-2), a.new_zeros(())).cumsum(-1)  # sum over j < k <= i
-    before = ~torch.ones_like(later).triu()  # i < j
-    return T.masked_fill_(before if invalid is None else before | invalid, -math.inf).exp_()
+
+def _spans(l: int, Q: int, per: int) -> list[tuple[int, int, int]]:
+    """(t0, k, q): k chunks of q steps from position t0, full chunks ``per`` at a time, then the short last
+    chunk of a length that is not a multiple of Q."""
+    full = l // Q
+    spans = [(c * Q, min(per, full - c), Q) for c in range(0, full, per)]
+    if l % Q:
+        spans.append((full * Q, 1, l % Q))
+    return spans
+
+
+def _upper(q: int, device, diagonal: int = 1) -> Tensor:
+    """(q, q) True where j >= i + diagonal."""
+    return torch.ones(q, q, dtype=torch.bool, device=device).triu(diagonal)
+
+
+def _decay_matrix(cs: Tensor, other_doc: Tensor | None, decays: bool, dtype: torch.dtype) -> Tensor:
+    """L[..., i, j] = exp(cs_i - cs_j) for j <= i in the same document, else 0, in ``dtype``; cs (..., q) the
+    float64 cumsum of a = dt A within a chunk, ``other_doc`` (..., q, q) True across documents.
+
+    Every exponent is a difference of float64 cumsums (exact to float64 rounding for any realistic |cs|).
+    Direct: one exp per entry. Factored (``decays``: every a <= 0, so no factor below exceeds 1; q a multiple
+    of ``SUB`` with at least two sub-blocks): for i in sub-block I and j in an earlier sub-block J, with e_J
+    the cumsum at the end of J and s_I = e_{I-1} (0 for the first),
+
+        L[i, j] = exp(cs_i - s_I) exp(s_I - e_J) exp(e_J - cs_j)          (u_i K[I, J] v_j)
+
+    so only the diagonal sub-blocks take an exp per entry (q SUB of the q^2 entries), the rest a product."""
+    q = cs.shape[-1]
+    if not decays or q % SUB or q < 2 * SUB:
+        mask = _upper(q, cs.device) if other_doc is None else _upper(q, cs.device) | other_doc
+        return (cs[..., :, None] - cs[..., None, :]).masked_fill_(mask, -math.inf).exp_().to(dtype)
+    nb = q // SUB
+    csb = cs.unflatten(-1, (nb, SUB))  # (..., nb, SUB)
+    end = csb[..., -1]
+    start = F.pad(end[..., :-1], (1, 0))
+    u = (csb - start[..., None]).exp_().to(dtype)  # decay from the start of i's sub-block to i
+    v = (end[..., None] - csb).exp_().to(dtype)  # decay from j to the end of j's sub-block
+    K = (start[..., :, None] - end[..., None, :]).masked_fill_(_upper(nb, cs.device, 0), -math.inf).exp_()
+    L = (u[..., :, :, None, None] * K.to(dtype)[..., :, None, :, None]) * v[..., None, None, :, :]
+    diag = (csb[..., :, None] - csb[..., None, :]).masked_fill_(_upper(SUB, cs.device), -math.inf).exp_()
+    L.diagonal(dim1=-4, dim2=-2).copy_(diag.movedim(-3, -1))  # (..., nb, SUB, nb, SUB): the sub-blocks
+    L = L.view(*cs.shape, q)
+    return L if other_doc is None else L.masked_fill_(other_doc, 0.0)
+
+
+class _Chunks:
+    """What the forward and the backward (which recomputes it) need of k consecutive chunks of q steps from
+    t0, per head h of group g (hg heads a group):
+
+        dts, cs = cumsum(dt A) in float64 (b, k, g, hg, q);  Bs, Cs (b, k, g, q, n)
+        e_in[i] = exp(cs_i)           (the entering state's decay to step i; 0 in a later document)
+        E[j] = exp(cs_{q-1} - cs_j)   (step j's decay to the chunk end; 0 in an earlier document), w = E dt
+
+    Two layouts of (b, l, h, p) tensors: position-major ``pm`` (b, k, g, q, hg, p), which the state matmuls
+    of a group read as (q, hg p), and head-major (b, k, g, hg, q, p) for the q x q matmuls of each head."""
+
+    def __init__(self, x, dt, A, B, C, seq_idx, decays: bool, t0: int, k: int, q: int):
+        b, _, h, p = x.shape
+        g, n = B.shape[2], B.shape[3]
+        hg, ct = h // g, dt.dtype
+        self.span = sl = slice(t0, t0 + k * q)
+        self.dims = (b, k, g, hg, q, p, n)
+        self.xs = self.pm(x).to(ct)
+        self.dts = dt[:, sl].view(b, k, q, g, hg).permute(0, 1, 3, 4, 2)
+        self.Bs = B[:, sl].to(ct).view(b, k, q, g, n).transpose(2, 3)
+        self.Cs = C[:, sl].to(ct).view(b, k, q, g, n).transpose(2, 3)
+        cs = (self.dts.double() * A.double().view(g, hg, 1)).cumsum(-1)  # float64: see _decay_matrix
+        e_in, E = cs.exp().to(ct), (cs[..., -1:] - cs).exp_().to(ct)
+        self.other_doc = None
+        if seq_idx is not None:
+            seq = seq_idx[:, sl].view(b, k, q)
+            # the document of the state entering each chunk: that of the step before it (0 before the first)
+            before = torch.arange(k, device=x.device) * q + (t0 - 1)
+            prev = torch.where(before >= 0, seq_idx[:, before.clamp(min=0)], 0)  # (b, k)
+            zero = e_in.new_zeros(())
+            e_in = torch.where((seq == prev[..., None])[:, :, None, None], e_in, zero)
+            E = torch.where((seq == seq[..., -1:])[:, :, None, None], E, zero)
+            self.other_doc = (seq[..., :, None] != seq[..., None, :])[:, :, None, None]
+        self.cs, self.e_in, self.E, self.w, self.decays = cs, e_in, E, E * self.dts, decays
+        self.decay = e_in[..., -1]  # (b, k, g, hg): the entering state's decay over the whole chunk
+
+    def pm(self, t: Tensor) -> Tensor:
+        """t (b, l, h, p) -> the position-major view (b, k, g, q, hg, p) of these chunks."""
+        b, k, g, hg, q, p, _ = self.dims
+        return t[:, self.span].view(b, k, q, g, hg, p).transpose(2, 3)
+
+    def per_pm(self, s: Tensor) -> Tensor:
+        """A per-step (b, k, g, hg, q) tensor broadcast against the pm layout: (b, k, g, q, hg, 1)."""
+        return s.transpose(-1, -2)[..., None]
+
+    def group(self, t: Tensor) -> Tensor:
+        """A pm tensor as (b, k, g, q, hg p)."""
+        return t.reshape(*t.shape[:4], -1)
+
+    def head_major(self, t: Tensor) -> Tensor:
+        """pm (b, k, g, q, hg, p) -> a contiguous head-major (b, k, g, hg, q, p) copy."""
+        return t.transpose(3, 4).contiguous()
+
+    def xdt(self) -> Tensor:
+        """dt_j x_j, head-major and contiguous (b, k, g, hg, q, p)."""
+        b, k, g, hg, q, p, _ = self.dims
+        out = self.xs.new_empty((b, k, g, hg, q, p))
+        return torch.mul(self.xs.transpose(3, 4), self.dts[..., None], out=out)
+
+    def decay_matrix(self) -> Tensor:
+        return _decay_matrix(self.cs, self.other_doc, self.decays, self.dts.dtype)
+
+    def CB(self) -> Tensor:
+        """C_i . B_j (b, k, g, 1, q, q), shared by the heads of a group."""
+        return torch.matmul(self.Cs, self.Bs.transpose(-1, -2)).unsqueeze(3)
+
+
+class _SSD(torch.autograd.Function):
+    """The chunked SSD scan with a recomputing backward: x (b, l, h, p); dt (b, l, h), already biased,
+    softplus'ed and clamped, in the compute dtype; A (h,); B, C (b, l, g, n); D (h, p) or None; z
+    (b, l, h, p) or None; h0 (b, h, p, n) or None; ``decays``: every dt A <= 0 (``_decay_matrix``) ->
+    (out (b, l, h, p) in x's dtype, final state (b, h, p, n)).
+
+    Saved for the backward: the inputs and the state entering every chunk (b, l / Q, h, p, n); the q x q
+    blocks are formed ``GROUP_ELEMENTS`` at a time, in the forward and again in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, z, h0, seq_idx, chunk_size, decays):
+        b, l, h, p = x.shape
+        g, n = B.shape[2], B.shape[3]
+        hg, ct, Q = h // g, dt.dtype, chunk_size
+        out = x.new_empty(x.shape)
+        H = x.new_empty((b, -(-l // Q), g, hg * p, n), dtype=ct)  # the state entering each chunk
+        state = x.new_zeros((b, g, hg * p, n), dtype=ct) if h0 is None else h0.to(ct).reshape(b, g, hg * p, n)
+        Dv = None if D is None else D.to(ct).view(g, 1, hg, p)
+        for t0, k, q in _spans(l, Q, max(1, GROUP_ELEMENTS // (b * h * Q * Q))):
+            c = _Chunks(x, dt, A, B, C, seq_idx, decays, t0, k, q)
+            # intra-chunk, per head: y_diag = (L o C B^T) (dt x)
+            xdt = c.xdt()
+            y_diag = torch.matmul(c.decay_matrix().mul_(c.CB()), xdt)  # (b, k, g, hg, q, p)
+            # the state each chunk adds, s = sum_j E_j dt_j x_j B_j^T (a group's heads in one matmul), and the
+            # recurrence over the chunks h_c = decay_c h_{c-1} + s_c
+            s = torch.matmul(c.group(c.xs * c.per_pm(c.w)).transpose(-1, -2), c.Bs)  # (b, k, g, hg p, n)
+            c0 = t0 // Q
+            for i in range(k):
+                H[:, c0 + i] = state
+                state = c.decay[:, i, :, :, None].repeat_interleave(p, -2) * state + s[:, i]
+            # the entering state's output y_off[i] = e_in[i] h_in C_i, then y = y_diag + y_off + D x
+            y = torch.matmul(c.Cs, H[:, c0:c0 + k].transpose(-1, -2)).view(b, k, g, q, hg, p)
+            y.mul_(c.per_pm(c.e_in)).add_(y_diag.transpose(3, 4))
+            if Dv is not None:
+                y.addcmul_(c.xs, Dv)
+            if z is not None:
+                y.mul_(F.silu(c.pm(z).to(ct)))
+            c.pm(out).copy_(y)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, h0, seq_idx, H)
+        ctx.chunk_size, ctx.decays = Q, decays
+        return out, state.view(b, h, p, n)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gout, gstate):
+        x, dt, A, B, C, D, z, h0, seq_idx, H = ctx.saved_tensors
+        b, l, h, p = x.shape
+        g, n = B.shape[2], B.shape[3]
+        hg, ct, Q = h // g, dt.dtype, ctx.chunk_size
+        gx, gdt, gB, gC = (t.new_empty(t.shape, dtype=ct) for t in (x, dt, B, C))
+        gz = None if z is None else z.new_empty(z.shape, dtype=ct)
+        gA = A.new_zeros((g, hg), dtype=ct)
+        gD = None if D is None else D.new_zeros((g, hg, p), dtype=ct)
+        Dv = None if D is None else D.to(ct).view(g, 1, hg, p)
+        dstate = gstate.to(ct).reshape(b, g, hg * p, n)  # d loss / d (the state after the current chunk)
+        for t0, k, q in reversed(_spans(l, Q, max(1, GROUP_ELEMENTS // (b * h * Q * Q)))):
+            c = _Chunks(x, dt, A, B, C, seq_idx, ctx.decays, t0, k, q)
+            Hc = H[:, t0 // Q:t0 // Q + k]  # (b, k, g, hg p, n)
+            xdt = c.xdt()
+            L = c.decay_matrix()
+            CB = c.CB()
+            M = L * CB
+            y_in = torch.matmul(c.Cs, Hc.transpose(-1, -2)).view(b, k, g, q, hg, p)  # h_in C_i, before e_in
+            dy = c.pm(gout).to(ct)
+            y_diag = None
+            if z is not None:  # out = y * silu(z) with y = y_diag + e_in y_in + D x
+                y_diag = torch.matmul(M, xdt)
+                y = y_in * c.per_pm(c.e_in) + y_diag.transpose(3, 4)
+                if Dv is not None:
+                    y.addcmul_(c.xs, Dv)
+                zc = c.pm(z).to(ct)
+                sig = torch.sigmoid(zc)
+                c.pm(gz).copy_(dy * y * sig * (1 + zc * (1 - sig)))
+                dy = dy * zc * sig
+            if Dv is not None:
+                gD += (dy * c.xs).sum((0, 1, 3))
+            # y_off = e_in (h_in C): d h_in += sum_i e_in[i] dy_i C_i^T, dC_i += e_in[i] h_in^T dy_i,
+            # d cs_i += e_in[i] dy_i . (h_in C_i)
+            dye = (dy * c.per_pm(c.e_in)).reshape(b, k, g, q, hg * p)
+            g_in = torch.matmul(dye.transpose(-1, -2), c.Cs)  # (b, k, g, hg p, n)
+            gCc = torch.matmul(dye, Hc)  # (b, k, g, q, n), summed over the group's heads
+            gcs = (dy * y_in).sum(-1).transpose(-1, -2).mul_(c.e_in)  # (b, k, g, hg, q)
+            # the recurrence backwards: d s_c = d h_c, d h_{c-1} = decay_c d h_c + g_in_c
+            ds = torch.empty_like(g_in)
+            gdecay = c.decay.new_empty(c.decay.shape)
+            for i in reversed(range(k)):
+                ds[:, i] = dstate
+                gdecay[:, i] = (dstate * Hc[:, i]).view(b, g, hg, -1).sum(-1)
+                dstate = c.decay[:, i, :, :, None].repeat_interleave(p, -2) * dstate + g_in[:, i]
+            gcs[..., -1] += gdecay * c.decay
+            # s = sum_j E_j xdt_j B_j^T: d(E_j xdt_j) = ds B_j, dB_j += ds^T (E_j xdt_j), d cs via E
+            dxw = torch.matmul(c.Bs, ds.transpose(-1, -2)).view(b, k, g, q, hg, p)
+            gE = (dxw * c.xs).sum(-1).transpose(-1, -2).mul_(c.w)  # d loss / d log E_j
+            gcs[..., -1] += gE.sum(-1)
+            gcs -= gE
+            gBc = torch.matmul(c.group(c.xs * c.per_pm(c.w)), ds)  # (b, k, g, q, n)
+            gxdt = dxw.mul_(c.per_pm(c.E))  # pm
+            # intra-chunk, y_diag = M xdt with M = L o (C B^T): d xdt += M^T dy, dM = dy xdt^T,
+            # d(C B^T) = sum_h dM o L, and d cs from L: rowsum(dM o M) - colsum(dM o M), where
+            # rowsum = dy . y_diag and colsum = xdt . (M^T dy)
+            dy_hm = c.head_major(dy)
+            mt_dy = torch.matmul(M.transpose(-1, -2), dy_hm)  # (b, k, g, hg, q, p)
+            dM = torch.matmul(dy_hm, xdt.transpose(-1, -2))
+            rows = (dM * M).sum(-1) if y_diag is None else (dy_hm * y_diag).sum(-1)
+            gcs += rows - (xdt * mt_dy).sum(-1)
+            dCB = dM.mul_(L).sum(3)  # (b, k, g, q, q)
+            gCc += torch.matmul(dCB, c.Bs)
+            gBc += torch.matmul(dCB.transpose(-1, -2), c.Cs)
+            # cs = cumsum(dt A); xdt = x dt
+            gxdt += mt_dy.transpose(3, 4)
+            ga = gcs.flip(-1).cumsum(-1).flip(-1)
+            gA += (ga * c.dts).sum((0, 1, 4))
+            gdt_c = ga.mul_(A.view(g, hg, 1)) + (gxdt * c.xs).sum(-1).transpose(-1, -2)  # (b, k, g, hg, q)
+            gx_c = gxdt.mul_(c.per_pm(c.dts))
+            if Dv is not None:
+                gx_c.addcmul_(dy, Dv)
+            c.pm(gx).copy_(gx_c)
+            gdt[:, c.span].view(b, k, q, g, hg).copy_(gdt_c.permute(0, 1, 4, 2, 3))
+            gB[:, c.span].view(b, k, q, g, n).copy_(gBc.transpose(2, 3))
+            gC[:, c.span].view(b, k, q, g, n).copy_(gCc.transpose(2, 3))
+        gD = None if D is None else gD.reshape(h, p)
+        gh0 = None if h0 is None else dstate.reshape(b, h, p, n)
+        return gx, gdt, gA.reshape(h), gB, gC, gD, gz, gh0, None, None, None
 
 
 def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
@@ -194,7 +412,7 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     """
     _check_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit,
                 return_final_states)
-    route = _resolve_backend(backend, x.device)
+    route = resolve_backend("ssd", backend, x.device)
     if route == "triton" and torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias, initial_states)):
         if backend == "triton":
@@ -210,50 +428,11 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
             D, z, initial_states, seq_idx)
         out = out.to(x.dtype)
         return (out, last) if return_final_states else out
-    b, l, h, p = x.shape
-    g, n = B.shape[2], B.shape[3]
-    hg = h // g
-    Q = int(chunk_size)
-    nc = -(-l // Q)
-    pad = nc * Q - l
-    dtc = F.pad(_dt(dt, dt_bias, dt_softplus, dt_limit, ct), (0, 0, 0, pad))  # zero dt: decay 1, no input
-    X = F.pad(x.to(ct), (0, 0, 0, 0, 0, pad)).view(b, nc, Q, g, hg, p)
-    Bc = F.pad(B.to(ct), (0, 0, 0, 0, 0, pad)).view(b, nc, Q, g, n)
-    Cc = F.pad(C.to(ct), (0, 0, 0, 0, 0, pad)).view(b, nc, Q, g, n)
-    dtc = dtc.view(b, nc, Q, g, hg).permute(0, 1, 3, 4, 2)  # (b, c, g, hg, Q)
-    a = dtc * A.to(ct).view(g, hg, 1)
-    invalid = same_prev = None
-    if seq_idx is not None:
-        seq = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1).view(b, nc, Q)
-        invalid = (seq[:, :, :, None] != seq[:, :, None, :])[:, :, None, None]  # (b, c, 1, 1, Q, Q)
-        # the document of the state entering each chunk: that of the previous chunk's end (0 before the first)
-        prev = F.pad(seq[:, :-1, -1], (1, 0))  # (b, c)
-        same_prev = seq == prev[:, :, None]  # (b, c, Q): positions that see the entering state
-    E = _decay_t(a, invalid)  # (b, c, g, hg, Q, Q): E[j, i] = exp(S[i, j])
-    Xt = X.permute(0, 1, 3, 4, 2, 5).contiguous()  # (b, c, g, hg, Q, p)
-    # intra-chunk: y_diag = ((C B^T) * exp(S) * dt_j) x, built transposed: W^T[j, i] = B_j . C_i E[j, i] dt_j
-    BC = torch.matmul(Bc.transpose(2, 3), Cc.permute(0, 1, 3, 4, 2)).unsqueeze(3)  # (b, c, g, 1, Q, Q)
-    Wt = BC * E * dtc.unsqueeze(-1)
-    Y = torch.matmul(Wt.transpose(-1, -2), Xt)  # (b, c, g, hg, Q, p)
-    # the state each chunk adds: s_c = sum_j exp(S[Q-1, j]) dt_j x_j B_j^T
-    w_end = E[..., :, -1] * dtc  # (b, c, g, hg, Q)
-    s = torch.matmul((Xt * w_end.unsqueeze(-1)).transpose(-1, -2), Bc.transpose(2, 3).unsqueeze(3))
-    # inter-chunk recurrence over c: h_c = exp(sum of the chunk's a) h_{c-1} + s_c
-    decay = torch.exp(a.sum(-1))  # (b, c, g, hg)
-    if seq_idx is not None:
-        decay = decay * same_prev[:, :, -1, None, None].to(ct)
-    state = x.new_zeros((b, g, hg, p, n), dtype=ct) if initial_states is None else (
-        initial_states.to(ct).view(b, g, hg, p, n))
-    entering = []
-    for c in range(nc):
-        entering.append(state)
-        state = decay[:, c, :, :, None, None] * state + s[:, c]
-    H = torch.stack(entering, dim=1)  # (b, c, g, hg, p, n)
-    # the entering state's output: y_off[i] = exp(a_0 + ... + a_i) h_{c-1} C_i
-    w_in = torch.exp(a.cumsum(-1))  # (b, c, g, hg, Q)
-    if seq_idx is not None:
-        w_in = w_in * same_prev[:, :, None, None].to(ct)
-    Y = Y + torch.matmul(Cc.transpose(2, 3).unsqueeze(3), H.transpose(-1, -2)) * w_in.unsqueeze(-1)
-    y = Y.permute(0, 1, 4, 2, 3, 5).reshape(b, nc * Q, h, p)[:, :l]
-    out = _gate(y, x, D, z)
-    return (out, state.reshape(b, h, p, n)) if return_final_states else out
+    h, p = x.shape[2], x.shape[3]
+    if D is not None and D.ndim == 1:
+        D = D[:, None].expand(h, p)
+    # every dt A <= 0 (dt >= 0 after the clamp, A <= 0, as in Mamba-2): the decay matrix may be factored
+    decays = float(dt_limit[0]) >= 0 and bool((A <= 0).all())
+    out, state = _SSD.apply(x, _dt(dt, dt_bias, dt_softplus, dt_limit, ct), A.to(ct), B, C, D, z,
+                            initial_states, seq_idx, int(chunk_size), decays)
+    return (out, state) if return_final_states else out

@@ -8,8 +8,8 @@ against each other; batch dimensions along which ``x`` is broadcast share the po
 
 Every backend splits l = s i + j with s ~ sqrt(L) and forms x^l = x^(s i) x^j from O(sqrt(L)) exponentials
 per node, taken in float64 and rounded once, so float32 results keep float32 accuracy at long L (the
-direct float32 exp(l log x) loses ~|Im log x| l 2^-24). Backends, resolved by ``ssm.ops.cauchy``'s
-``resolve_backend``:
+direct float32 exp(l log x) loses ~|Im log x| l 2^-24). Backends, resolved by
+``ssm.ops.backends.resolve_backend``:
 
 - ``"naive"`` materializes the (W, N, L) power matrix (plain autograd keeps it for the backward);
 - ``"chunked"`` never forms it: out[s i + j] = sum_n (v_n x_n^(s i)) x_n^j is one batched matrix product
@@ -26,7 +26,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .._checks import check_int, traced_size
-from .cauchy import check_operands, group_operands, promote_operands, resolve_backend
+from .backends import resolve_backend
+from .cauchy import check_operands, group_operands, promote_operands
 
 __all__ = ["vandermonde", "vandermonde_ref"]
 
@@ -152,7 +153,7 @@ def vandermonde(
     vg, ag, restore = group_operands(v, a)
     wsize, esize, n = vg.shape
     itemsize = a.element_size()
-    name = resolve_backend(backend, wsize * n * length * itemsize, a.device)
+    name = resolve_backend("vandermonde", backend, a.device, nbytes=wsize * n * length * itemsize)
     if name == "naive":
         out = _vandermonde_naive(vg, ag, length)
     elif name == "chunked":

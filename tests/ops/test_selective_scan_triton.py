@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from ssm.ops import selective_scan_triton
-from ssm.ops.selective_scan import resolve_scan_backend, selective_scan_fn
+from ssm.ops.backends import resolve_backend
+from ssm.ops.selective_scan import selective_scan_fn
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,18 +54,19 @@ def test_triton_forward_equals_torch_under_the_interpreter():
 def test_backend_resolution(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert resolve_scan_backend("auto", cpu) == "torch"
-    assert resolve_scan_backend("torch", cuda) == "torch"
+    assert resolve_backend("selective_scan", "auto", cpu) == "torch"
+    assert resolve_backend("selective_scan", "torch", cuda) == "torch"
     with pytest.raises(ValueError, match="backend"):
-        resolve_scan_backend("cuda", cpu)
+        resolve_backend("selective_scan", "cuda", cpu)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        resolve_scan_backend("triton", cpu)
+        resolve_backend("selective_scan", "triton", cpu)
     monkeypatch.setattr("ssm.ops.selective_scan.AUTO_TRITON", True)
-    assert resolve_scan_backend("auto", cuda) == ("triton" if selective_scan_triton.available() else "torch")
+    expected = "triton" if selective_scan_triton.available() else "torch"
+    assert resolve_backend("selective_scan", "auto", cuda) == expected
     monkeypatch.setattr(selective_scan_triton, "available", lambda: False)
-    assert resolve_scan_backend("auto", cuda) == "torch"
+    assert resolve_backend("selective_scan", "auto", cuda) == "torch"
     with pytest.raises(ImportError, match="pip install triton"):
-        resolve_scan_backend("triton", cuda)
+        resolve_backend("selective_scan", "triton", cuda)
 
 
 def test_bad_backend_is_named():

@@ -1,12 +1,15 @@
 """ssm.ops.ssd: mamba_chunk_scan_combined == mamba_chunk_scan_ref == selective_scan_fn with A shared per
-head (float64), documents (seq_idx), gradients, float32, stability, memory, bad arguments, transformers."""
+head (float64), documents (seq_idx), the direct and the factored decay matrix, groups of chunks, gradients
+(gradcheck of the autograd.Function), float32, stability, memory, bad arguments, transformers."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import rel_err, tol
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from ssm.ops import ssd
 from ssm.ops.selective_scan import selective_scan_fn
 from ssm.ops.ssd import mamba_chunk_scan_combined, mamba_chunk_scan_ref
 
@@ -114,7 +117,57 @@ def test_gradcheck():
         return mamba_chunk_scan_combined(x, dt, A, B, C, 4, D, z, dt_bias, h0, seq_idx, True,
                                          return_final_states=True)
 
-    assert torch.autograd.gradcheck(f, inputs, fast_mode=True)  # plain autograd: a quick check suffices
+    # the dt preprocessing is plain autograd around the Function (checked in full below): a quick check
+    assert torch.autograd.gradcheck(f, inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize("documents", [True, False], ids=["seq_idx", "one-document"])
+@pytest.mark.parametrize("path", ["factored", "direct"])
+def test_function_gradcheck(monkeypatch, path, documents):
+    """The custom autograd.Function in float64, every differentiable input (x, dt, A, B, C, D, z, the initial
+    state), two groups of two heads, one chunk a group, two full chunks and a short last one; the factored
+    decay matrix with sub-blocks of 2 (every dt A <= 0), the direct one with a positive A; documents that
+    start inside a chunk and at a chunk start."""
+    monkeypatch.setattr(ssd, "SUB", 2)
+    monkeypatch.setattr(ssd, "GROUP_ELEMENTS", 1)
+    b, l, h, p, g, n, Q = 1, 9, 4, 2, 2, 2, 4
+    ops = operands(b=b, l=l, h=h, p=p, g=g, n=n)
+    A = ops["A"] if path == "factored" else ops["A"] + torch.tensor([0.0, 0.8, 0.0, 0.8], dtype=f64)
+    inputs = [ops["x"], torch.rand(b, l, h, dtype=f64), A, ops["B"], ops["C"], ops["D"], ops["z"],
+              ops["initial_states"]]
+    inputs = [t.clone().requires_grad_() for t in inputs]
+    seq_idx = torch.tensor([[0, 0, 1, 1, 2, 2, 2, 2, 2]]) if documents else None
+
+    def f(*args):
+        return ssd._SSD.apply(*args, seq_idx, Q, path == "factored")
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thousands of evaluations of tiny ops: threads only add overhead
+    try:
+        assert torch.autograd.gradcheck(f, inputs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("groups", ["one-chunk", "all-chunks"])
+@pytest.mark.parametrize("chunk", [64, 96])
+def test_factored_decay_and_chunk_groups_equal_ref(monkeypatch, chunk, groups):
+    """Chunks of 64 and 96 steps take the factored decay matrix (sub-blocks of 32), the short last chunk the
+    direct one; one chunk at a time or all at once; every option, documents included."""
+    if groups == "one-chunk":
+        monkeypatch.setattr(ssd, "GROUP_ELEMENTS", 1)
+    ops = operands(l=300)
+    seq_idx = torch.tensor([[0] * 70 + [1] * 150 + [3] * 80, [0] * 300])
+    args = [ops[k] for k in ("x", "dt", "A", "B", "C")]
+    kw = {k: ops[k] for k in ("D", "z", "dt_bias", "initial_states")}
+    kw.update(dt_softplus=True, dt_limit=(0.01, 2.0), return_final_states=True, seq_idx=seq_idx)
+    out, last = mamba_chunk_scan_combined(*args, chunk, **kw)
+    ref, ref_last = mamba_chunk_scan_ref(*args, chunk, **kw)
+    torch.testing.assert_close(out, ref, **tol(f64))
+    torch.testing.assert_close(last, ref_last, **tol(f64))
+    args[2] = -args[2]  # growth instead of decay: the direct decay matrix everywhere
+    out = mamba_chunk_scan_combined(*args, chunk, **kw)[0]
+    torch.testing.assert_close(out, mamba_chunk_scan_ref(*args, chunk, **kw)[0], **tol(f64))
 
 
 def test_float32_within_the_table():
@@ -149,6 +202,37 @@ def test_no_tensor_of_size_blhpn():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         mamba_chunk_scan_combined(*inputs, 32, dt_softplus=True).sum().backward()
     assert max(saved) < b * l * h * p * n / 8
+
+
+class _LargestOutput(TorchDispatchMode):
+    """Records the largest tensor any op creates."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_memory_is_one_chunk_of_q_by_q_at_a_time(monkeypatch):
+    """Forward and backward never create a (b, h, l, Q) tensor: no op output exceeds the larger of x and one
+    chunk's (b, h, Q, Q) block; the Function saves its inputs and the (b, l / Q, h, p, n) chunk states."""
+    b, l, h, p, g, n, Q = 1, 128, 2, 4, 1, 4, 16
+    monkeypatch.setattr(ssd, "GROUP_ELEMENTS", b * h * Q * Q)
+    ops = operands(b=b, l=l, h=h, p=p, g=g, n=n, dtype=torch.float32)
+    inputs = [ops[k].requires_grad_() for k in ("x", "dt", "A", "B", "C")]
+    saved = []
+    with _LargestOutput() as mode:  # also sees the backward
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out = mamba_chunk_scan_combined(*inputs, Q, D=ops["D"], dt_softplus=True)
+        out.sum().backward()
+    assert mode.largest <= max(b * l * h * p, b * h * Q * Q) < b * h * l * Q
+    inputs_size = sum(t.numel() for t in inputs) + ops["D"].numel()
+    # the inputs, the chunk states and the (b, l, h) tensors of the dt preprocessing (plain autograd)
+    assert sum(saved) <= inputs_size + b * (l // Q) * h * p * n + 3 * b * l * h
 
 
 def call(**changes):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ssm.ops import ssd, ssd_triton
+from ssm.ops.backends import resolve_backend
 from ssm.ops.ssd import mamba_chunk_scan_combined
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,24 +98,24 @@ def test_triton_forward_equals_torch_under_the_interpreter(interpreted):
 def test_backend_resolution(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert ssd._resolve_backend("auto", cpu) == "torch"
-    assert ssd._resolve_backend("auto", cuda) == "torch"  # until a GPU run has checked the kernels
-    assert ssd._resolve_backend("torch", cuda) == "torch"
+    assert resolve_backend("ssd", "auto", cpu) == "torch"
+    assert resolve_backend("ssd", "auto", cuda) == "torch"  # until a GPU run has checked the kernels
+    assert resolve_backend("ssd", "torch", cuda) == "torch"
     with pytest.raises(ValueError, match="backend"):
-        ssd._resolve_backend("cuda", cpu)
+        resolve_backend("ssd", "cuda", cpu)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        ssd._resolve_backend("triton", cpu)
+        resolve_backend("ssd", "triton", cpu)
     monkeypatch.setattr(ssd, "AUTO_TRITON", True)
-    assert ssd._resolve_backend("auto", cuda) == ("triton" if ssd_triton.available() else "torch")
-    assert ssd._resolve_backend("auto", cpu) == "torch"
+    assert resolve_backend("ssd", "auto", cuda) == ("triton" if ssd_triton.available() else "torch")
+    assert resolve_backend("ssd", "auto", cpu) == "torch"
     monkeypatch.setattr(ssd_triton, "available", lambda: False)
-    assert ssd._resolve_backend("auto", cuda) == "torch"
+    assert resolve_backend("ssd", "auto", cuda) == "torch"
     with pytest.raises(ImportError, match="pip install triton"):
-        ssd._resolve_backend("triton", cuda)
+        resolve_backend("ssd", "triton", cuda)
 
 
 def test_triton_refuses_gradients_and_auto_falls_back(monkeypatch):
-    monkeypatch.setattr(ssd, "_resolve_backend", lambda backend, device: "triton")  # as on a GPU
+    monkeypatch.setattr(ssd, "resolve_backend", lambda op, backend, device: "triton")  # as on a GPU
     b, l, h, p, g, n = 1, 9, 2, 3, 1, 4
     x = torch.randn(b, l, h, p, requires_grad=True)
     args = (x, torch.rand(b, l, h), -torch.rand(h), torch.randn(b, l, g, n), torch.randn(b, l, g, n), 4)
