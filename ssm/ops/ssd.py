@@ -433,6 +433,9 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
         D = D[:, None].expand(h, p)
     # every dt A <= 0 (dt >= 0 after the clamp, A <= 0, as in Mamba-2): the decay matrix may be factored
     decays = float(dt_limit[0]) >= 0 and bool((A <= 0).all())
+    # a sequence shorter than a chunk takes one chunk of its length rounded up to SUB (the result does not
+    # depend on the chunking; a chunk of 256 for 128 steps would cost 4x the Q x Q work)
+    Q = min(int(chunk_size), -(-x.shape[1] // SUB) * SUB)
     out, state = _SSD.apply(x, _dt(dt, dt_bias, dt_softplus, dt_limit, ct), A.to(ct), B, C, D, z,
-                            initial_states, seq_idx, int(chunk_size), decays)
+                            initial_states, seq_idx, Q, decays)
     return (out, state) if return_final_states else out
