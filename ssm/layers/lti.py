@@ -38,9 +38,12 @@ def _autocast_on(device_type: str) -> bool:
         return True
 
 
-def _padded_size(n: int) -> int:
+def _padded_size(n: int, coarse: bool = False) -> int:
     """The length a packed document of length n is padded to, to batch it with others: n itself up to 8,
-    else the smallest of 2^k times 5/4, 6/4, 7/4 or 2 that is >= n (at most 25% padding, and few groups)."""
+    else the smallest of 2^k times 5/4, 6/4, 7/4 or 2 that is >= n (at most 25% padding, and few groups);
+    ``coarse``: the next power of two (at most 2x padding, fewer groups, for ops that cost per call)."""
+    if coarse:
+        return 1 << max(0, n - 1).bit_length()
     if n <= 8:
         return n
     p = 1 << ((n - 1).bit_length() - 1)  # the largest power of two below n, >= 8
@@ -316,14 +319,14 @@ class LTILayer(SSMLayer):
         return sizes.tolist(), starts, starts % L == 0
 
     @staticmethod
-    def _each_document(v: Tensor, lens: list[int], run) -> Tensor:
+    def _each_document(v: Tensor, lens: list[int], run, *, coarse: bool = False) -> Tensor:
         """``run`` on every packed document of v (B, L, ...) on its own: the documents are grouped by padded
-        length (``_padded_size``: at most 25% padding), ``run(batch, group)`` maps each group
-        (docs in group, size, ...) right-padded with zeros, and ``group`` its document numbers, to outputs
-        (docs in group, size, ...); returns them reassembled as (B, L, ...). Split, pad, stack and their
-        inverses only: the backward pass slices and concatenates."""
+        length (``_padded_size``: at most 25% padding, 2x when ``coarse``), ``run(batch, group)`` maps each
+        group (docs in group, size, ...) right-padded with zeros, and ``group`` its document numbers, to
+        outputs (docs in group, size, ...); returns them reassembled as (B, L, ...). Split, pad, stack and
+        their inverses only: the backward pass slices and concatenates."""
         docs = v.flatten(0, 1).split(lens)
-        padded = [_padded_size(n) for n in lens]
+        padded = [_padded_size(n, coarse) for n in lens]
         out: list = [None] * len(lens)
         for size in sorted(set(padded)):
             group = [i for i, p in enumerate(padded) if p == size]

@@ -124,6 +124,23 @@ def packed_conv(xc: Tensor, conv: nn.Conv1d, seq: Tensor) -> Tensor:
     return F.silu(y)
 
 
+def packed_fix(y: Tensor, xc: Tensor, conv: nn.Conv1d, seq: Tensor) -> Tensor:
+    """``packed_conv`` from ``causal_conv``'s output y (B, C, L): only the outputs whose taps reach into an
+    earlier document (the first k - 1 of each document) differ; they are recomputed with those taps masked.
+    xc (B, C, k - 1 + L) = [window, x], seq (B, k - 1 + L) the document of each column."""
+    k, L = conv.weight.shape[-1], y.shape[-1]
+    own = seq[:, k - 1:]  # (B, L)
+    rows, t = (seq[:, :L] != own).nonzero(as_tuple=True)  # output t reads columns t .. t + k - 1
+    if not rows.numel():
+        return y
+    cols = t[:, None] + torch.arange(k, device=y.device)  # (n, k)
+    taps = xc[rows[:, None], :, cols] * (seq[rows[:, None], cols] == own[rows, t][:, None])[..., None]
+    pre = (taps * conv.weight[:, 0].t()).sum(1)  # (n, C)
+    if conv.bias is not None:
+        pre = pre + conv.bias
+    return y.transpose(1, 2).index_put((rows, t), F.silu(pre).to(y.dtype)).transpose(1, 2)
+
+
 def packed_window(xc: Tensor, k: int, e: int, seq: Tensor | None) -> Tensor:
     """The convolution window after position e - 1 (its last k - 1 inputs), the columns of earlier
     documents zeroed when ``seq`` (B, k - 1 + L) numbers the columns of xc."""
@@ -588,7 +605,13 @@ class Mamba2(_Selective):
         else:
             xc = torch.cat([win, xbc], dim=-1)
             cols = self._seq_columns(seq, k)
-            xconv = causal_conv(xc, conv) if cols is None else packed_conv(xc, conv, cols)
+            if cols is None:
+                xconv = causal_conv(xc, conv)
+            elif traced():
+                xconv = packed_conv(xc, conv, cols)
+            else:  # the unpacked convolution, then the first k - 1 outputs of each document again
+                xconv = packed_fix(causal_conv1d_fn(xbc, conv.weight[:, 0], conv.bias, win, "silu"), xc, conv,
+                                   cols)
         x, Bm, Cm = self._split_conv(xconv.transpose(1, 2))  # (B, L, ...)
         A = -torch.exp(self.ssm_param("A_log" + s))
         D, dt_bias = self.ssm_param("D" + s), self.ssm_param("dt_bias" + s)
