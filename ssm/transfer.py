@@ -438,10 +438,10 @@ def to_rtf(layer, rate: float = 1.0, *, dtype: torch.dtype | None = None, check_
             (in float64 and rounded to ``dtype``) that differs from this layer's over ``check_length``
             taps by more than the tolerance of the dtype (1e-6 in float64, 1e-4 in float32).
 
-    A converted system that cannot be streamed (on a white-noise probe of 2 ``check_length`` steps in
-    chunks of ``check_length / 4``, its chunked output differs from one pass by more than that tolerance
-    relative to the output scale: clustered poles near the unit circle make the direct-form state
-    ill-conditioned, ``ssm.systems.rtf.streaming_error``) is returned with ``stream_refusal`` set: its one
+    A converted system that cannot be streamed (the layer's own probe, ``ssm.systems.rtf.streaming_error``
+    on ``2 STREAM_PROBE`` white-noise steps in chunks, off one pass by more than ``STREAM_RTOL`` of the
+    dtype, 2e-5 float32 / 1e-6 float64, relative to the output scale: clustered poles near the unit circle
+    make the direct-form state ill-conditioned) is returned with ``stream_refusal`` set: its one
     pass is exact, ``step`` (the float64 recurrence) too, and every route that folds a state into a chunk
     (``forward`` with ``state``, ``return_state`` or ``return_states_at``) raises a ValueError saying why
     (``RTF.streaming_refusal``, docs/convert_to_rtf.md).
@@ -499,13 +499,16 @@ def to_rtf(layer, rate: float = 1.0, *, dtype: torch.dtype | None = None, check_
         out.D.copy_(layer.D.double() + b0)
         out.out_proj.load_state_dict(layer.out_proj.state_dict())
         if N:
-            system = out.discrete_system()
-            err = rtf_family.streaming_error(system, L)
-            if not err <= rtol:
+            # the layer's own streaming probe and tolerance (``RTF.streaming_refusal``), so that what the
+            # conversion accepts the layer never refuses later
+            with torch.no_grad():
+                err = rtf_family.streaming_error(out.discrete_system(), rtf_family.STREAM_PROBE)
+            srtol = rtf_family.STREAM_RTOL.get(out.a.dtype, rtf_family.STREAM_RTOL[torch.float32])
+            if not err <= srtol:
                 out.stream_refusal = (
                     f"converted from {type(layer).__name__} with clustered poles near the unit circle, its "
                     f"direct-form state (float64) puts chunked outputs {err:.3g} off one pass relative to "
-                    f"the output scale (tolerance {rtol:g}); stream the original layer, or convert with a "
-                    "larger dt or a smaller d_state"
+                    f"the output scale (tolerance {srtol:g}); stream the original layer or step it token by "
+                    "token, or convert with a larger dt or a smaller d_state"
                 )
     return out.train(layer.training)
