@@ -375,6 +375,23 @@ def test_to_rtf_refuses_to_stream_what_it_cannot():
     assert ssm.S4D(4, 4, dt_min=0.1, dt_max=0.1).to_rtf(dtype=torch.float64).stream_refusal is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_to_rtf_mark_agrees_with_the_layers_own_probe(dtype):
+    """to_rtf marks with the layer's probe and tolerance, so its mark and the layer's own check agree (it
+    used to mark float32 conversions at 1e-4 over check_length while the layer probes at 2e-5; in the cases
+    tried here the float32 kernel check refused first, so this guards the property rather than a seen
+    failure)."""
+    torch.manual_seed(0)
+    for dt, N in ((0.1, 4), (0.05, 8), (0.02, 8), (0.01, 4), (0.3, 16)):
+        try:
+            rtf = ssm.S4D(4, N, dt_min=dt, dt_max=dt).to_rtf(dtype=dtype)
+        except ValueError:  # refused outright (ill-conditioned kernel): nothing to stream
+            continue
+        marked = rtf.stream_refusal is not None
+        rtf.stream_refusal = None  # the layer's own probe of the same coefficients
+        assert (rtf.streaming_refusal() is not None) == marked, (dt, N, dtype)
+
+
 @pytest.mark.parametrize("dt,N", [(0.1, 16), (0.05, 4), (0.3, 64)])
 def test_converted_rtf_streams_like_one_pass_float64(dt, N):
     """What to_rtf accepts streams within its tolerance (1e-6 relative in float64), many chunks long."""
