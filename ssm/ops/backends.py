@@ -23,7 +23,7 @@ import torch
 
 from .._checks import check_choice, traced, traced_size
 
-__all__ = ["OPS", "Op", "TRITON_INSTALL", "resolve_backend", "triton_accepts"]
+__all__ = ["OPS", "Op", "TRITON_INSTALL", "interpreting", "resolve_backend", "triton_accepts"]
 
 TRITON_INSTALL = "pip install triton  (or: pip install 'ssm-layers[triton]')"
 
@@ -42,10 +42,15 @@ def _kernels(op: str):
     return importlib.import_module(f"{__package__}.{OPS[op].kernels}")
 
 
+def interpreting() -> bool:
+    """Whether Triton's interpreter is switched on (``TRITON_INTERPRET=1``): kernels then run on the CPU."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def triton_accepts(device: torch.device) -> bool:
     """Whether Triton kernels can run on tensors of ``device``: CUDA, or the CPU under the interpreter."""
     kind = torch.device(device).type
-    return kind == "cuda" or (kind == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1")
+    return kind == "cuda" or (kind == "cpu" and interpreting())
 
 
 def _auto_cauchy(op: str) -> Callable[[torch.device, int | None], str]:

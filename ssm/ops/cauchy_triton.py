@@ -23,10 +23,12 @@ W * E * max(N, L) must stay below 2^31.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from .backends import interpreting
+from .backends import triton_accepts as accepts
 
 __all__ = ["accepts", "available", "cauchy_triton", "interpreting", "vandermonde_triton", "works"]
 
@@ -42,19 +44,6 @@ def available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def interpreting() -> bool:
-    """Whether Triton's interpreter is switched on (``TRITON_INTERPRET=1``): kernels then run on the CPU."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def accepts(device: torch.device) -> bool:
-    """Whether the kernels can run on tensors of ``device``: CUDA, or the CPU under the interpreter (the
-    rule of ``ssm.ops.backends``)."""
-    from .backends import triton_accepts
-
-    return triton_accepts(device)
 
 
 @functools.cache

@@ -27,9 +27,9 @@ fewer than 2^31 elements.
 from __future__ import annotations
 
 import functools
-import os
 
-import torch
+from .backends import interpreting
+from .backends import triton_accepts as accepts
 
 __all__ = ["available", "accepts", "interpreting", "ssd_forward_triton", "BLOCK_T"]
 
@@ -50,17 +50,6 @@ def available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def interpreting() -> bool:
-    """Whether Triton's interpreter is switched on (``TRITON_INTERPRET=1``): kernels then run on the CPU."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def accepts(device: torch.device) -> bool:
-    """Whether the kernels can run on tensors of ``device``: CUDA, or the CPU under the interpreter."""
-    kind = torch.device(device).type
-    return kind == "cuda" or (kind == "cpu" and interpreting())
 
 
 @functools.cache
