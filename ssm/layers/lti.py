@@ -279,33 +279,48 @@ class LTILayer(SSMLayer):
         if u.dtype in (torch.float16, torch.bfloat16):
             u = u.float()
         system = self._system(rate)
-        if seq is None:
-            y, u = self._conv(system, u, state, rate)  # (B, C', H, L)
-        else:
-            y, u = self._conv_documents(system, u, state, rate, seq)
+        y, u = self._conv(system, u, state, rate, seq)  # (B, C', H, L)
         ends = ([L] if return_state else []) + ([] if order is None else [p + 1 for p in order])
         found = self._chain(system, u, state, ends, seq) if ends else {}
         y = self._post(y, x)  # (B, L, H)
         states = None if order is None else self._gather_states(found, order, index)
         return self._result(y, found.get(L) if return_state else None, states, return_state, order)
 
-    def _conv(self, system: NamedTuple, u: Tensor, state: Tensor | None, rate: float
-              ) -> tuple[Tensor, Tensor]:
+    def _conv(self, system: NamedTuple, u: Tensor, state: Tensor | None, rate: float,
+              seq: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The SSM output (B, C', H, L) before the output stage (D skip included), and u in the kernel's
-        dtype: one FFT convolution, plus the state's zero-input response (``free_response``)."""
+        dtype: one FFT convolution, plus the state's zero-input response (``free_response``).
+
+        With ``seq`` (packed documents) every document is convolved on its own from the zero state, so
+        nothing crosses a boundary: one batched FFT convolution per group of similar lengths
+        (``_each_document``) with the kernel of the longest document, about the cost of one convolution of
+        the whole row; the state's free response covers each row's first document only."""
         L = u.shape[-1]
-        K = self._kernel_of(system, L, rate)  # (C', H, L)
+        if seq is not None:
+            lens, _, first = self._documents(seq)
+        K = self._kernel_of(system, L if seq is None else max(lens), rate)  # (C', H, L or the longest)
         K_rev = None
         if self.bidirectional:
             K, K_rev = K[: self.channels], K[self.channels :]
         u = u.to(K.dtype)
         D = with_param_strides(self.D).to(K.dtype)
-        y = fftconv(u, K, D, K_rev=K_rev, layout="BHL")  # (B, C, H, L)
+        if seq is None:
+            y = fftconv(u, K, D, K_rev=K_rev, layout="BHL")  # (B, C, H, L)
+        else:
+            y = self._each_document(u.transpose(1, 2), lens,
+                                    lambda ub, _: fftconv(ub, K, D, K_rev=K_rev, layout="BLH"))
+            y = y.permute(0, 2, 3, 1)  # (B, L, C, H) -> (B, C, H, L)
         if state is None:
             return y, u
         # The zero-input response, in the family's state precision and rounded once (RTF: float64, not
         # folded into the convolution of u, whose precision it would then get).
-        return y + self.family.free_response(system, state, L).to(y.dtype), u
+        if seq is None:
+            return y + self.family.free_response(system, state, L).to(y.dtype), u
+        n0 = torch.tensor(lens, device=u.device)[first]  # each row's first document length, (B,)
+        n = int(n0.max())
+        fr = self.family.free_response(system, state, n)  # (B, C, H, n)
+        fr = fr * (torch.arange(n, device=u.device) < n0[:, None]).to(fr.dtype)[:, None, None, :]
+        return y + nn.functional.pad(fr, (0, L - n)).to(y.dtype), u
 
     @staticmethod
     def _documents(seq: Tensor) -> tuple[list[int], Tensor, Tensor]:
@@ -335,31 +350,6 @@ class LTILayer(SSMLayer):
             for i, yi in zip(group, run(batch, group).unbind(0)):
                 out[i] = yi[: lens[i]]
         return torch.cat(out).view(*v.shape[:2], *out[0].shape[1:])
-
-    def _conv_documents(self, system: NamedTuple, u: Tensor, state: Tensor | None, rate: float, seq: Tensor
-                        ) -> tuple[Tensor, Tensor]:
-        """``_conv`` of packed documents, (B, C', H, L): every document convolved on its own from the zero
-        state (``state``'s free response added over each row's first document), so nothing crosses a
-        boundary; one batched FFT convolution per group of similar lengths (``_each_document``) with the
-        kernel of the longest document: about the cost of one convolution of the whole row."""
-        Bsz, H, L = u.shape
-        lens, starts, first = self._documents(seq)
-        K = self._kernel_of(system, max(lens), rate)  # (C', H, Lk)
-        K_rev = None
-        if self.bidirectional:
-            K, K_rev = K[: self.channels], K[self.channels :]
-        u = u.to(K.dtype)
-        D = with_param_strides(self.D).to(K.dtype)
-        y = self._each_document(u.transpose(1, 2), lens,
-                                lambda ub, _: fftconv(ub, K, D, K_rev=K_rev, layout="BLH"))  # (B, L, C, H)
-        y = y.permute(0, 2, 3, 1)  # (B, C, H, L)
-        if state is None:
-            return y, u
-        n0 = torch.tensor(lens, device=u.device)[first]  # each row's first document length, (B,)
-        n = int(n0.max())
-        fr = self.family.free_response(system, state, n)  # (B, C, H, n)
-        fr = fr * (torch.arange(n, device=u.device) < n0[:, None]).to(fr.dtype)[:, None, None, :]
-        return y + nn.functional.pad(fr, (0, L - n)).to(y.dtype), u
 
     def _step_constants(self, rate: float):
         """The family's ``prepare_step(discrete_system(rate))`` in float32 or wider, cached for inference
