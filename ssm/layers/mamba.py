@@ -596,11 +596,11 @@ class Mamba2(_Selective):
         if keep is not None:
             xbc = xbc * keep[:, None, :].to(xbc.dtype)
         win = window.to(xbc.dtype) if window is not None else xbc.new_zeros(xbc.shape[0], xbc.shape[1], k - 1)
-        if cuts is None and not traced():  # shifted multiply-adds on xbc itself, recomputing backward
-            xconv = causal_conv1d_fn(xbc, conv.weight[:, 0], conv.bias, win, "silu")
-            window = stream_window(win, xbc, ends)
-        elif cuts is None:  # traced (compile, export, ONNX): plain ops, no custom autograd.Function
-            xconv = causal_conv(torch.cat([win, xbc], dim=-1), conv)
+        if cuts is None:
+            if traced():  # compile, export, ONNX: plain ops, no custom autograd.Function
+                xconv = causal_conv(torch.cat([win, xbc], dim=-1), conv)
+            else:  # shifted multiply-adds on xbc itself, recomputing backward
+                xconv = causal_conv1d_fn(xbc, conv.weight[:, 0], conv.bias, win, "silu")
             window = stream_window(win, xbc, ends)
         else:
             xc = torch.cat([win, xbc], dim=-1)
