@@ -19,10 +19,11 @@ n + 1, i.e. 2L for a kernel of length L, as a smooth size has no symbolic form).
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
-from .._checks import check_choice, check_int, check_tensor, traced_size
+from .._checks import check_choice, check_int, check_tensor, traced, traced_size
 
-__all__ = ["LAYOUTS", "fftconv", "next_fast_len"]
+__all__ = ["LAYOUTS", "circular_conv", "fftconv", "next_fast_len"]
 
 LAYOUTS = ("BHL", "BLH")
 
@@ -42,6 +43,56 @@ def next_fast_len(n: int) -> int:
             p35 *= 3
         p5 *= 5
     return best
+
+
+class _CircularConv(torch.autograd.Function):
+    """y = irfft(rfft(u, n) rfft(k), n)[..., :L] with a backward of real FFTs only.
+
+    Autograd's own backward of ``rfft`` pads the one-sided gradient to the full spectrum and takes a
+    complex FFT (twice the cost of a real one), once for u and once for k. The adjoints of a circular
+    convolution are circular correlations, so with G = rfft(g, n) (g zero beyond L):
+
+        grad u = irfft(G conj(K), n)[..., :L],    grad k = irfft(sum_b G conj(U), n),
+
+    exact for any n (the forward truncation is the zero padding of g). u (B, H, L), k (H, n) or (C, H, n)
+    with C output channels: y (B, H, L) or (B, C, H, L).
+    """
+
+    @staticmethod
+    def forward(ctx, u, k, n):
+        L = u.shape[-1]
+        U = torch.fft.rfft(u, n=n)  # (B, H, n//2+1)
+        Kf = torch.fft.rfft(k, n=n)  # (H, n//2+1) or (C, H, n//2+1)
+        channels = k.ndim == 3
+        ctx.save_for_backward(U, Kf)
+        ctx.shape = (n, L, channels)
+        return torch.fft.irfft((U.unsqueeze(1) if channels else U) * Kf, n=n)[..., :L]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        U, Kf = ctx.saved_tensors
+        n, L, channels = ctx.shape
+        G = torch.fft.rfft(gy, n=n)  # (B, H, n//2+1) or (B, C, H, n//2+1)
+        gu = gk = None
+        if ctx.needs_input_grad[0]:
+            Gu = (G * Kf.conj()).sum(1) if channels else G * Kf.conj()
+            gu = torch.fft.irfft(Gu, n=n)[..., :L]
+        if ctx.needs_input_grad[1]:
+            gk = torch.fft.irfft((G * (U.unsqueeze(1) if channels else U).conj()).sum(0), n=n)
+        return gu, gk, None
+
+
+def circular_conv(u: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
+    """irfft(rfft(u, n) * rfft(k, n), n)[..., :L] for u (B, H, L) and k (H, n) or (C, H, n), real: the
+    product of ``fftconv``. Eagerly a custom autograd.Function whose backward takes real FFTs only
+    (``_CircularConv``); while traced (torch.compile / export / torch.func) the same three FFTs as plain
+    ops, which those transforms differentiate themselves."""
+    if traced() or not (torch.is_grad_enabled() and (u.requires_grad or k.requires_grad)):
+        U = torch.fft.rfft(u, n=n)
+        U = U.unsqueeze(1) if k.ndim == 3 else U
+        return torch.fft.irfft(U * torch.fft.rfft(k, n=n), n=n)[..., : u.shape[-1]]
+    return _CircularConv.apply(u, k, n)
 
 
 def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -131,12 +182,8 @@ def fftconv(
     parts = [K[..., :Lc].to(dtype), K.new_zeros(*K.shape[:-1], n - Lc - Lr, dtype=dtype)]
     if Lr > 0:
         parts.append(K_rev[..., :Lr].flip(-1).to(dtype))  # lag -j at position n - j
-    k_f = torch.fft.rfft(torch.cat(parts, dim=-1), n=n)  # (H, n//2+1) or (C, H, n//2+1)
     uc = u.to(dtype)
-    u_f = torch.fft.rfft(uc, n=n)  # (B, H, n//2+1)
-    if channels:
-        u_f = u_f.unsqueeze(1)  # (B, 1, H, n//2+1)
-    y = torch.fft.irfft(u_f * k_f, n=n)[..., :L]  # (B, H, L) or (B, C, H, L)
+    y = circular_conv(uc, torch.cat(parts, dim=-1), n)  # (B, H, L) or (B, C, H, L)
     if D is not None:
         y = y + D.to(dtype).unsqueeze(-1) * (uc.unsqueeze(1) if channels else uc)
     y = y.to(out_dtype)
