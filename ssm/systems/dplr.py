@@ -64,24 +64,29 @@ _TOO_LONG = f"L must be < 2^{SYMBOLIC_POWER_BITS} under torch.compile / torch.ex
 
 
 def _row_power(C: torch.Tensor, Ab: torch.Tensor, L: int) -> torch.Tensor:
-    """C Ab^L by binary powering on row vectors: C (Ch, H, N), Ab (H, N, N) -> (Ch, H, N).
+    """C Ab^L on row vectors: C (Ch, H, N), Ab (H, N, N) -> (Ch, H, N).
 
-    Costs floor(log2 L) batched squarings of Ab plus vector-matrix products; for a symbolic L (a dynamic
+    Binary powering whose squarings stop at Ab^(2^j), j = max(0, bit_length(L) - 4): the row then takes the
+    remaining L >> j < 16 products with that power one by one; for a symbolic L (a dynamic
     length under torch.compile / torch.export) a fixed ``SYMBOLIC_POWER_BITS`` of them (``power_rows``).
     """
     if traced_size(L):
         torch._check(L < 2**SYMBOLIC_POWER_BITS, lambda: _TOO_LONG)
         e = torch.ones(C.shape[0], dtype=torch.int64, device=C.device) * L  # (Ch,)
         return power_rows(C.transpose(0, 1), Ab, e).transpose(0, 1)
+    # The squarings stop when fewer than 16 vector products with the last power remain: a squaring costs
+    # O(N^3) per feature, a vector product O(N^2) plus a fixed overhead, and the top squarings are the
+    # costly ones (measured fwd+bwd, float64, N = 64: 15-25% less time at L = 196..4096).
     out = C
     G = Ab
-    while True:
+    for _ in range(max(0, L.bit_length() - 4)):
         if L & 1:
             out = torch.einsum("chn,hnm->chm", out, G)
         L >>= 1
-        if not L:
-            return out
         G = G @ G
+    for _ in range(L):
+        out = torch.einsum("chn,hnm->chm", out, G)
+    return out
 
 
 def _bilinear_freqs(
