@@ -32,6 +32,15 @@ def _perturb(t: torch.Tensor) -> torch.Tensor:
     return t * 0.9 + 0.01
 
 
+def _relayout(t: torch.Tensor) -> torch.Tensor:
+    """The same storage read in column-major order: the same data_ptr and shape, other values."""
+    strides, step = [], 1
+    for n in t.shape:
+        strides.append(step)
+        step *= n
+    return t.as_strided(t.shape, strides)
+
+
 MUTATIONS = {
     "data-inplace": lambda layer: [p.data.copy_(_perturb(p.data)) for p in layer.ssm_parameters()],
     "data-assign": lambda layer: [setattr(p, "data", _perturb(p.data)) for p in layer.ssm_parameters()],
@@ -42,6 +51,8 @@ MUTATIONS = {
         _perturb(nn.utils.parameters_to_vector(layer.parameters())), layer.parameters()
     ),
     "half-float": lambda layer: layer.half().float(),
+    "data-relayout": lambda layer: [setattr(p, "data", _relayout(p.data)) for p in layer.ssm_parameters()
+                                    if p.ndim >= 2],
 }
 
 

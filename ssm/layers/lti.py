@@ -110,7 +110,12 @@ class LTILayer(SSMLayer):
         params = self.ssm_parameters()
         if len(snap) != len(params):
             return False
-        for p, (shape, dtype, device, value) in zip(params, snap):
+        for p, (obj, place, view, shape, dtype, device, value) in zip(params, snap):
+            if view is not None and p is obj and (p.data_ptr(), p.shape, p.stride(), p.dtype) == place:
+                # the same storage in the same layout: the kept numpy view reads its current values
+                if view.tobytes() != value:
+                    return False
+                continue
             if p.dtype != dtype or p.shape != shape:
                 return False
             if isinstance(value, bytes):
@@ -122,12 +127,16 @@ class LTILayer(SSMLayer):
 
     @staticmethod
     def _snapshot(p: Tensor) -> tuple:
-        """(shape, dtype, device, values) of a parameter. On the CPU the values are kept as bytes, compared by
-        one memcmp (half the cost of ``torch.equal``, which a step pays per parameter); bitwise, so a NaN
-        parameter still hits."""
+        """(p, its place (data_ptr, shape, strides, dtype), a numpy view of it, shape, dtype, device, values).
+        On the CPU the values are kept as bytes, compared by one memcmp (half the cost of ``torch.equal``,
+        which a step pays per parameter), read through the kept view while p keeps its place (the view
+        keeps that storage alive: its address cannot be reused); bitwise, so a NaN parameter still hits."""
         t = p.detach()
-        raw = t.numpy().tobytes() if t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES else t.clone()
-        return (t.shape, t.dtype, t.device, raw)
+        if t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES:
+            view = t.numpy()
+            place = (p.data_ptr(), p.shape, p.stride(), p.dtype)
+            return (p, place, view, t.shape, t.dtype, t.device, view.tobytes())
+        return (p, None, None, t.shape, t.dtype, t.device, t.clone())
 
     def memo(self, name: str, key: tuple, fn, *, inputs: tuple = ()):
         """``fn()``, cached under ``name`` in eval mode without autograd while ``key`` and the values of the
