@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,7 +25,7 @@ SCRIPTS = {"common": "bench_common", "plain_s4": "plain_s4", "layers": "layer_sp
            "generation": "generation", "goals": "speed_goals", "state_passing": "state_passing",
            "s5": "s5_speed", "device_check": "device_check", "selective": "selective",
            "step_latency": "step_latency", "small_model": "small_model", "packing": "packing",
-           "assisted": "assisted"}
+           "assisted": "assisted", "official_s4": "official_s4"}
 
 
 @contextlib.contextmanager
@@ -268,3 +269,35 @@ def test_assisted_script(bench, tmp_path):
     data = _check_json(tmp_path / "assisted.json", {"machine", "config", "rows", "table"})
     assert [r["way"] for r in data["rows"]] == list(bench["assisted"].WAYS)
     assert all(r["same_tokens_as_greedy"] and r["tokens_per_s"] > 0 for r in data["rows"])
+
+
+def test_official_s4_script(bench, tmp_path):
+    """benchmarks/official_s4.py --quick against a snapshot of the official state-spaces/s4 ``s4.py``, kept
+    out of the repository: the folder holding it comes from SSM_OFFICIAL_S4 (skipped when unset, as in CI)."""
+    folder = os.environ.get("SSM_OFFICIAL_S4")
+    if not folder or not (Path(folder) / "s4.py").is_file():
+        pytest.skip("no official s4.py: set SSM_OFFICIAL_S4 to a folder holding a snapshot of it")
+    pytest.importorskip("einops")
+    path, modules = list(sys.path), set(sys.modules)
+    bench["official_s4"].main(["--quick", "--official", folder, "--out", str(tmp_path)])
+    # the snapshot was on sys.path only while it was imported; nothing imported from its folder stays
+    assert sys.path == path
+    assert not any(Path(getattr(sys.modules[name], "__file__", None) or "/").resolve().is_relative_to(
+        Path(folder).resolve()) for name in set(sys.modules) - modules)
+    data = _check_json(tmp_path / "official_s4.json", {"machine", "config", "official", "train", "step",
+                                                       "tables"})
+    assert [r["variant"] for r in data["train"]["rows"]] == list(bench["official_s4"].TRAIN_VARIANTS)
+    assert all(r["median_s"] > 0 for r in data["train"]["rows"] + data["step"]["rows"])
+    assert [(q["ssm"], q["official"]) for q in data["train"]["ratios"]] == [
+        ("ssm S4", "official S4"), ("ssm S4 c_tilde", "official S4"), ("ssm S4D", "official S4D")]
+    assert {(q["ssm"], q["B"]) for q in data["step"]["ratios"]} == {(m, b) for m in ("ssm S4", "ssm S4D")
+                                                                    for b in (1, 2)}
+    assert all(q["ratio"] > 0 and q["pass"] == (q["ratio"] <= q["target"])
+               for q in data["train"]["ratios"] + data["step"]["ratios"])
+
+
+def test_official_s4_script_needs_the_snapshot(bench, tmp_path):
+    """Without an s4.py in --official DIR the script stops with a one-line argparse error."""
+    with pytest.raises(SystemExit) as exit_info:
+        bench["official_s4"].main(["--quick", "--official", str(tmp_path), "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and not (tmp_path / "official_s4.json").exists()
