@@ -232,7 +232,9 @@ class SSMLayer(nn.Module):
     def ssm_parameters(self) -> list[nn.Parameter]:
         """The parameters ``register_ssm`` marked (the system's), looked up by name, so a replaced Parameter
         object counts too."""
-        return [p for p in (getattr(self, n, None) for n in self._ssm_names) if p is not None]
+        params = self._parameters  # (read directly: Module.__getattr__ costs a microsecond a name per step)
+        return [p for p in (params[n] if n in params else getattr(self, n, None) for n in self._ssm_names)
+                if p is not None]
 
     def optimizer_hints(self) -> dict[str, dict]:
         """Parameter name -> its optimizer hint (lr, weight_decay), read by ``ssm.optim.param_groups``.

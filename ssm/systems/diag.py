@@ -185,11 +185,12 @@ def pair_step(c: PairStep, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     Bsz, H, n = x.shape
     x = x if x.dtype == c.E.dtype else x.to(c.E.dtype)
     u = (u if u.dtype == c.Q.dtype else u.to(c.Q.dtype))[..., None]  # (B, H, 1)
-    xr = torch.view_as_real(x).reshape(Bsz, H, 2 * n)
-    out = torch.addcmul(torch.view_as_real(c.E * x).reshape(Bsz, H, 2 * n), u, c.Q[0])  # (B, H, N)
-    for r in range(c.W.shape[0]):
-        coef = torch.addcmul((xr * c.W[r]).sum(-1, keepdim=True), u, c.h[r, :, None])  # (B, H, 1)
-        out = torch.addcmul(out, coef, c.Q[1 + r])
+    out = torch.addcmul(torch.view_as_real(c.E * x).view(Bsz, H, 2 * n), u, c.Q[0])  # (B, H, N)
+    if c.W.shape[0]:
+        xr = torch.view_as_real(x).reshape(Bsz, H, 2 * n)
+        for r in range(c.W.shape[0]):
+            coef = torch.addcmul((xr * c.W[r]).sum(-1, keepdim=True), u, c.h[r, :, None])  # (B, H, 1)
+            out = torch.addcmul(out, coef, c.Q[1 + r])
     y = (out[:, None] * c.Cr).sum(-1)  # (B, Ch, H)
     return y, torch.view_as_complex(out.view(Bsz, H, n, 2))
 
