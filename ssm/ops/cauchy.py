@@ -43,8 +43,11 @@ BACKENDS = OPS["cauchy"].backends  # ("auto", "naive", "chunked", "triton"), res
 AUTO_NAIVE_MAX_BYTES = 16 * 2**20
 # The chunked backend sizes its chunks so that one (W, N, chunk) temporary needs about this many bytes
 # (at least one z point per chunk): peak memory is the output plus a few such temporaries. Much smaller
-# chunks cost time: many small batched matmuls and elementwise calls, each with its own overhead.
-CHUNK_BYTES = 32 * 2**20
+# chunks cost time: many small batched matmuls and elementwise calls, each with its own overhead; much
+# larger ones too: glibc serves blocks of 32 MiB and more by fresh mmap, whose pages fault in on every
+# use (the S4 kernel's Cauchy products, fwd+bwd at H = 256, N = 64, L = 4096 on a 2-core CPU: 685 ms at
+# 32 MiB, 228 ms at 4 MiB, 441 ms at 512 KiB).
+CHUNK_BYTES = 4 * 2**20
 
 def group_operands(v: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Callable]:
     """Arrange broadcasting v (..., N), w (..., N) as v (W, E, N), w (W, N).
