@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import rel_err, tol
 
+import ssm.ops.fftconv as fftconv_module
 from ssm.ops.fftconv import circular_conv, fftconv, next_fast_len
 from ssm.reference import causal_conv_ref
 
@@ -168,20 +169,27 @@ def test_validation():
         fftconv(u, K, K_rev=torch.randn(3, 9))
 
 
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("channels", [False, True])
-def test_circular_conv_gradcheck(channels):
+def test_circular_conv_gradcheck(channels, grouped, monkeypatch):
     """The custom backward (real FFTs only) is the adjoint of the forward: float64 gradcheck, with a strided
-    (transposed) input as the layers pass it."""
+    (transposed) input as the layers pass it; ``grouped``: one feature per group."""
+    if grouped:
+        monkeypatch.setattr(fftconv_module, "GROUP_BYTES", 1)
     torch.manual_seed(0)
     u = torch.randn(2, 9, 3, dtype=torch.float64).transpose(1, 2).requires_grad_()  # (B, H, L) = (2, 3, 9)
     k = torch.randn(*((2,) if channels else ()), 3, 20, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda u, k: circular_conv(u, k, 20), (u, k))
 
 
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("channels", [False, True])
-def test_circular_conv_equals_plain_ffts(channels):
+def test_circular_conv_equals_plain_ffts(channels, grouped, monkeypatch):
     """Eager (custom Function) and the plain-op route taken under tracing give the same values and
-    gradients: the latter by autograd's own FFT backward."""
+    gradients: the latter by autograd's own FFT backward; ``grouped``: features in groups of 3 (4 = 3 + 1)."""
+    if grouped:
+        per_feature = 3 * (2 if channels else 1) * 51 * 2 * 8
+        monkeypatch.setattr(fftconv_module, "GROUP_BYTES", 3 * per_feature)
     torch.manual_seed(1)
     u = torch.randn(3, 4, 50, dtype=torch.float64, requires_grad=True)
     k = torch.randn(*((2,) if channels else ()), 4, 100, dtype=torch.float64, requires_grad=True)
