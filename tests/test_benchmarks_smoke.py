@@ -25,7 +25,7 @@ SCRIPTS = {"common": "bench_common", "plain_s4": "plain_s4", "layers": "layer_sp
            "generation": "generation", "goals": "speed_goals", "state_passing": "state_passing",
            "s5": "s5_speed", "device_check": "device_check", "selective": "selective",
            "step_latency": "step_latency", "small_model": "small_model", "packing": "packing",
-           "assisted": "assisted", "official_s4": "official_s4"}
+           "assisted": "assisted", "official_s4": "official_s4", "s4_cost": "s4_cost"}
 
 
 @contextlib.contextmanager
@@ -269,6 +269,14 @@ def test_assisted_script(bench, tmp_path):
     data = _check_json(tmp_path / "assisted.json", {"machine", "config", "rows", "table"})
     assert [r["way"] for r in data["rows"]] == list(bench["assisted"].WAYS)
     assert all(r["same_tokens_as_greedy"] and r["tokens_per_s"] > 0 for r in data["rows"])
+
+
+def test_s4_cost_script(bench, tmp_path):
+    bench["s4_cost"].main(["--quick", "--out", str(tmp_path)])
+    data = _check_json(tmp_path / "s4_cost.json", {"machine", "config", "rows", "verdicts", "table"})
+    assert [r["call"] for r in data["rows"]] == list(bench["s4_cost"].CALLS)
+    assert all(r["median_s"] > 0 for r in data["rows"])
+    assert [v["L"] for v in data["verdicts"]] == [64]
 
 
 def test_official_s4_script(bench, tmp_path):
