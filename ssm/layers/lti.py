@@ -13,6 +13,7 @@ free_response, final_state) on that system and nothing else.
 
 from __future__ import annotations
 
+import sys
 from contextlib import nullcontext
 from typing import NamedTuple
 
@@ -27,6 +28,23 @@ from .base import SSMLayer, with_param_strides
 
 #: Dtypes whose CPU values the eval cache snapshots as bytes (numpy views them; bfloat16 it cannot).
 _NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64, torch.complex64, torch.complex128)
+
+
+_MEMCMP: list = []  # libc's memcmp through ctypes, looked up on first use (None where there is none)
+
+
+def _memcmp():
+    """libc's ``memcmp(a, b, n)`` on addresses (the eval cache's value comparison), or None."""
+    if not _MEMCMP:
+        try:
+            import ctypes
+
+            f = (ctypes.cdll.msvcrt if sys.platform == "win32" else ctypes.CDLL(None)).memcmp
+            f.restype, f.argtypes = ctypes.c_int, (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+            _MEMCMP.append(f)
+        except (OSError, AttributeError):
+            _MEMCMP.append(None)
+    return _MEMCMP[0]
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -110,16 +128,20 @@ class LTILayer(SSMLayer):
         params = self.ssm_parameters()
         if len(snap) != len(params):
             return False
-        for p, (obj, place, view, shape, dtype, device, value) in zip(params, snap):
+        memcmp = _memcmp()
+        for p, (obj, place, view, shape, dtype, device, value, addr) in zip(params, snap):
             if view is not None and p is obj and (p.data_ptr(), p.shape, p.stride(), p.dtype) == place:
-                # the same storage in the same layout: the kept numpy view reads its current values
-                if view.tobytes() != value:
+                # the same storage in the same layout: its current bytes against the kept copy's
+                if addr is not None and memcmp is not None:
+                    if memcmp(place[0], addr, value.nbytes):
+                        return False
+                elif view.tobytes() != value.tobytes():
                     return False
                 continue
             if p.dtype != dtype or p.shape != shape:
                 return False
-            if isinstance(value, bytes):
-                if not p.is_cpu or p.detach().numpy().tobytes() != value:
+            if view is not None:  # a CPU snapshot: the values as bytes
+                if not p.is_cpu or p.detach().numpy().tobytes() != value.tobytes():
                     return False
             elif p.device != device or not torch.equal(p, value):
                 return False
@@ -127,16 +149,19 @@ class LTILayer(SSMLayer):
 
     @staticmethod
     def _snapshot(p: Tensor) -> tuple:
-        """(p, its place (data_ptr, shape, strides, dtype), a numpy view of it, shape, dtype, device, values).
-        On the CPU the values are kept as bytes, compared by one memcmp (half the cost of ``torch.equal``,
-        which a step pays per parameter), read through the kept view while p keeps its place (the view
-        keeps that storage alive: its address cannot be reused); bitwise, so a NaN parameter still hits."""
+        """(p, its place (data_ptr, shape, strides, dtype), a numpy view of it, shape, dtype, device, a copy
+        of its values, the copy's address when p is contiguous). On the CPU the values are compared as
+        bytes, by one memcmp on the storage while p keeps its place (the kept view keeps that storage alive:
+        its address cannot be reused), a fraction of ``torch.equal``'s cost, which a step pays per
+        parameter; bitwise, so a NaN parameter still hits."""
         t = p.detach()
         if t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES:
             view = t.numpy()
             place = (p.data_ptr(), p.shape, p.stride(), p.dtype)
-            return (p, place, view, t.shape, t.dtype, t.device, view.tobytes())
-        return (p, None, None, t.shape, t.dtype, t.device, t.clone())
+            copy = view.copy()
+            addr = copy.ctypes.data if view.flags.c_contiguous else None
+            return (p, place, view, t.shape, t.dtype, t.device, copy, addr)
+        return (p, None, None, t.shape, t.dtype, t.device, t.clone(), None)
 
     def memo(self, name: str, key: tuple, fn, *, inputs: tuple = ()):
         """``fn()``, cached under ``name`` in eval mode without autograd while ``key`` and the values of the
