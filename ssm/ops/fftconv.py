@@ -62,7 +62,7 @@ class _CircularConv(torch.autograd.Function):
 
     exact for any n (the forward truncation is the zero padding of g). u (B, H, L), k (H, n) or (C, H, n)
     with C output channels: y (B, H, L) or (B, C, H, L). Features run in groups of ``GROUP_BYTES`` of
-    spectrum; the backward recomputes U (one rfft) instead of keeping it.
+    spectrum; with several groups the backward recomputes U (one rfft) instead of keeping it.
     """
 
     @staticmethod
@@ -74,16 +74,17 @@ class _CircularConv(torch.autograd.Function):
         g = _group(u, n, k.shape[0] if channels else 1)
         for h in range(0, H, g):
             U = torch.fft.rfft(u[:, h:h + g], n=n)  # (B, g, n//2+1)
-            U = U.unsqueeze(1) if channels else U
-            y[..., h:h + g, :] = torch.fft.irfft(U * Kf[..., h:h + g, :], n=n)[..., :L]
-        ctx.save_for_backward(u, Kf)
+            y[..., h:h + g, :] = torch.fft.irfft((U.unsqueeze(1) if channels else U) * Kf[..., h:h + g, :],
+                                                 n=n)[..., :L]
+        # one group: its spectrum is small, kept for the backward; else recomputed there, group by group
+        ctx.save_for_backward(u, Kf, U if g >= H else None)
         ctx.shape = (n, channels)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
-        u, Kf = ctx.saved_tensors
+        u, Kf, U_kept = ctx.saved_tensors
         n, channels = ctx.shape
         Bsz, H, L = u.shape
         gu = u.new_empty(u.shape) if ctx.needs_input_grad[0] else None
@@ -95,7 +96,7 @@ class _CircularConv(torch.autograd.Function):
                 Gu = G * Kf[..., h:h + g, :].conj()
                 gu[:, h:h + g] = torch.fft.irfft(Gu.sum(1) if channels else Gu, n=n)[..., :L]
             if gk is not None:
-                U = torch.fft.rfft(u[:, h:h + g], n=n)
+                U = U_kept if U_kept is not None else torch.fft.rfft(u[:, h:h + g], n=n)
                 U = U.unsqueeze(1) if channels else U
                 gk[..., h:h + g, :] = torch.fft.irfft((G * U.conj()).sum(0), n=n)
         return gu, gk, None
