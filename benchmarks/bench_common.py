@@ -165,6 +165,25 @@ def timeit_many(
                 "warmup_s": warm[k]} for k in fns}
 
 
+def warmed_stepper(net: Any, xs: torch.Tensor, state: Any) -> tuple[Callable[[], Any], dict]:
+    """A zero-argument callable stepping ``net`` (``y, state = net.step(x, state)``) through the tokens
+    xs (T, B, H) under ``torch.no_grad``, carrying the state from call to call, after up to 4 warm-up steps
+    from ``state``; returns it with the box whose ``"state"`` is the carried state."""
+    box = {"state": state}
+    with torch.no_grad():
+        for i in range(min(xs.shape[0], 4)):
+            _, box["state"] = net.step(xs[i], box["state"])
+
+    def run():
+        with torch.no_grad():
+            state = box["state"]
+            for x in xs:
+                y, state = net.step(x, state)
+            box["state"] = state
+        return y
+    return run, box
+
+
 def backward_fn(module_fn: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> Callable[[], None]:
     """A closure running forward and backward of ``module_fn().sum()``, clearing gradients first."""
 

@@ -56,19 +56,8 @@ def build_decoder(
             return y
         return run, carried
 
-    box = {"state": layer.default_state(B, device=device)}
-    with torch.no_grad():
-        for i in range(min(tokens, 4)):
-            _, box["state"] = layer.step(xs[i], box["state"])
+    run, box = common.warmed_stepper(layer, xs, layer.default_state(B, device=device))
     carried = box["state"].numel() * box["state"].element_size()
-
-    def run():
-        with torch.no_grad():
-            state = box["state"]
-            for i in range(tokens):
-                y, state = layer.step(xs[i], state)
-            box["state"] = state
-        return y
     return run, carried
 
 

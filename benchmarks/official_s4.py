@@ -180,19 +180,7 @@ def build_stepper(official, variant: str, B: int, H: int, N: int, tokens: int, d
     else:
         layer = getattr(ssm, variant.split()[1])(H, N, glu=True).to(device).eval()
     xs = torch.randn(tokens, B, H, device=device)
-    box = {"state": layer.default_state(B, device=device)}
-    with torch.no_grad():
-        for i in range(min(tokens, 4)):
-            _, box["state"] = layer.step(xs[i], box["state"])
-
-    def run():
-        with torch.no_grad():
-            state = box["state"]
-            for i in range(tokens):
-                y, state = layer.step(xs[i], state)
-            box["state"] = state
-        return y
-    return run
+    return common.warmed_stepper(layer, xs, layer.default_state(B, device=device))[0]
 
 
 def run_step(official, args) -> dict:

@@ -45,19 +45,7 @@ def build_stepper(model: str, B: int, H: int, N: int, tokens: int, seed: int = 0
     else:
         net = getattr(ssm, model)(H, N).eval()
     xs = torch.randn(tokens, B, H)
-    box = {"state": net.default_state(B)}
-    with torch.no_grad():
-        for i in range(min(tokens, 4)):
-            _, box["state"] = net.step(xs[i], box["state"])
-
-    def run():
-        with torch.no_grad():
-            state = box["state"]
-            for i in range(tokens):
-                y, state = net.step(xs[i], state)
-            box["state"] = state
-        return y
-    return run
+    return common.warmed_stepper(net, xs, net.default_state(B))[0]
 
 
 def _worker(threads: int) -> None:
