@@ -204,3 +204,12 @@ def test_circular_conv_equals_plain_ffts(channels, grouped, monkeypatch):
     # a kernel without grad: the input's gradient alone
     (gu,) = torch.autograd.grad(circular_conv(u, k.detach(), 100), (u,), g)
     assert torch.allclose(gu, torch.autograd.grad(plain, (u,), g)[0], rtol=0, atol=1e-12)
+
+
+def test_circular_conv_validation():
+    u, k = torch.randn(2, 3, 5), torch.randn(3, 10)
+    for args, match in [((u[0], k, 10), "u must"), ((u, k.double(), 10), "one dtype"),
+                        ((u, torch.randn(4, 10), 10), "H = 3"), ((u, k, 12), "equal k's length"),
+                        ((u, k[:, :4], 4), "n must be >= u's length")]:
+        with pytest.raises(ValueError, match=match):
+            circular_conv(*args)

@@ -113,6 +113,19 @@ def circular_conv(u: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
     product of ``fftconv``. Eagerly a custom autograd.Function whose backward takes real FFTs only
     (``_CircularConv``); while traced (torch.compile / export / torch.func) the same three FFTs as plain
     ops, which those transforms differentiate themselves."""
+    check_tensor("u", u, ndim=3)
+    check_tensor("k", k, ndim=(2, 3))
+    if not (u.is_floating_point() and k.is_floating_point()) or u.dtype != k.dtype:
+        raise ValueError(f"u and k must be real floating-point tensors of one dtype; got {u.dtype} and "
+                         f"{k.dtype}")
+    if k.shape[-2] != u.shape[1]:
+        raise ValueError(f"k must have shape (H, n) or (C, H, n) with H = {u.shape[1]} from u; got "
+                         f"{tuple(k.shape)}")
+    if not traced_size(n):
+        n = check_int("n", n, minimum=1)
+        if u.shape[-1] > n or k.shape[-1] != n:
+            raise ValueError(f"n must be >= u's length {u.shape[-1]} and equal k's length {k.shape[-1]}; "
+                             f"got {n}")
     if traced() or not (torch.is_grad_enabled() and (u.requires_grad or k.requires_grad)):
         U = torch.fft.rfft(u, n=n)
         U = U.unsqueeze(1) if k.ndim == 3 else U
