@@ -19,7 +19,6 @@ n + 1, i.e. 2L for a kernel of length L, as a smooth size has no symbolic form).
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .._checks import check_choice, check_int, check_tensor, traced, traced_size
 
@@ -62,7 +61,8 @@ class _CircularConv(torch.autograd.Function):
 
     exact for any n (the forward truncation is the zero padding of g). u (B, H, L), k (H, n) or (C, H, n)
     with C output channels: y (B, H, L) or (B, C, H, L). Features run in groups of ``GROUP_BYTES`` of
-    spectrum; with several groups the backward recomputes U (one rfft) instead of keeping it.
+    spectrum; with several groups the backward recomputes U (one rfft) instead of keeping it. The backward is
+    itself differentiable (double backward, ``create_graph=True``).
     """
 
     @staticmethod
@@ -77,28 +77,33 @@ class _CircularConv(torch.autograd.Function):
             y[..., h:h + g, :] = torch.fft.irfft((U.unsqueeze(1) if channels else U) * Kf[..., h:h + g, :],
                                                  n=n)[..., :L]
         # one group: its spectrum is small, kept for the backward; else recomputed there, group by group
-        ctx.save_for_backward(u, Kf, U if g >= H else None)
+        ctx.save_for_backward(u, k, Kf, U if g >= H else None)
         ctx.shape = (n, channels)
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, gy):
-        u, Kf, U_kept = ctx.saved_tensors
+        u, k, Kf, U_kept = ctx.saved_tensors
         n, channels = ctx.shape
         Bsz, H, L = u.shape
-        gu = u.new_empty(u.shape) if ctx.needs_input_grad[0] else None
-        gk = Kf.new_empty(*Kf.shape[:-1], n, dtype=u.dtype) if ctx.needs_input_grad[1] else None
+        if torch.is_grad_enabled():
+            # create_graph (a double backward): the spectra are taken again from the inputs, so that the
+            # graph of this backward (differentiable ops only) reaches u and k
+            Kf, U_kept = torch.fft.rfft(k, n=n), None
+        parts_u: list = []
+        parts_k: list = []
         g = _group(u, n, Kf.shape[0] if channels else 1)
         for h in range(0, H, g):
             G = torch.fft.rfft(gy[..., h:h + g, :], n=n)  # (B, g, n//2+1) or (B, C, g, n//2+1)
-            if gu is not None:
+            if ctx.needs_input_grad[0]:
                 Gu = G * Kf[..., h:h + g, :].conj()
-                gu[:, h:h + g] = torch.fft.irfft(Gu.sum(1) if channels else Gu, n=n)[..., :L]
-            if gk is not None:
+                parts_u.append(torch.fft.irfft(Gu.sum(1) if channels else Gu, n=n)[..., :L])
+            if ctx.needs_input_grad[1]:
                 U = U_kept if U_kept is not None else torch.fft.rfft(u[:, h:h + g], n=n)
                 U = U.unsqueeze(1) if channels else U
-                gk[..., h:h + g, :] = torch.fft.irfft((G * U.conj()).sum(0), n=n)
+                parts_k.append(torch.fft.irfft((G * U.conj()).sum(0), n=n))
+        gu = (parts_u[0] if len(parts_u) == 1 else torch.cat(parts_u, 1)) if parts_u else None
+        gk = (parts_k[0] if len(parts_k) == 1 else torch.cat(parts_k, -2)) if parts_k else None
         return gu, gk, None
 
 
