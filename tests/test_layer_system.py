@@ -242,3 +242,33 @@ def test_extra_repr_names_the_configuration():
     for part in ("8", "d_state=16", "init='legs'", "disc='zoh'", "channels=2", "bidirectional=True"):
         assert part in text
     assert "constraint='montel'" in repr(ssm.RTF(4, 8))
+
+
+@pytest.mark.parametrize("name", ["s4d", "rtf"])
+def test_a_copied_cache_never_reads_recorded_addresses(name, monkeypatch):
+    """deepcopy / pickle copy the cache with its snapshot: the copy compares values (its arrays are not the
+    snapshot's own, so the addresses recorded for the memcmp route would be stale), and stays exact."""
+    import pickle
+
+    import ssm.layers.lti as lti
+
+    layer = LAYERS[name]().eval()
+    x = torch.randn(2, 30, 6)
+    with torch.no_grad():
+        layer(x)  # fills the cache (and its snapshot)
+        copies = [copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))]
+        for c in copies:  # as if each copy's storage had landed where the recorded one was
+            snap = c._memo[0]
+            for i, p in enumerate(c.ssm_parameters()):
+                snap[i] = (snap[i][0], (p.data_ptr(), p.shape, p.stride(), p.dtype), *snap[i][2:])
+
+        def refuse():
+            raise AssertionError("a copied snapshot took the memcmp route")
+
+        monkeypatch.setattr(lti, "_memcmp", refuse)
+        for c in copies:  # the copied snapshot matches by values
+            torch.testing.assert_close(c(x), _fresh(layer, x), **tol(torch.float32))
+        monkeypatch.undo()
+        for c in copies:
+            c.log_dt.data.add_(0.1) if hasattr(c, "log_dt") else c.a.data.mul_(0.5)
+            torch.testing.assert_close(c(x), _fresh(c, x), **tol(torch.float32))

@@ -128,11 +128,14 @@ class LTILayer(SSMLayer):
         params = self.ssm_parameters()
         if len(snap) != len(params):
             return False
-        memcmp = _memcmp()
-        for p, (obj, place, view, shape, dtype, device, value, addr) in zip(params, snap):
-            if view is not None and p is obj and (p.data_ptr(), p.shape, p.stride(), p.dtype) == place:
-                # the same storage in the same layout: its current bytes against the kept copy's
-                if addr is not None and memcmp is not None:
+        for p, (obj, place, view, shape, dtype, device, value, addr, ids) in zip(params, snap):
+            if (view is not None and p is obj and (id(view), id(value)) == ids
+                    and (p.data_ptr(), p.shape, p.stride(), p.dtype) == place):
+                # the same storage in the same layout: its current bytes against the kept copy's (the ids:
+                # these arrays are the snapshot's own, not copies made by deepcopy or pickle, whose recorded
+                # addresses would be stale)
+                memcmp = _memcmp() if addr is not None else None
+                if memcmp is not None:
                     if memcmp(place[0], addr, value.nbytes):
                         return False
                 elif view.tobytes() != value.tobytes():
@@ -150,18 +153,18 @@ class LTILayer(SSMLayer):
     @staticmethod
     def _snapshot(p: Tensor) -> tuple:
         """(p, its place (data_ptr, shape, strides, dtype), a numpy view of it, shape, dtype, device, a copy
-        of its values, the copy's address when p is contiguous). On the CPU the values are compared as
-        bytes, by one memcmp on the storage while p keeps its place (the kept view keeps that storage alive:
-        its address cannot be reused), a fraction of ``torch.equal``'s cost, which a step pays per
-        parameter; bitwise, so a NaN parameter still hits."""
+        of its values, the copy's address when p is contiguous, the ids of view and copy). On the CPU the
+        values are compared as bytes, by one memcmp on the storage while p keeps its place (the kept view
+        keeps that storage alive: its address cannot be reused), a fraction of ``torch.equal``'s cost, which
+        a step pays per parameter; bitwise, so a NaN parameter still hits."""
         t = p.detach()
         if t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES:
             view = t.numpy()
             place = (p.data_ptr(), p.shape, p.stride(), p.dtype)
             copy = view.copy()
             addr = copy.ctypes.data if view.flags.c_contiguous else None
-            return (p, place, view, t.shape, t.dtype, t.device, copy, addr)
-        return (p, None, None, t.shape, t.dtype, t.device, t.clone(), None)
+            return (p, place, view, t.shape, t.dtype, t.device, copy, addr, (id(view), id(copy)))
+        return (p, None, None, t.shape, t.dtype, t.device, t.clone(), None, None)
 
     def memo(self, name: str, key: tuple, fn, *, inputs: tuple = ()):
         """``fn()``, cached under ``name`` in eval mode without autograd while ``key`` and the values of the
