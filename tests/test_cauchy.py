@@ -126,6 +126,8 @@ def test_cauchy_gradcheck(backend):
     w = _poles(2, 3).requires_grad_()
     z = (1j * torch.randn(5, dtype=torch.float64)).to(C128).requires_grad_()
     assert gradcheck(lambda v, z, w: cauchy(v, z, w, backend=backend), (v, z, w))
+    # the backward is differentiable too (create_graph: gradient penalties, Hessian-vector products)
+    assert torch.autograd.gradgradcheck(lambda v, z, w: cauchy(v, z, w, backend=backend), (v, z, w))
 
 
 @pytest.mark.parametrize("log", [False, True])
@@ -135,6 +137,7 @@ def test_vandermonde_gradcheck(backend, log):
     x = _nodes(2, 3)
     x = (torch.log(x) if log else x).requires_grad_()
     assert gradcheck(lambda v, x: vandermonde(v, x, 6, log=log, backend=backend), (v, x))
+    assert torch.autograd.gradgradcheck(lambda v, x: vandermonde(v, x, 6, log=log, backend=backend), (v, x))
 
 
 def _backends(device: torch.device) -> list[str]:

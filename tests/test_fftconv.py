@@ -228,19 +228,25 @@ def test_circular_conv_double_backward(channels, grouped, monkeypatch):
     assert torch.autograd.gradgradcheck(lambda u, k: circular_conv(u, k, 12), (u, k))
 
 
-@pytest.mark.parametrize("name", ["S4", "S4D", "RTF"])
+@pytest.mark.parametrize("name", ["S4", "S4-chunked", "S4D", "S4D-chunked", "RTF"])
 def test_lti_layers_double_backward(name):
     """A gradient penalty through a layer (create_graph=True) equals the one through the plain FFT ops
-    (what torch.func and torch.compile differentiate)."""
+    (what torch.func and torch.compile differentiate); "-chunked": the kernel's chunked Cauchy / blocked
+    Vandermonde Function, which "auto" takes at large sizes."""
     import ssm
 
     torch.manual_seed(3)
-    layer = getattr(ssm, name)(4, 8).double()
+    cls, _, chunked = name.partition("-")
+    layer = getattr(ssm, cls)(4, 8, **({"backend": "chunked"} if chunked else {})).double()
     x = torch.randn(2, 16, 4, dtype=torch.float64, requires_grad=True)
 
+    params = [p for p in layer.parameters() if p.requires_grad]
+
     def penalty():
-        (g,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
-        return torch.autograd.grad(g.square().sum(), [x, *layer.parameters()], allow_unused=True)
+        # the input's gradient and the parameters' gradients penalized: the second differentiates the
+        # kernel's own backward
+        gs = torch.autograd.grad(layer(x).square().sum(), [x, *params], create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in gs), [x, *params], allow_unused=True)
 
     fast = penalty()
     with pytest.MonkeyPatch.context() as mp:

@@ -30,7 +30,6 @@ import math
 from typing import Callable
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .._checks import check_tensor
 from .backends import OPS, resolve_backend
@@ -142,7 +141,6 @@ class _CauchyChunked(torch.autograd.Function):
         ctx.chunk = chunk
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g: torch.Tensor):
         v, z, w = ctx.saved_tensors
         need_v, need_z, need_w = ctx.needs_input_grad[:3]

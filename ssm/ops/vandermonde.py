@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .._checks import check_int, traced_size
 from .backends import resolve_backend
@@ -108,7 +107,6 @@ class _VandermondeBlocked(torch.autograd.Function):
         ctx.length = length
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g: torch.Tensor):
         v, a = ctx.saved_tensors
         need_v, need_a = ctx.needs_input_grad[:2]
