@@ -6,11 +6,13 @@ that names the argument and says what was expected, instead of failing deep insi
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
@@ -157,3 +159,27 @@ def check_float_dtype(name: str, value: Any) -> torch.dtype | None:
         raise ValueError(f"{name} must be None or one of torch.float16, torch.bfloat16, torch.float32, "
                          f"torch.float64; got {value!r}")
     return value
+
+
+def single_backward(op: str, instead: str):
+    """Decorator for the backward of a custom ``autograd.Function`` that is not itself differentiable.
+
+    Torch's ``once_differentiable`` alone lets a graph of such a backward be asked for
+    (``create_graph=True``: a gradient penalty, a Hessian-vector product) and then returns wrong higher
+    derivatives or fails deep inside autograd; this raises a ``RuntimeError`` naming ``op`` and ``instead``
+    (what to use for higher derivatives) first."""
+
+    def wrap(backward):
+        inner = once_differentiable(backward)
+
+        @functools.wraps(backward)
+        def checked(ctx, *grads):
+            if torch.is_grad_enabled():  # the engine runs a backward with grad mode on only for create_graph
+                raise RuntimeError(f"{op}: its custom backward is not differentiable, so double backward "
+                                   f"(create_graph=True: gradient penalties, Hessian-vector products) is not "
+                                   f"supported; {instead}")
+            return inner(ctx, *grads)
+
+        return checked
+
+    return wrap

@@ -25,8 +25,8 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch.autograd.function import once_differentiable
 
+from .._checks import single_backward
 from .backends import interpreting
 from .backends import triton_accepts as accepts
 
@@ -219,7 +219,7 @@ class _CauchyTriton(torch.autograd.Function):
         return _launch(0, v, z, w, z.shape[0], POWER=1)
 
     @staticmethod
-    @once_differentiable
+    @single_backward("cauchy (backend='triton')", "use backend='naive' or 'chunked' for higher derivatives")
     def backward(ctx, g: torch.Tensor):
         v, z, w = ctx.saved_tensors
         need_v, need_z, need_w = ctx.needs_input_grad
@@ -239,7 +239,8 @@ class _VandermondeTriton(torch.autograd.Function):
         return _launch(2, v, None, a, length)
 
     @staticmethod
-    @once_differentiable
+    @single_backward("vandermonde (backend='triton')",
+                     "use backend='naive' or 'chunked' for higher derivatives")
     def backward(ctx, g: torch.Tensor):
         v, a = ctx.saved_tensors
         need_v, need_a = ctx.needs_input_grad[:2]

@@ -16,9 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from .._checks import check_choice, check_tensor
+from .._checks import check_choice, check_tensor, single_backward
 
 __all__ = ["causal_conv1d_fn", "causal_conv1d_ref"]
 
@@ -61,7 +60,7 @@ class _CausalConv(torch.autograd.Function):
         return F.silu(out, inplace=True) if silu else out
 
     @staticmethod
-    @once_differentiable
+    @single_backward("causal_conv1d_fn", "use causal_conv1d_ref (plain autograd) for higher derivatives")
     def backward(ctx, gy):
         x, w, bias, h0 = ctx.saved_tensors
         L, k = x.shape[-1], w.shape[1]

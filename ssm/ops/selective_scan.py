@@ -28,9 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from .._checks import check_bool, check_int, check_tensor
+from .._checks import check_bool, check_int, check_tensor, single_backward
 from .backends import OPS, resolve_backend
 
 __all__ = ["selective_scan_fn", "selective_scan_ref", "BACKENDS", "CHUNK"]
@@ -244,7 +243,7 @@ class _SelectiveScan(torch.autograd.Function):
         return y, h
 
     @staticmethod
-    @once_differentiable
+    @single_backward("selective_scan_fn", "use selective_scan_ref (plain autograd) for higher derivatives")
     def backward(ctx, gy, gh):
         u, delta, A, Bm, Cm, starts = ctx.saved_tensors
         length, batch, dim = u.shape

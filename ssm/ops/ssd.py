@@ -36,9 +36,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from .._checks import check_bool, check_int, check_tensor
+from .._checks import check_bool, check_int, check_tensor, single_backward
 from .backends import OPS, resolve_backend
 
 __all__ = ["mamba_chunk_scan_combined", "mamba_chunk_scan_ref", "BACKENDS"]
@@ -307,7 +306,8 @@ class _SSD(torch.autograd.Function):
         return out, state.view(b, h, p, n)
 
     @staticmethod
-    @once_differentiable
+    @single_backward("mamba_chunk_scan_combined",
+                     "use mamba_chunk_scan_ref (plain autograd) for higher derivatives")
     def backward(ctx, gout, gstate):
         x, dt, A, B, C, D, z, h0, seq_idx, H = ctx.saved_tensors
         b, l, h, p = x.shape

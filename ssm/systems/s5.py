@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .._checks import check_choice, check_int, check_shape, check_tensor
+from .._checks import check_choice, check_int, check_shape, check_tensor, single_backward
 from ..discretize import discretize_diag
 
 #: The family's tier (``ssm.systems``): linear time-invariant, so it adds kernel and free_response.
@@ -193,6 +193,7 @@ class _Scan(torch.autograd.Function):
         ctx.save_for_backward(u, Wb, Wc, a, output[2])
 
     @staticmethod
+    @single_backward("the S5 scan", "use ssm.systems.s5.scan_ref (plain autograd) for higher derivatives")
     def backward(ctx, gy: Tensor, gx_last: Tensor, _g_carries):
         u, Wb, Wc, a, carries = ctx.saved_tensors
         chunk = ctx.chunk
