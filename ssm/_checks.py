@@ -174,7 +174,9 @@ def single_backward(op: str, instead: str):
 
         @functools.wraps(backward)
         def checked(ctx, *grads):
-            if torch.is_grad_enabled():  # the engine runs a backward with grad mode on only for create_graph
+            # the engine runs a backward with grad mode on only for create_graph; torch.func transforms
+            # (torch.func.grad) run it with grad mode on for a first derivative too: not refused there
+            if torch.is_grad_enabled() and not traced():
                 raise RuntimeError(f"{op}: its custom backward is not differentiable, so double backward "
                                    f"(create_graph=True: gradient penalties, Hessian-vector products) is not "
                                    f"supported; {instead}")
