@@ -3,10 +3,11 @@
 ``backend`` argument through.
 
 ``OPS`` holds, per op, the backends it accepts (``"auto"`` first), the module of its optional Triton kernels
-in ``ssm.ops`` (each with ``available()``: whether triton imports; importing the module does not import
-triton) and the rule that resolves ``"auto"``. Asking for ``"triton"`` explicitly needs CUDA tensors, or CPU
-tensors under Triton's interpreter (``TRITON_INTERPRET=1``), else ``ValueError``; and the triton package,
-else ``ImportError`` with the install command. Nothing is imported, printed or logged at import time.
+in ``ssm.ops`` (each re-exports ``triton_available`` as ``available()``: whether triton imports; importing
+the module does not import triton) and the rule that resolves ``"auto"``. Asking for ``"triton"``
+explicitly needs CUDA tensors, or CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``), else
+``ValueError``; and the triton package, else ``ImportError`` with the install command. Nothing is imported,
+printed or logged at import time.
 
 A new op is one line in ``OPS`` (e.g. SSD: ``"ssd": Op(TORCH_OR_TRITON, "ssd_triton", _flagged("ssd"))``;
 its "auto" stays "torch" until ``ssm.ops.ssd`` sets ``AUTO_TRITON = True``).
@@ -23,7 +24,8 @@ import torch
 
 from .._checks import check_choice, traced, traced_size
 
-__all__ = ["OPS", "Op", "TRITON_INSTALL", "interpreting", "resolve_backend", "triton_accepts"]
+__all__ = ["OPS", "Op", "TRITON_INSTALL", "interpreting", "resolve_backend", "triton_accepts",
+           "triton_available"]
 
 TRITON_INSTALL = "pip install triton  (or: pip install 'ssm-layers[triton]')"
 
@@ -40,6 +42,16 @@ class Op:
 
 def _kernels(op: str):
     return importlib.import_module(f"{__package__}.{OPS[op].kernels}")
+
+
+def triton_available() -> bool:
+    """Whether the triton package can be imported (the Triton kernel modules' ``available``)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def interpreting() -> bool:

@@ -29,21 +29,12 @@ import torch
 from .._checks import single_backward
 from .backends import interpreting
 from .backends import triton_accepts as accepts
+from .backends import triton_available as available
 
 __all__ = ["accepts", "available", "cauchy_triton", "interpreting", "vandermonde_triton", "works"]
 
 BLOCK_N = 32
 BLOCK_L = 128
-
-
-def available() -> bool:
-    """Whether the triton package can be imported."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @functools.cache

@@ -18,19 +18,11 @@ import functools
 
 import torch
 
+from .backends import triton_available as available
+
 __all__ = ["available", "selective_scan_forward_triton"]
 
 BLOCK_D = 32
-
-
-def available() -> bool:
-    """Whether the triton package can be imported."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @functools.cache

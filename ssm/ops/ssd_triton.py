@@ -30,6 +30,7 @@ import functools
 
 from .backends import interpreting
 from .backends import triton_accepts as accepts
+from .backends import triton_available as available
 
 __all__ = ["available", "accepts", "interpreting", "ssd_forward_triton", "BLOCK_T"]
 
@@ -40,16 +41,6 @@ BLOCK_P = 64
 #: State elements (p n) per program of the inter-chunk recurrence.
 BLOCK_S = 256
 _GRID_MAX = 65535  # CUDA's limit on the grid's second and third axes
-
-
-def available() -> bool:
-    """Whether the triton package can be imported."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @functools.cache
