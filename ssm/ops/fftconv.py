@@ -78,21 +78,20 @@ class _CircularConv(torch.autograd.Function):
                                                  n=n)[..., :L]
         # one group: its spectrum is small, kept for the backward; else recomputed there, group by group
         ctx.save_for_backward(u, k, Kf, U if g >= H else None)
-        ctx.shape = (n, channels)
+        ctx.shape = (n, channels, g)
         return y
 
     @staticmethod
     def backward(ctx, gy):
         u, k, Kf, U_kept = ctx.saved_tensors
-        n, channels = ctx.shape
-        Bsz, H, L = u.shape
+        n, channels, g = ctx.shape  # g: the forward's group size
+        H, L = u.shape[1:]
         if torch.is_grad_enabled():
             # create_graph (a double backward): the spectra are taken again from the inputs, so that the
             # graph of this backward (differentiable ops only) reaches u and k
             Kf, U_kept = torch.fft.rfft(k, n=n), None
         parts_u: list = []
         parts_k: list = []
-        g = _group(u, n, Kf.shape[0] if channels else 1)
         for h in range(0, H, g):
             G = torch.fft.rfft(gy[..., h:h + g, :], n=n)  # (B, g, n//2+1) or (B, C, g, n//2+1)
             if ctx.needs_input_grad[0]:
