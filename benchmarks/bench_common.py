@@ -165,6 +165,20 @@ def timeit_many(
                 "warmup_s": warm[k]} for k in fns}
 
 
+def classifier_train_step(model: torch.nn.Module, B: int, L: int, d_input: int, classes: int = 10,
+                          device: str = "cpu") -> Callable[[], None]:
+    """A zero-argument callable running one training step of ``model`` (B, L, d_input) -> (B, classes):
+    zero_grad, cross-entropy on a fixed random batch, backward, an AdamW step (lr 1e-3)."""
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    x, t = torch.randn(B, L, d_input, device=device), torch.randint(0, classes, (B,), device=device)
+
+    def run():
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), t).backward()
+        opt.step()
+    return run
+
+
 def warmed_stepper(net: Any, xs: torch.Tensor, state: Any) -> tuple[Callable[[], Any], dict]:
     """A zero-argument callable stepping ``net`` (``y, state = net.step(x, state)``) through the tokens
     xs (T, B, H) under ``torch.no_grad``, carrying the state from call to call, after up to 4 warm-up steps

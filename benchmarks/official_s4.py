@@ -48,7 +48,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as common  # noqa: E402
@@ -141,15 +140,7 @@ def build_train_step(official, variant: str, B: int, H: int, L: int, N: int, lay
         kw = {"glu": True, **({"c_tilde_length": L} if variant == "ssm S4 c_tilde" else {})}
         model = ssm.SSMModel(d_input, 10, d_model=H, n_layers=layers, layer="s4d" if variant == "ssm S4D"
                              else "s4", d_state=N, pool="mean", layer_kwargs=kw)
-    model = model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), 1e-3)
-    x, t = torch.randn(B, L, d_input, device=device), torch.randint(0, 10, (B,), device=device)
-
-    def run():
-        opt.zero_grad()
-        F.cross_entropy(model(x), t).backward()
-        opt.step()
-    return run
+    return common.classifier_train_step(model.to(device), B, L, d_input, device=device)
 
 
 def run_train(official, args) -> dict:

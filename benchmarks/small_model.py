@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as common  # noqa: E402
@@ -34,14 +33,7 @@ def build_train_step(variant: str, B: int, H: int, L: int, N: int, layers: int, 
     kw = {"c_tilde_length": L} if variant == "S4 c_tilde" else {}
     model = ssm.SSMModel(d_input, 10, d_model=H, n_layers=layers, layer="s4d" if variant == "S4D" else "s4",
                          d_state=N, pool="mean", layer_kwargs=kw)
-    opt = torch.optim.AdamW(model.parameters(), 1e-3)
-    x, t = torch.randn(B, L, d_input), torch.randint(0, 10, (B,))
-
-    def run():
-        opt.zero_grad()
-        F.cross_entropy(model(x), t).backward()
-        opt.step()
-    return run
+    return common.classifier_train_step(model, B, L, d_input)
 
 
 def main(argv: list[str] | None = None) -> dict:
