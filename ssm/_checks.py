@@ -185,3 +185,13 @@ def single_backward(op: str, instead: str):
         return checked
 
     return wrap
+
+
+def twin_backward(twin, inputs: tuple, needs: tuple, grads: tuple) -> tuple:
+    """The backward of a custom ``autograd.Function`` under ``create_graph=True``: the gradients of
+    ``twin(*inputs)`` (the same function in plain differentiable ops) with their graph, so that higher
+    derivatives are exact; None for the inputs whose ``needs`` flag is False."""
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    with torch.enable_grad():
+        got = iter(torch.autograd.grad(twin(*inputs), wanted, grads, create_graph=True, allow_unused=True))
+    return tuple(next(got) if need else None for need in needs)

@@ -10,7 +10,7 @@ import torch
 from conftest import TOL, rel_err
 
 import ssm
-from ssm.kernels import diag_kernel
+from ssm.kernels import diag_kernel, dplr_kernel
 from ssm.layers.s4 import S4_INITS
 
 LENGTHS = (1, 2, 3, 7, 16, 64, 100, 257, 1024, 4096)
@@ -24,18 +24,25 @@ def _s4_at_dt(init: str, dt: float) -> ssm.S4:
     return layer
 
 
+def _s4_kernel(layer: ssm.S4, L: int, method: str) -> torch.Tensor:
+    s = layer.discrete_system()
+    return dplr_kernel(s.Lambda, s.P, s.B, s.C, s.dt, L, disc="bilinear", conj_pairs=True, method=method)
+
+
+@pytest.mark.parametrize("method", ["auto", "cauchy"])
 @pytest.mark.parametrize("init", S4_INITS)
-def test_s4_float32_kernel_matches_float64(init):
-    # Bilinear S4 kernel in float32 against the float64 kernel of the same parameters. Before the fix,
-    # fout (a zero eigenvalue, clamped to -1e-4: the Cauchy denominators vanish at z = 1 and the Woodbury
-    # step cancels 1e4-sized terms) reached 8e-3, legt / lagt / diag-legs 1e-3 at L = 4096.
+def test_s4_float32_kernel_matches_float64(init, method):
+    # Bilinear S4 kernel in float32 against the float64 kernel of the same parameters, by the layer's own
+    # route ("auto": the power series on the CPU, Cauchy for legt's rank 2) and by the Cauchy method. Before
+    # the fix, fout (a zero eigenvalue, clamped to -1e-4: the Cauchy denominators vanish at z = 1 and the
+    # Woodbury step cancels 1e4-sized terms) reached 8e-3, legt / lagt / diag-legs 1e-3 at L = 4096.
     rtol = TOL[torch.float32][0]
     for dt in DTS:
         layer = _s4_at_dt(init, dt)
         ref_layer = copy.deepcopy(layer).double()
         with torch.no_grad():
             for L in LENGTHS:
-                err = rel_err(layer.kernel(L), ref_layer.kernel(L))
+                err = rel_err(_s4_kernel(layer, L, method), ref_layer.kernel(L))
                 assert err <= rtol, f"init={init} dt={dt} L={L}: relative error {err:.2e}"
 
 

@@ -47,14 +47,16 @@ class S4(LTILayer):
         rank: R, rank of the low-rank term; None means the measure's own rank (2 for legt, else 1). A larger
             rank pads P with zeros (trainable); a smaller one is refused.
         dt_min, dt_max: range of the log-uniform initialization of dt.
-        backend: the Cauchy backend of the bilinear kernel (``ssm.ops.cauchy.BACKENDS``): "auto" (Triton on
-            CUDA when it is installed and works, else the torch path sized by memory), "naive", "chunked" or
-            "triton".
-        c_tilde_length: None (default: ``C`` is the true C, and every kernel forms C~ = C (I - Ab^L), an
-            O(H N^3 log L) float64 power), or a length L0 (bilinear only): ``C`` holds C~ for L0 and is
-            trained as such, as the official S4 does. Kernels of length L <= L0 are then the first L taps
-            of the length-L0 kernel with no power (exact); a longer kernel, ``step`` and state passing
-            recover C = C~ (I - Ab^L0)^{-1} by a float64 solve (once per parameter values in inference).
+        backend: the Cauchy backend of the bilinear kernel (``ssm.ops.cauchy.BACKENDS``): "auto" (on the CPU
+            the power-series kernel, no Cauchy products, for rank <= 1: ``dplr_kernel``'s method "series";
+            Triton on CUDA when it is installed and works, else the torch path sized by memory), "naive",
+            "chunked" or "triton" (the Cauchy method with that backend).
+        c_tilde_length: None (default: ``C`` is the true C; the Cauchy method forms C~ = C (I - Ab^L), an
+            O(H N^3 log L) float64 power, the series method needs none), or a length L0 (bilinear only):
+            ``C`` holds C~ for L0 and is trained as such, as the official S4 does. Kernels of length
+            L <= L0 are then the first L taps of the length-L0 kernel with no power (exact); a longer kernel,
+            ``step`` and state passing recover C = C~ (I - Ab^L0)^{-1} by a float64 solve (once per
+            parameter values in inference).
             A trade-off, not a free win: a checkpoint of one parametrization does not load into the other
             (docs/speed.md).
         Other keyword arguments: see ``LTILayer``.

@@ -1,1 +1,1 @@
-"""Numeric primitives: Cauchy and Vandermonde products, FFT convolution."""
+"""Numeric primitives: Cauchy and Vandermonde products, FFT convolution, truncated power series."""

@@ -24,11 +24,11 @@ import math
 
 import torch
 
-from .._checks import check_int, traced_size
+from .._checks import check_int, check_tensor, traced, traced_size, twin_backward
 from .backends import resolve_backend
 from .cauchy import check_operands, group_operands, promote_operands
 
-__all__ = ["vandermonde", "vandermonde_ref"]
+__all__ = ["vandermonde", "vandermonde_pairs", "vandermonde_pairs_ref", "vandermonde_ref"]
 
 
 def _powers(a: torch.Tensor, step: int, count: int) -> torch.Tensor:
@@ -173,3 +173,139 @@ def vandermonde_ref(v: torch.Tensor, x: torch.Tensor, L: int, *, log: bool = Fal
         powers.append(powers[-1] * x)
     powers = torch.stack(powers, dim=-1)  # (..., N, L)
     return (v.unsqueeze(-1) * powers).sum(-2)
+
+
+# ---- power sums of conjugate pairs: wide nodes, narrow products, real series out ----
+
+#: Rows of the grouped products of ``vandermonde_pairs`` per step: their (rows, E, L) complex temporaries stay
+#: near this many bytes (blocks of 32 MiB and more cost page faults on every use, see ``ssm.ops.cauchy``).
+PAIRS_GROUP_BYTES = 8 * 2**20
+
+
+def _chain_powers(x: torch.Tensor, count: int) -> torch.Tensor:
+    """x^0, ..., x^(count-1): x (W, N) -> (W, N, count) by doubling products (each power a product of at most
+    2 log2(count) factors, no logarithm: exact at x = 0); plain ops."""
+    P = torch.ones_like(x).unsqueeze(-1)
+    while P.shape[-1] < count:
+        top = P[..., -1:] * x.unsqueeze(-1)  # x^m for the m powers in P
+        P = torch.cat([P, P[..., : count - P.shape[-1]] * top], dim=-1)
+    return P
+
+
+def _pair_powers(x: torch.Tensor, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X, Y) = (x^(s i), x^j), i < q, j < s (``_blocks``), formed in x's precision, rounded once to dtype."""
+    s, q = _blocks(length)
+    Y = _chain_powers(x, s)  # (W, N, s)
+    X = _chain_powers(Y[..., -1] * x, q)  # (W, N, q)
+    return X.to(dtype), Y.to(dtype)
+
+
+def _pairs_plain(x: torch.Tensor, length: int, dtype: torch.dtype, v: torch.Tensor) -> torch.Tensor:
+    """2 Re sum_n v[w, e, n] x[w, n]^l -> (W, E, L) in ``dtype``, plain ops (the traced route and the
+    double-backward twin)."""
+    W, E, N = v.shape
+    X, Y = _pair_powers(x, length, v.dtype)
+    vx = v.unsqueeze(2) * X.transpose(1, 2).unsqueeze(1)  # (W, E, q, N)
+    out = torch.bmm(vx.reshape(W, -1, N), Y).reshape(W, E, -1)[..., :length]
+    return (2 * out.real).to(dtype)
+
+
+class _VandermondePairs(torch.autograd.Function):
+    """v (W, E, N) narrow complex, x (W, N) wide -> 2 Re (v x^l) (E, W, L) real, by groups of rows ``W``.
+
+    With l = s i + j, X = x^(s i), Y = x^j (wide, rounded once to v's dtype) and G = 2 g (g the gradient):
+
+        grad v[w, e, n] = sum_l G[e, w, l] conj(x^l),
+        grad x[w, n]    = sum_e conj(v[w, e, n]) sum_l (l + 1) G[e, w, l + 1] conj(x^l),
+
+    both contractions of the shape of the forward (the second on the shifted, weighted gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, x, length, dtype, v):
+        W, E, N = v.shape
+        X, Y = _pair_powers(x, length, v.dtype)
+        s, q = Y.shape[-1], X.shape[-1]
+        out = v.new_empty((E, W, length), dtype=dtype)
+        g = max(1, min(W, PAIRS_GROUP_BYTES // (E * q * s * v.element_size())))
+        for w in range(0, W, g):
+            vx = v[w:w + g].unsqueeze(2) * X[w:w + g].transpose(1, 2).unsqueeze(1)  # (g, E, q, N)
+            o = torch.bmm(vx.reshape(-1, E * q, N), Y[w:w + g]).reshape(-1, E, q * s)[..., :length]
+            out[:, w:w + g] = 2 * o.real.transpose(0, 1)
+        ctx.save_for_backward(x, v, X, Y)
+        ctx.length = length
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, v = ctx.saved_tensors[:2]
+        length = ctx.length
+        if torch.is_grad_enabled():  # create_graph: the plain twin's gradients, with their graph
+            def twin(x, v):
+                return _pairs_plain(x, length, grad.dtype, v).transpose(0, 1)
+
+            gx, gv = twin_backward(twin, (x, v), (ctx.needs_input_grad[0], ctx.needs_input_grad[3]), (grad,))
+            return gx, None, None, gv
+        X, Y = ctx.saved_tensors[2:]
+        W, E, N = v.shape
+        s, q = Y.shape[-1], X.shape[-1]
+        Xc = X.conj().transpose(1, 2).unsqueeze(1)  # (W, 1, q, N)
+        Yc_t = Y.conj().transpose(1, 2).contiguous()  # (W, s, N)
+        ell = torch.arange(1, length, device=grad.device, dtype=grad.dtype)
+        gv = v.new_empty(v.shape)
+        gx = x.new_zeros(x.shape) if ctx.needs_input_grad[0] else None
+        rows = 2 * E if gx is not None else E
+        g = max(1, min(W, PAIRS_GROUP_BYTES // (rows * q * s * v.element_size())))
+        for w in range(0, W, g):
+            G = 2 * grad[:, w:w + g].transpose(0, 1)  # (g, E, L)
+            if gx is not None:  # the shifted, weighted gradient (l + 1) G[l + 1]
+                G = torch.cat([G, torch.nn.functional.pad(G[..., 1:] * ell, (0, 1))], dim=1)
+            G = torch.nn.functional.pad(G, (0, q * s - length)).to(v.dtype)  # (g, rows, q s)
+            T = torch.bmm(G.reshape(-1, rows * q, s), Yc_t[w:w + g]).reshape(-1, rows, q, N)
+            c = (T * Xc[w:w + g]).sum(2)  # (g, rows, N)
+            gv[w:w + g] = c[:, :E]
+            if gx is not None:
+                gx[w:w + g] = (v[w:w + g].conj() * c[:, E:]).sum(1).to(x.dtype)
+        return gx, None, None, gv if ctx.needs_input_grad[3] else None
+
+
+def vandermonde_pairs(
+    v: torch.Tensor, x: torch.Tensor, L: int, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Power sums of N conjugate pairs, out[e, w, l] = 2 Re sum_n v[e, w, n] x[w, n]^l, l < L.
+
+    The powers are formed in x's precision (pass complex128 nodes for float32 accuracy at long L) by products,
+    not logarithms (x = 0 is allowed), and rounded once to v's dtype, where the sums run.
+
+    Args:
+        v: (E, W, N) complex64 or complex128 coefficients.
+        x: (W, N) complex nodes, at least as wide as v.
+        L: number of powers, >= 1.
+        dtype: real dtype of the result (default: v's real dtype).
+
+    Returns:
+        (E, W, L) real. Differentiable in v and x (exact higher derivatives).
+    """
+    check_tensor("v", v, ndim=3)
+    check_tensor("x", x, ndim=2)
+    if not (v.is_complex() and x.is_complex()):
+        raise ValueError(f"v and x must be complex; got {v.dtype} and {x.dtype}")
+    if v.dtype == torch.complex128 and x.dtype == torch.complex64:
+        raise ValueError("x must be at least as wide as v (the powers are rounded to v's dtype); got v "
+                         "complex128 and x complex64")
+    if tuple(v.shape[1:]) != tuple(x.shape):
+        raise ValueError(f"v must have shape (E, W, N) with (W, N) = x's shape {tuple(x.shape)}; got "
+                         f"{tuple(v.shape)}")
+    length = L if traced_size(L) else check_int("L", L, minimum=1)
+    dtype = v.real.dtype if dtype is None else dtype
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64; got {dtype}")
+    vw = v.transpose(0, 1)  # (W, E, N)
+    if traced() or traced_size(length):
+        return _pairs_plain(x, length, dtype, vw).transpose(0, 1)
+    return _VandermondePairs.apply(x, length, dtype, vw.contiguous())
+
+
+def vandermonde_pairs_ref(v: torch.Tensor, x: torch.Tensor, L: int) -> torch.Tensor:
+    """Reference twin of ``vandermonde_pairs``: explicit powers in complex128, (E, W, L) float64."""
+    return 2 * vandermonde_ref(v.to(torch.complex128), x.to(torch.complex128), L).real

@@ -12,9 +12,12 @@ import torch
 from torch import Tensor
 
 from .._checks import check_choice, check_shape, check_tensor, traced_size
+from .._checks import traced as tracing
 from ..discretize import discretize as _discretize_dense
 from ..ops.cauchy import cauchy
 from ..ops.scan import states_at as scan_states_at
+from ..ops.series import series_fraction
+from ..ops.vandermonde import vandermonde_pairs
 from . import diag
 from .common import SYMBOLIC_POWER_BITS, check_kernel_args, complex_dtype, power_rows, small_solve
 from .dense import DenseSystem
@@ -132,6 +135,48 @@ def _woodbury(r: torch.Tensor, Ch: int) -> torch.Tensor:
     return k00 - (k01 * sol.permute(2, 0, 1)).sum(1)
 
 
+#: ``dplr_kernel``'s methods for the bilinear kernel: "cauchy" (C~ and the Cauchy products at the roots of
+#: unity), "series" (power series, no C~), "auto" (the series where it applies, on the CPU).
+METHODS = ("auto", "cauchy", "series")
+
+
+def _series_kernel(Lambda: Tensor, P: Tensor, Q: Tensor, B: Tensor, C: Tensor, dt: Tensor, L: int) -> Tensor:
+    """The bilinear conjugate-pair kernel of rank R <= 1 as truncated power series (``dplr_kernel``,
+    method "series"): Lambda, B (H, N), P, Q (R, H, N), C (Ch, H, N), dt (H,) -> K (Ch, H, L).
+
+    With D(z) = (1 - z) - (1 + z) dt/2 Lambda diagonal and Woodbury on D(z) + (1 + z) dt/2 P Q^*,
+
+        sum_k K_k z^k = C (I - z Ab)^{-1} Bb = 2 (S_CB - (1 + z) S_CP S_QB / (1 + (1 + z) S_QP)),
+        S_xy(z) = sum_n x_n y_n e_n / (1 - mu_n z) = sum_k (sum_n x_n y_n e_n mu_n^k) z^k,
+
+    mu = (1 + dt/2 Lambda) / (1 - dt/2 Lambda) and e = dt/2 / (1 - dt/2 Lambda): the first L coefficients
+    of four Vandermonde series (``vandermonde_pairs``, products in the input precision with powers formed in
+    float64) and of one quotient of float64 series (``series_fraction``). No C~ = C (I - Ab^L), no dense
+    power, no roots of unity; in float64 throughout for complex128 inputs.
+    """
+    cdtype = Lambda.dtype
+    wide, rwide = torch.complex128, torch.float64
+    Lw, Pw, Qw, Bw, Cw = (t.to(wide) for t in (Lambda, P, Q, B, C))
+    half_dt = (dt.to(rwide) / 2).unsqueeze(-1)  # (H, 1)
+    den = 1 - half_dt * Lw
+    mu, e = (1 + half_dt * Lw) / den, half_dt / den  # (H, N)
+    Ch, R = C.shape[0], P.shape[0]
+    rows = [Cw * Bw * e]  # S_CB: (Ch, H, N)
+    if R:
+        rows += [Cw * Pw * e, (Qw.conj() * Bw * e), (Qw.conj() * Pw * e)]  # S_CP (Ch), S_QB (1), S_QP (1)
+    S = vandermonde_pairs(torch.cat(rows).to(cdtype), mu, L, rwide)  # (E, H, L) float64
+    if not R:
+        return (2 * S).to(rwide if cdtype == wide else torch.float32)
+
+    def one_plus_z(s: Tensor) -> Tensor:  # (1 + z) s mod z^L
+        return s + torch.nn.functional.pad(s[..., :-1], (1, 0))
+
+    S_CB, S_CP, S_QB, S_QP = S.split([Ch, Ch, 1, 1])  # one split: its backward is one concatenation
+    d = one_plus_z(S_QP[0]) + torch.nn.functional.pad(S.new_ones(1), (0, L - 1))  # 1 + (1 + z) S_QP
+    K = 2 * (S_CB - series_fraction(one_plus_z(S_CP), S_QB[0], d))
+    return K.to(rwide if cdtype == wide else torch.float32)
+
+
 def dplr_kernel(
     Lambda: torch.Tensor,
     P: torch.Tensor,
@@ -145,6 +190,7 @@ def dplr_kernel(
     conj_pairs: bool = False,
     backend: str = "auto",
     c_tilde: bool = False,
+    method: str = "auto",
 ) -> torch.Tensor:
     """Convolution kernel of a diagonal-plus-low-rank (DPLR) SSM: the S4 kernel.
 
@@ -175,6 +221,14 @@ def dplr_kernel(
     and the Woodbury step cancels terms ~ 1 / |dt Lambda|) are computed in complex128 and rounded
     once: in complex64 these steps cost up to 1e-2 relative error.
 
+    ``method="series"`` (bilinear, ``conj_pairs``, rank R <= 1, true C) computes the same kernel without
+    C~ and without roots of unity, as the first L coefficients of power series (``_series_kernel``): four
+    Vandermonde series (the S4D kernel's work, four times) and one quotient of float64 series by FFTs,
+    O(H N L + H L log L); on the CPU it costs a fraction of the Cauchy method's (benchmarks/s4_cost.py).
+    ``method="auto"`` takes it where it applies on the CPU, with ``backend="auto"`` (an explicit backend
+    names a Cauchy backend) and outside ``torch.compile`` / ``torch.export`` / ``torch.func``; else the
+    Cauchy method (``"cauchy"``) described above.
+
     ``disc="zoh"`` (Ab = exp(dt A)): exp of a DPLR matrix is dense, so no Cauchy form exists (S4's own
     DPLR kernel ignores ``disc`` and always uses the bilinear transform). This path discretizes the dense
     matrix with a matrix exponential and builds the taps K_k = C Ab^k Bb directly by two-level Krylov
@@ -202,6 +256,8 @@ def dplr_kernel(
             ``"chunked"`` or ``"triton"``.
         c_tilde: (bilinear) ``C`` is already C~ = C (I - Ab^L) for this L, as trained by the official S4:
             the O(H N^3 log L) power is skipped.
+        method: (bilinear) ``"auto"``, ``"cauchy"`` or ``"series"`` (see above; "series" needs
+            ``conj_pairs``, R <= 1, ``c_tilde=False`` and a concrete L).
 
     Returns:
         K: (H, L), or (Ch, H, L) for a 3-d C; real, float32 for complex64 inputs and float64 for
@@ -218,6 +274,15 @@ def dplr_kernel(
         raise ValueError(f"conj_pairs must be a bool; got {conj_pairs!r}")
     if c_tilde and disc != "bilinear":
         raise ValueError(f"c_tilde needs disc='bilinear' (C~ belongs to the Cauchy form); got disc={disc!r}")
+    method = check_choice("method", method, METHODS)
+    series_ok = disc == "bilinear" and conj_pairs and P.shape[0] <= 1 and not c_tilde and not traced_size(L)
+    if method == "series" and not series_ok:
+        raise ValueError("method='series' needs disc='bilinear', conj_pairs=True, rank R <= 1 (P of shape "
+                         f"(R, H, N)), c_tilde=False and a concrete L; got disc={disc!r}, "
+                         f"conj_pairs={conj_pairs}, R={P.shape[0]}, c_tilde={c_tilde}")
+    if method == "auto":
+        on_cpu = Lambda.device.type == "cpu"
+        method = "series" if series_ok and backend == "auto" and on_cpu and not tracing() else "cauchy"
 
     cdtype = complex_dtype(Lambda, P, Q, B, C, dt)
     Lambda, P, Q, B, C = (t.to(cdtype) for t in (Lambda, P, Q, B, C))
@@ -236,6 +301,10 @@ def dplr_kernel(
         wide = torch.complex128
         Ab, Bb = _discretize_dense(Af.to(wide), full(B).to(wide), dt.to(torch.float64), "zoh")
         K = dense_kernel(DenseSystem(Ab.to(cdtype), Bb.to(cdtype), full(C)), L).real
+        return K[0] if squeeze else K
+
+    if method == "series":
+        K = _series_kernel(Lambda, P, Q, B, C, dt, L)
         return K[0] if squeeze else K
 
     # Everything but the O(H N L) Cauchy products runs in complex128 and is rounded once (see Precision).
