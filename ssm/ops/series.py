@@ -12,7 +12,7 @@ Both are autograd Functions whose backward is FFTs too. With y = p h, h = q g, g
 gradient, corr(r, a)_i = sum_{k>=i} r_k a_(k-i) being the adjoint of multiplying by a mod z^L:
 
     grad p = corr(r, h),  grad h = corr(r, p),  grad q = corr(grad h, g),
-    grad d = -corr(grad h, q g^2) = -corr(grad h, h g)          (dg = -g^2 dd),
+    grad d = -corr(grad h, q g^2) = -corr(corr(grad h, h), g)          (dg = -g^2 dd),
 
 Under ``create_graph=True`` the backward is rebuilt from differentiable FFT ops (higher derivatives are
 exact); under ``torch.compile`` / ``torch.export`` / ``torch.func`` the same formulas run as plain ops.
@@ -93,8 +93,9 @@ FRACTION_GROUP_BYTES = 4 * 2**20
 
 
 class _SeriesFraction(torch.autograd.Function):
-    """p (C, M, L), q and d (M, L) -> p q / d (C, M, L), by groups of the M features; the spectra of the
-    forward are kept for the backward when one is needed."""
+    """p (C, M, L), q and d (M, L) -> p q / d (C, M, L), by groups of the M features. For the backward it
+    keeps g = 1 / d and h = q g as series (a quarter of the bytes of their spectra, retaken there: at long L
+    the spectra would outweigh the rest of the layer's memory)."""
 
     @staticmethod
     def forward(ctx, p, q, d):
@@ -102,29 +103,30 @@ class _SeriesFraction(torch.autograd.Function):
         n = next_fast_len(2 * L - 1)
         size = max(1, FRACTION_GROUP_BYTES // ((n // 2 + 1) * 2 * p.element_size() * C))
         y = p.new_empty(p.shape)
-        spectra = []
+        keep = any(ctx.needs_input_grad)
+        g, h = (p.new_empty(M, L) if keep else None for _ in range(2))
         for m in range(0, M, size):
-            G = torch.fft.rfft(_newton(d[m:m + size]), n)
-            Qf = torch.fft.rfft(q[m:m + size], n)
-            Hf = torch.fft.rfft(torch.fft.irfft(Qf * G, n)[..., :L], n)
-            Pf = torch.fft.rfft(p[:, m:m + size], n)
-            y[:, m:m + size] = torch.fft.irfft(Pf * Hf, n)[..., :L]
-            if any(ctx.needs_input_grad):
-                HGf = torch.fft.rfft(torch.fft.irfft(Hf * G, n)[..., :L], n) if ctx.needs_input_grad[2] else None
-                spectra.append((G, Hf, Pf, HGf))
-        ctx.save_for_backward(p, q, d)
-        ctx.spectra, ctx.size = spectra, size
+            gm = _newton(d[m:m + size])
+            G = torch.fft.rfft(gm, n)
+            hm = torch.fft.irfft(torch.fft.rfft(q[m:m + size], n) * G, n)[..., :L]
+            Hf = torch.fft.rfft(hm, n)
+            y[:, m:m + size] = torch.fft.irfft(torch.fft.rfft(p[:, m:m + size], n) * Hf, n)[..., :L]
+            if keep:
+                g[m:m + size], h[m:m + size] = gm, hm
+        ctx.save_for_backward(p, q, d, g, h)
+        ctx.size = size
         return y
 
     @staticmethod
     def backward(ctx, r):
         if torch.is_grad_enabled():
-            return twin_backward(_fraction_plain, ctx.saved_tensors, ctx.needs_input_grad, (r,))
+            return twin_backward(_fraction_plain, ctx.saved_tensors[:3], ctx.needs_input_grad, (r,))
+        p, g, h = (ctx.saved_tensors[i] for i in (0, 3, 4))
         C, M, L = r.shape
         n = next_fast_len(2 * L - 1)
 
         # Correlations as convolutions of reversed sequences, rev(corr(a, b)) = (rev(a) b)[:L]: the whole
-        # chain runs on reversed gradients with the forward's spectra as they are (no conjugates).
+        # chain runs on reversed gradients with plain spectra (no conjugates).
         def conv(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
             return torch.fft.irfft(A * B, n)[..., :L]
 
@@ -132,16 +134,19 @@ class _SeriesFraction(torch.autograd.Function):
         gp = r.new_empty(r.shape) if need_p else None
         gq = r.new_empty(M, L) if need_q else None
         gd = r.new_empty(M, L) if need_d else None
-        for m, (G, Hf, Pf, HGf) in zip(range(0, M, ctx.size), ctx.spectra):
-            R = torch.fft.rfft(r[:, m:m + ctx.size].flip(-1), n)
+        for m in range(0, M, ctx.size):
+            part = slice(m, m + ctx.size)
+            R = torch.fft.rfft(r[:, part].flip(-1), n)
+            Hf = torch.fft.rfft(h[part], n) if need_p or need_d else None
             if need_p:
-                gp[:, m:m + ctx.size] = conv(R, Hf).flip(-1)
+                gp[:, part] = conv(R, Hf).flip(-1)
             if need_q or need_d:
-                GH = torch.fft.rfft(conv(R, Pf).sum(0), n)  # spectrum of rev(grad h)
+                GH = torch.fft.rfft(conv(R, torch.fft.rfft(p[:, part], n)).sum(0), n)  # of rev(grad h)
+                G = torch.fft.rfft(g[part], n)
                 if need_q:
-                    gq[m:m + ctx.size] = conv(GH, G).flip(-1)
-                if need_d:  # grad d = -corr(grad h, q g^2) = -corr(grad h, h g)
-                    gd[m:m + ctx.size] = -conv(GH, HGf).flip(-1)
+                    gq[part] = conv(GH, G).flip(-1)
+                if need_d:  # grad d = -corr(grad h, q g^2) = -corr(corr(grad h, h), g)
+                    gd[part] = -conv(torch.fft.rfft(conv(GH, Hf), n), G).flip(-1)
         return gp, gq, gd
 
 
