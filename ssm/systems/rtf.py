@@ -423,9 +423,10 @@ def step(sys: RTFSystem, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
 class RTFStep(NamedTuple):
     """The step constants of an RTF (``prepare_step``): w_k and y_k both read [u_k, x] linearly,
 
-        [w_k; y_k] = M . x + m u_k,    M = [-a; b_(1:) - b_0 a] (1+Ch, H, N),    m = [1; b_0] (1+Ch, H),
+        [w_k; y_k] = M . x + m u_k,    M = [-a; b_(1:) - b_0 a],    m = [1; b_0] (1+Ch, H),
 
-    in the state's precision (float64, complex128 for complex coefficients), like ``step``.
+    M laid out per feature, (H, 1+Ch, N), for one batched product with the state; in the state's precision
+    (float64, complex128 for complex coefficients), like ``step``.
     """
 
     M: Tensor
@@ -438,7 +439,8 @@ def prepare_step(sys: RTFSystem) -> RTFStep:
     wide = state_dtype(b, a)  # the step runs in the state's precision (a float32 one put a stream 7e-2 off)
     b, a = b.to(wide), a.to(wide)
     M = torch.cat([-a[None], b[..., 1:] - b[..., :1] * a], dim=0)  # (1+Ch, H, N)
-    return RTFStep(M, torch.cat([torch.ones_like(b[:1, :, 0]), b[..., 0]], dim=0))
+    m = torch.cat([torch.ones_like(b[:1, :, 0]), b[..., 0]], dim=0)  # (1+Ch, H)
+    return RTFStep(M.transpose(0, 1).contiguous(), m)
 
 
 def step_prepared(c: RTFStep, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
@@ -446,7 +448,9 @@ def step_prepared(c: RTFStep, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     constants' precision (float64 / complex128): y and the next state come back in it."""
     x = x if x.dtype == c.M.dtype else x.to(c.M.dtype)
     u = u if u.dtype == c.M.dtype else u.to(c.M.dtype)
-    wy = torch.addcmul((x[:, None] * c.M).sum(-1), c.m, u[:, None])  # (B, 1+Ch, H)
+    # one batched product per feature, (1+Ch, N) x (N, B): at B = 16 half the time of a broadcast multiply
+    # and sum (whose (B, 1+Ch, H, N) temporary is twice the float64 state)
+    wy = torch.addcmul(torch.bmm(c.M, x.permute(1, 2, 0)).permute(2, 1, 0), c.m, u[:, None])  # (B, 1+Ch, H)
     if not x.shape[-1]:
         return wy[:, 1:], x
     return wy[:, 1:], torch.cat([wy[:, :1].transpose(1, 2), x[..., :-1]], dim=-1)
