@@ -135,6 +135,10 @@ def _woodbury(r: torch.Tensor, Ch: int) -> torch.Tensor:
     return k00 - (k01 * sol.permute(2, 0, 1)).sum(1)
 
 
+#: Features per step of the series kernel: the float64 Vandermonde series of a chunk take about this many
+#: bytes.
+SERIES_CHUNK_BYTES = 32 * 2**20
+
 #: ``dplr_kernel``'s methods for the bilinear kernel: "cauchy" (C~ and the Cauchy products at the roots of
 #: unity), "series" (power series, no C~), "auto" (the series where it applies, on the CPU).
 METHODS = ("auto", "cauchy", "series")
@@ -156,6 +160,7 @@ def _series_kernel(Lambda: Tensor, P: Tensor, Q: Tensor, B: Tensor, C: Tensor, d
     """
     cdtype = Lambda.dtype
     wide, rwide = torch.complex128, torch.float64
+    out = rwide if cdtype == wide else torch.float32
     Lw, Pw, Qw, Bw, Cw = (t.to(wide) for t in (Lambda, P, Q, B, C))
     half_dt = (dt.to(rwide) / 2).unsqueeze(-1)  # (H, 1)
     den = 1 - half_dt * Lw
@@ -164,17 +169,27 @@ def _series_kernel(Lambda: Tensor, P: Tensor, Q: Tensor, B: Tensor, C: Tensor, d
     rows = [Cw * Bw * e]  # S_CB: (Ch, H, N)
     if R:
         rows += [Cw * Pw * e, (Qw.conj() * Bw * e), (Qw.conj() * Pw * e)]  # S_CP (Ch), S_QB (1), S_QP (1)
-    S = vandermonde_pairs(torch.cat(rows).to(cdtype), mu, L, rwide)  # (E, H, L) float64
-    if not R:
-        return (2 * S).to(rwide if cdtype == wide else torch.float32)
+    v = torch.cat(rows).to(cdtype)  # (E, H, N)
+    H = v.shape[1]
+    # features in chunks whose float64 series take about SERIES_CHUNK_BYTES: at long L the (E, H, L) series
+    # of all features at once would be the largest tensor of the layer
+    size = max(1, min(H, SERIES_CHUNK_BYTES // (v.shape[0] * L * 8)))
+    parts = []
+    for h in range(0, H, size):
+        S = vandermonde_pairs(v[:, h:h + size], mu[h:h + size], L, rwide)  # (E, size, L) float64
+        if not R:
+            parts.append((2 * S).to(out))
+            continue
+        S_CB, S_CP, S_QB, S_QP = S.split([Ch, Ch, 1, 1])  # one split: its backward is one concatenation
+        d = _one_plus_z(S_QP[0]) + torch.nn.functional.pad(S.new_ones(1), (0, L - 1))  # 1 + (1 + z) S_QP
+        # S_QB copied: the fraction keeps it for its backward, and a view would keep all of S alive
+        parts.append((2 * (S_CB - series_fraction(_one_plus_z(S_CP), S_QB[0].clone(), d))).to(out))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
-    def one_plus_z(s: Tensor) -> Tensor:  # (1 + z) s mod z^L
-        return s + torch.nn.functional.pad(s[..., :-1], (1, 0))
 
-    S_CB, S_CP, S_QB, S_QP = S.split([Ch, Ch, 1, 1])  # one split: its backward is one concatenation
-    d = one_plus_z(S_QP[0]) + torch.nn.functional.pad(S.new_ones(1), (0, L - 1))  # 1 + (1 + z) S_QP
-    K = 2 * (S_CB - series_fraction(one_plus_z(S_CP), S_QB[0], d))
-    return K.to(rwide if cdtype == wide else torch.float32)
+def _one_plus_z(s: Tensor) -> Tensor:
+    """(1 + z) s mod z^L of series s (..., L)."""
+    return s + torch.nn.functional.pad(s[..., :-1], (1, 0))
 
 
 def dplr_kernel(
