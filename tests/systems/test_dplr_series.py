@@ -134,3 +134,18 @@ def test_series_refuses_rank_two():
     with pytest.raises(ValueError, match="R=2"):
         _kernel(s, 10, method="series")
     assert rel_err(_kernel(s, 10), _dense(s, 10)) <= F64_STRUCTURED  # auto: the Cauchy method
+
+
+def test_chunks_of_features_give_the_same_kernel_and_gradients(monkeypatch):
+    import ssm.systems.dplr as dplr
+
+    s = {k: v.clone().requires_grad_() for k, v in _random_pairs(H=5, channels=2).items()}
+    w = torch.randn(2, 5, 30, dtype=torch.float64)
+    one = _kernel(s, 30, method="series")
+    g_one = torch.autograd.grad((one * w).sum(), list(s.values()))
+    monkeypatch.setattr(dplr, "SERIES_CHUNK_BYTES", 1)  # one feature per chunk
+    chunked = _kernel(s, 30, method="series")
+    g_chunked = torch.autograd.grad((chunked * w).sum(), list(s.values()))
+    assert rel_err(chunked, one) <= 1e-14
+    for a, b in zip(g_one, g_chunked):
+        assert rel_err(a, b) <= 1e-13
