@@ -6,8 +6,9 @@ one process.
 
 Per L, five calls run in --repeats interleaved rounds (after one warm-up round), each a forward and a
 backward of a sum: the layers ``ssm.S4`` (bilinear, true C) and ``ssm.S4D`` on a (B, L, H) input, and their
-kernels alone: the S4 kernel, the S4 kernel without the C~ = C (I - Ab^L) power (``c_tilde=True``: what the
-official S4 computes, as it trains C~), and the S4D kernel. Reported: medians, S4 / S4D for the layers
+kernels alone: the S4 kernel (the layer's route: on the CPU the power-series kernel, no C~), the Cauchy
+method without the C~ = C (I - Ab^L) power (``c_tilde=True``: what the official S4 computes, as it trains
+C~), and the S4D kernel. Reported: medians, S4 / S4D for the layers
 (target <= 1.5x) and the kernels' share. Writes benchmarks/results/s4_cost.json and s4_cost.png.
 """
 
