@@ -5,7 +5,8 @@
 
 Every layer maps (B, L, H) -> (B, L, H) in float32, training mode:
 
-    S4         ssm.S4(H, N): DPLR kernel (Cauchy + Woodbury) + FFT convolution + GELU + output projection
+    S4         ssm.S4(H, N): DPLR kernel (on the CPU power series, else Cauchy + Woodbury) + FFT convolution
+               + GELU + output projection
     S4D        ssm.S4D(H, N): diagonal kernel (Vandermonde) + the same
     RTF        ssm.RTF(H, N): transfer-function kernel (FFTs of the coefficients) + the same
     attention  q/k/v projections (one Linear H -> 3H), torch.nn.functional.scaled_dot_product_attention
