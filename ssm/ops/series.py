@@ -12,7 +12,7 @@ Both are autograd Functions whose backward is FFTs too. With y = p h, h = q g, g
 gradient, corr(r, a)_i = sum_{k>=i} r_k a_(k-i) being the adjoint of multiplying by a mod z^L:
 
     grad p = corr(r, h),  grad h = corr(r, p),  grad q = corr(grad h, g),
-    grad d = -corr(grad h, q g^2) = -corr(corr(grad h, h), g)          (dg = -g^2 dd),
+    grad d = -corr(grad h, q g^2) = -corr(corr(grad h, h), g)          (dg = -g^2 dd).
 
 Under ``create_graph=True`` the backward is rebuilt from differentiable FFT ops (higher derivatives are
 exact); under ``torch.compile`` / ``torch.export`` / ``torch.func`` the same formulas run as plain ops.
@@ -175,6 +175,8 @@ def series_fraction(p: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> torch.
                          f"{tuple(p.shape)}")
     if not (p.dtype == q.dtype == d.dtype):
         raise ValueError(f"p, q and d must have one dtype; got {p.dtype}, {q.dtype} and {d.dtype}")
+    if not (p.device == q.device == d.device):
+        raise ValueError(f"p, q and d must be on one device; got {p.device}, {q.device} and {d.device}")
     _check_leading(d)
     if traced():
         return _fraction_plain(p, q, d)

@@ -293,6 +293,8 @@ def vandermonde_pairs(
     if v.dtype == torch.complex128 and x.dtype == torch.complex64:
         raise ValueError("x must be at least as wide as v (the powers are rounded to v's dtype); got v "
                          "complex128 and x complex64")
+    if v.device != x.device:
+        raise ValueError(f"v and x must be on one device; got {v.device} and {x.device}")
     if tuple(v.shape[1:]) != tuple(x.shape):
         raise ValueError(f"v must have shape (E, W, N) with (W, N) = x's shape {tuple(x.shape)}; got "
                          f"{tuple(v.shape)}")

@@ -104,6 +104,7 @@ def test_without_grad_matches_with_grad():
         (lambda: series_fraction(torch.ones(3, 5, dtype=F64), *_operands(0, 2, 5)[1:]), "p must have shape"),
         (lambda: series_fraction(torch.ones(1, 1, 2, 5, dtype=F64), *_operands(0, 2, 5)[1:]), "p must have"),
         (lambda: series_fraction(_operands(0, 2, 5)[0].float(), *_operands(0, 2, 5)[1:]), "one dtype"),
+        (lambda: series_fraction(_operands(0, 2, 5)[0].to("meta"), *_operands(0, 2, 5)[1:]), "one device"),
     ],
 )
 def test_bad_input(call, match):

@@ -87,6 +87,7 @@ def test_gradcheck_and_gradgradcheck(L):
         (lambda v, x: vandermonde_pairs(v[0], x, 4), "3 dimensions"),
         (lambda v, x: vandermonde_pairs(v, x, 0), "L"),
         (lambda v, x: vandermonde_pairs(v, x, 4, torch.int64), "dtype must be"),
+        (lambda v, x: vandermonde_pairs(v, x.to("meta"), 4), "one device"),
     ],
 )
 def test_bad_input(call, match):
