@@ -149,3 +149,12 @@ def test_chunks_of_features_give_the_same_kernel_and_gradients(monkeypatch):
     assert rel_err(chunked, one) <= 1e-14
     for a, b in zip(g_one, g_chunked):
         assert rel_err(a, b) <= 1e-13
+
+
+def test_series_on_each_device_matches_the_cauchy_method(device):
+    # float32 on the device (CUDA when present): "auto" keeps the Cauchy method there, "series" is asked for
+    s = _random_pairs(H=3, channels=2)
+    s = {k: (v.to(torch.complex64) if v.is_complex() else v.float()).to(device) for k, v in s.items()}
+    K = _kernel(s, 300, method="series")
+    assert K.device.type == device.type and K.dtype == torch.float32
+    assert rel_err(K, _kernel(s, 300, method="cauchy")) <= TOL[torch.float32][0]
