@@ -3,7 +3,8 @@
 Cases: H = 256 features, N = 64 states stored as 32 conjugate pairs (``conj_pairs=True``, as the layers call
 the kernels), rank 1, complex64 parameters (float32 kernels), L in 1024 / 4096 / 16384:
 
-- ``s4``      ``dplr_kernel(disc="bilinear")``: Cauchy products + Woodbury at the roots of unity,
+- ``s4``      ``dplr_kernel(disc="bilinear")``: Cauchy products + Woodbury at the roots of unity with
+              ``naive`` / ``chunked``; with ``auto`` on the CPU the power-series method (no Cauchy products),
 - ``s4d``     ``diag_kernel(disc="zoh")``: one Vandermonde product,
 - ``s4-zoh``  ``dplr_kernel(disc="zoh")``: dense matrix exponential + blocked Krylov (no backend),
 
@@ -74,6 +75,8 @@ def _resolved(kernel: str, backend: str, L: int) -> str:
 
     if kernel == "s4-zoh":
         return "dense"
+    if kernel == "s4" and backend == "auto":
+        return "series"  # dplr_kernel's method "auto" on the CPU
     op = "cauchy" if kernel == "s4" else "vandermonde"
     return resolve_backend(op, backend, torch.device("cpu"), nbytes=_naive_temp_bytes(kernel, L))
 
