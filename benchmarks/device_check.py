@@ -10,6 +10,7 @@ Four parts, each timed and recorded in one JSON (``--out``/device_check.json) an
 2. the Cauchy backends side by side (``ssm.ops.cauchy.cauchy(..., backend=...)``: chunked torch, naive,
    Triton) at the S4 LRA sizes (H and L of each task's S4 config, N = 64 as 32 conjugate pairs,
    bidirectional, the four Woodbury terms), forward + backward: median time and peak memory;
+   and the S4 kernel by ``dplr_kernel``'s method (power series, Cauchy) at the same sizes, forward + backward;
 3. a layer forward + backward table: S4, S4D, RTF at B = 16, H = 256, L = 1024 and 4096, float32 and bf16;
 4. 200 training steps of ``examples/lra.py --task listops --config s4 --precision bf16`` (generated data,
    10,000 training expressions), in a subprocess: tokens per second and peak memory from its metrics.jsonl.
@@ -88,6 +89,38 @@ def cauchy_rows(sizes, device: str, repeats: int) -> list[dict[str, Any]]:
                 if device == "cuda":
                     row["peak_bytes"] = common.cuda_peak_bytes(run, device)
             except Exception as err:  # a missing backend (no Triton), out of memory: recorded, not fatal
+                row["error"] = _error(err)
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            rows.append(row)
+    return rows
+
+
+def kernel_rows(sizes, device: str, repeats: int) -> list[dict[str, Any]]:
+    """The S4 kernel (``dplr_kernel``) by method, forward + backward at each size: the power series against
+    the Cauchy method (``backend="auto"``), the figures for choosing what ``method="auto"`` takes on this
+    device (measured on the CPU only so far, where it takes the series)."""
+    import ssm
+    from ssm.kernels import dplr_kernel
+
+    rows = []
+    for task, H, L in sizes:
+        layer = ssm.S4(H, d_state=64).to(device)
+        for method in ("series", "cauchy"):
+            row: dict[str, Any] = {"task": task, "H": H, "L": L, "method": method}
+
+            def run(layer=layer, method=method, L=L):
+                s = layer.discrete_system()
+                K = dplr_kernel(s.Lambda, s.P, s.B, s.C, s.dt, L, disc="bilinear", conj_pairs=True,
+                                method=method)
+                K.square().sum().backward()
+                layer.zero_grad(set_to_none=True)
+
+            try:
+                row.update(common.timeit(run, device=device, repeats=repeats, max_seconds=20))
+                if device == "cuda":
+                    row["peak_bytes"] = common.cuda_peak_bytes(run, device)
+            except Exception as err:  # out of memory: recorded, not fatal
                 row["error"] = _error(err)
                 if device == "cuda":
                     torch.cuda.empty_cache()
@@ -198,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     print("\n2. Cauchy backends, forward + backward\n" + common.format_table(
         ["task", "H", "L", "backend", "median", "peak"],
         [_fmt_row(r, ["task", "H", "L", "backend"]) for r in report["cauchy"]], left=4), flush=True)
+
+    report["s4_kernel"] = kernel_rows(SMOKE_SIZES if args.smoke else LRA_SIZES, device, repeats)
+    print("\n2b. The S4 kernel by method, forward + backward\n" + common.format_table(
+        ["task", "H", "L", "method", "median", "peak"],
+        [_fmt_row(r, ["task", "H", "L", "method"]) for r in report["s4_kernel"]], left=4), flush=True)
 
     sizes = [(2, 8, 64)] if args.smoke else [(16, 256, 1024), (16, 256, 4096)]
     report["layers"] = layer_rows(device, sizes, repeats)

@@ -231,6 +231,8 @@ def test_device_check_smoke(bench, tmp_path, capsys):
     assert data["smoke"] and data["cuda_tests"]["status"] == "skipped"
     assert {r["backend"] for r in data["cauchy"]} == {"chunked", "naive", "triton"}
     assert all(r["median_s"] > 0 for r in data["cauchy"] if r["backend"] != "triton")
+    assert {r["method"] for r in data["s4_kernel"]} == {"series", "cauchy"}
+    assert all(r["median_s"] > 0 for r in data["s4_kernel"])
     assert {r["layer"] for r in data["layers"]} == {"S4", "S4D", "RTF"}
     assert not any("error" in r for r in data["layers"])
     assert data["training"]["status"] == "ok" and data["training"]["tokens_per_s"] > 0
