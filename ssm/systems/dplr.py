@@ -214,9 +214,10 @@ def dplr_kernel(
 
         K[h, k] = Re(sum_n C[h, n] (Ab_h^k Bb_h)[n]),        k = 0, ..., L - 1.
 
-    ``disc="bilinear"`` is the S4 algorithm (S4 paper, Alg. 1 and Sec. 3.3). ``C`` is the true C; the
-    function forms C~ = C (I - Ab^L) (dense Ab^L by repeated squaring, O(H N^3 log L)) so that the
-    truncated generating function is exact,
+    ``disc="bilinear"`` with ``method="cauchy"`` is the S4 algorithm (S4 paper, Alg. 1 and Sec. 3.3); the
+    power-series method, the CPU default, follows below. ``C`` is the true C; the Cauchy method forms
+    C~ = C (I - Ab^L) (dense Ab^L by repeated squaring, O(H N^3 log L)) so that the truncated generating
+    function is exact,
 
         sum_{k<L} C Ab^k Bb z^k = C~ (I - Ab z)^{-1} Bb = 2 / (1 + z) C~ (g(z) - A)^{-1} B,
         g(z) = 2 / dt (1 - z) / (1 + z),
