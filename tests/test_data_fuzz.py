@@ -245,3 +245,16 @@ def test_cifar_reader_on_corrupt_files(tmp_path, cifar_batch, mutations):
     ds = loads_or_names(lambda: CIFARGrayDataset(tmp_path, "test"), folder)  # the file, or its folder
     if ds is not None:
         every_item(ds)
+
+
+def test_numpy_metadata_with_a_code_point_beyond_unicode(tmp_path):
+    # the case hypothesis found: one byte of a UCS-4 string replaced, giving U+110030; Python's path
+    # operations on such a str raised SystemError instead of a DataError naming the file
+    path = tmp_path / "0.npy"
+    array = np.array([["imgs/0", "sample_0.png", "0", "1"]])
+    codes = array.view(np.uint32).copy()
+    codes[0, 5] = 0x110030  # the 6th character of "imgs/0"
+    np.save(path, codes.view(array.dtype))
+    with pytest.raises(DataError, match="beyond U\\+10FFFF") as err:
+        read_metadata(path)
+    assert str(path) in str(err.value)

@@ -593,6 +593,12 @@ def metadata_rows(path: Path) -> list[tuple[int, str, str, int]]:
     if raw.startswith(b"\x93NUMPY"):
         try:
             array = np.load(io.BytesIO(raw), allow_pickle=False)
+            # NumPy's UCS-4 strings hold any 32-bit value; one beyond U+10FFFF makes a str that Python's
+            # own string operations then fail on with a SystemError, far from this file
+            if array.dtype.kind == "U" and array.size:
+                top = int(np.ascontiguousarray(array).view(np.uint32).max())
+                if top > 0x10FFFF:
+                    raise ValueError(f"a character 0x{top:x} beyond U+10FFFF")
             rows = [[str(v) for v in row] for row in np.atleast_2d(array)]
         except Exception as err:  # whatever a corrupt array raises, the file is at fault
             reason = f"unreadable .npy array ({type(err).__name__}: {err}); {expected}"
