@@ -584,7 +584,8 @@ def prepare_step(sys: DPLRSystem) -> PairStep | DenseSystem:
     W = torch.einsum("hrq,qhn->rhn", Ginv, P.conj()) * (2 * Dinv)  # (R, H, N/2): c = 2 Re(W x) + h u
     h = torch.einsum("hrq,qh->rh", sys.Ginv, pair_inner(P, Bd[None]))  # (R, H)
     Q = torch.view_as_real(torch.cat([Bd[None], -Pd], dim=0))  # (1+R, H, N/2, 2)
-    return PairStep(2 * Dinv - 1, real_rows(W), h, Q.flatten(-2), real_rows(sys.C))
+    Cr = real_rows(sys.C).transpose(0, 1).contiguous()  # (H, Ch, N)
+    return PairStep(2 * Dinv - 1, real_rows(W), h, Q.flatten(-2), Cr)
 
 
 def step_prepared(c: PairStep | DenseSystem, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
