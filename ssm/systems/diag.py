@@ -163,8 +163,8 @@ class PairStep(NamedTuple):
         W: (R, H, N) real rows of the low-rank coefficients c (R = 0: none, the diagonal family).
         h: (R, H) real, the input's share of c.
         Q: (1+R, H, N) real: what u and each c_r add to xr.
-        Cr: (H, Ch, N) real (laid out per feature, for one batched product with the state),
-            y = 2 Re(C x) = Cr . xr.
+        Cr: (Ch, H, N) real, y = 2 Re(C x) = Cr . xr.
+        Crh: the same rows laid out per feature, (H, Ch, N), for one batched product with the state.
     """
 
     E: Tensor
@@ -172,6 +172,13 @@ class PairStep(NamedTuple):
     h: Tensor
     Q: Tensor
     Cr: Tensor
+    Crh: Tensor
+
+
+def output_rows(C: Tensor) -> tuple[Tensor, Tensor]:
+    """``PairStep``'s (Cr (Ch, H, N), Crh (H, Ch, N)) of C (Ch, H, N/2)."""
+    Cr = real_rows(C)
+    return Cr, Cr.transpose(0, 1).contiguous()
 
 
 def real_rows(v: Tensor) -> Tensor:
@@ -193,9 +200,9 @@ def pair_step(c: PairStep, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
             coef = torch.addcmul((xr * c.W[r]).sum(-1, keepdim=True), u, c.h[r, :, None])  # (B, H, 1)
             out = torch.addcmul(out, coef, c.Q[1 + r])
     if Bsz > 1:  # one batched product per feature, (Ch, N) x (N, B): at B = 16 0.6x a multiply and sum
-        y = torch.bmm(c.Cr, out.permute(1, 2, 0)).permute(2, 1, 0)  # (B, Ch, H)
-    else:
-        y = (out[0, :, None] * c.Cr).sum(-1).t().unsqueeze(0)  # (1, Ch, H)
+        y = torch.bmm(c.Crh, out.permute(1, 2, 0)).permute(2, 1, 0)  # (B, Ch, H)
+    else:  # (at B = 1 the product costs more than the multiply and sum)
+        y = (out[:, None] * c.Cr).sum(-1)  # (B, Ch, H)
     return y, torch.view_as_complex(out.view(Bsz, H, n, 2))
 
 
@@ -204,8 +211,7 @@ def prepare_step(sys: DiagSystem) -> PairStep:
     H, n = sys.Ab.shape
     real = sys.Ab.real.dtype
     return PairStep(sys.Ab, sys.Ab.new_zeros((0, H, 2 * n), dtype=real), sys.Ab.new_zeros((0, H), dtype=real),
-                    torch.view_as_real(sys.Bb.resolve_conj()).reshape(1, H, 2 * n),
-                    real_rows(sys.C).transpose(0, 1).contiguous())
+                    torch.view_as_real(sys.Bb.resolve_conj()).reshape(1, H, 2 * n), *output_rows(sys.C))
 
 
 def step_prepared(c: PairStep, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
@@ -235,7 +241,7 @@ def real_step(c: PairStep, xr: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     for r in range(c.W.shape[0]):
         coef = torch.addcmul((xr * c.W[r]).sum(-1, keepdim=True), u, c.h[r, :, None])  # (B, H, 1)
         out = torch.addcmul(out, coef, c.Q[1 + r])
-    return torch.bmm(c.Cr, out.permute(1, 2, 0)).permute(2, 1, 0), out
+    return (out[:, None] * c.Cr).sum(-1), out
 
 
 def to_real_state(c: PairStep, x: Tensor) -> Tensor:

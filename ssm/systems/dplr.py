@@ -25,7 +25,7 @@ from .dense import final_state as dense_final_state
 from .dense import free_response as dense_free_response
 from .dense import kernel as dense_kernel
 from .dense import step as dense_step
-from .diag import PairStep, pair_step, real_rows
+from .diag import PairStep, output_rows, pair_step, real_rows
 
 #: The family's tier (``ssm.systems``): linear time-invariant, so it adds kernel and free_response.
 TIER = "lti"
@@ -584,8 +584,7 @@ def prepare_step(sys: DPLRSystem) -> PairStep | DenseSystem:
     W = torch.einsum("hrq,qhn->rhn", Ginv, P.conj()) * (2 * Dinv)  # (R, H, N/2): c = 2 Re(W x) + h u
     h = torch.einsum("hrq,qh->rh", sys.Ginv, pair_inner(P, Bd[None]))  # (R, H)
     Q = torch.view_as_real(torch.cat([Bd[None], -Pd], dim=0))  # (1+R, H, N/2, 2)
-    Cr = real_rows(sys.C).transpose(0, 1).contiguous()  # (H, Ch, N)
-    return PairStep(2 * Dinv - 1, real_rows(W), h, Q.flatten(-2), Cr)
+    return PairStep(2 * Dinv - 1, real_rows(W), h, Q.flatten(-2), *output_rows(sys.C))
 
 
 def step_prepared(c: PairStep | DenseSystem, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
