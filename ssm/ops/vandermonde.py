@@ -74,6 +74,23 @@ def _vandermonde_naive(v: torch.Tensor, a: torch.Tensor, length: int) -> torch.T
     return torch.bmm(v, E.reshape(*a.shape, q * s)[..., :length])
 
 
+def _block_sums(v: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, length: int) -> torch.Tensor:
+    """out[w, e, s i + j] = sum_n (v[w, e, n] X[w, n, i]) Y[w, n, j]: v (W, E, N), X (W, N, q), Y (W, N, s)
+    -> (W, E, L), one batched matrix product (E q, N) x (N, s) per w."""
+    W, E, N = v.shape
+    q, s = X.shape[-1], Y.shape[-1]
+    vx = v.unsqueeze(2) * X.transpose(1, 2).unsqueeze(1)  # (W, E, q, N)
+    return torch.bmm(vx.reshape(W, E * q, N), Y).reshape(W, E, q * s)[..., :length]
+
+
+def _block_adjoint(G: torch.Tensor, Xc: torch.Tensor, Yc_t: torch.Tensor) -> torch.Tensor:
+    """sum_i Xc[w, 0, i, n] sum_j G[w, e, i, j] Yc_t[w, j, n]: G (W, E, q, s), Xc (W, 1, q, N), Yc_t (W, s, N)
+    -> (W, E, N), the adjoint of ``_block_sums`` in v (with conjugated powers)."""
+    W, E, q, s = G.shape
+    T = torch.bmm(G.reshape(W, E * q, s), Yc_t).reshape(W, E, q, -1)
+    return (T * Xc).sum(2)
+
+
 class _VandermondeBlocked(torch.autograd.Function):
     """Blocked log-Vandermonde product that never forms the (W, N, L) power matrix.
 
@@ -92,13 +109,8 @@ class _VandermondeBlocked(torch.autograd.Function):
 
     @staticmethod
     def forward(v: torch.Tensor, a: torch.Tensor, length: int) -> torch.Tensor:
-        W, E, N = v.shape
         s, q = _blocks(length)
-        X = _powers(a, s, q)  # (W, N, q)
-        Y = _powers(a, 1, s)  # (W, N, s)
-        vx = v.unsqueeze(2) * X.transpose(1, 2).unsqueeze(1)  # (W, E, q, N)
-        out = torch.bmm(vx.reshape(W, E * q, N), Y)  # (W, E q, s)
-        return out.reshape(W, E, q * s)[..., :length]
+        return _block_sums(v, _powers(a, s, q), _powers(a, 1, s), length)  # X (W, N, q), Y (W, N, s)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -110,22 +122,17 @@ class _VandermondeBlocked(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         v, a = ctx.saved_tensors
         need_v, need_a = ctx.needs_input_grad[:2]
-        W, E, N = v.shape
+        W, E = v.shape[:2]
         s, q = _blocks(ctx.length)
         ac = a.conj()
         Xc = _powers(ac, s, q).transpose(1, 2).unsqueeze(1)  # (W, 1, q, N): conj(X)
         Yc_t = _powers(ac, 1, s).transpose(1, 2).contiguous()  # (W, s, N): conj(Y)^T
         G = torch.nn.functional.pad(g, (0, q * s - ctx.length)).reshape(W, E, q, s)
-
-        def contract(G: torch.Tensor) -> torch.Tensor:  # (W, E, q, s) -> (W, E, N)
-            T = torch.bmm(G.reshape(W, E * q, s), Yc_t).reshape(W, E, q, N)
-            return (T * Xc).sum(2)
-
-        gv = contract(G) if need_v else None
+        gv = _block_adjoint(G, Xc, Yc_t) if need_v else None
         ga = None
         if need_a:
             ell = torch.arange(q * s, device=a.device, dtype=a.real.dtype).reshape(q, s)
-            ga = (v.conj() * contract(G * ell)).sum(1)
+            ga = (v.conj() * _block_adjoint(G * ell, Xc, Yc_t)).sum(1)
         return gv, ga, None
 
 
@@ -203,11 +210,8 @@ def _pair_powers(x: torch.Tensor, length: int, dtype: torch.dtype) -> tuple[torc
 def _pairs_plain(x: torch.Tensor, length: int, dtype: torch.dtype, v: torch.Tensor) -> torch.Tensor:
     """2 Re sum_n v[w, e, n] x[w, n]^l -> (W, E, L) in ``dtype``, plain ops (the traced route and the
     double-backward twin)."""
-    W, E, N = v.shape
     X, Y = _pair_powers(x, length, v.dtype)
-    vx = v.unsqueeze(2) * X.transpose(1, 2).unsqueeze(1)  # (W, E, q, N)
-    out = torch.bmm(vx.reshape(W, -1, N), Y).reshape(W, E, -1)[..., :length]
-    return (2 * out.real).to(dtype)
+    return (2 * _block_sums(v, X, Y, length).real).to(dtype)
 
 
 class _VandermondePairs(torch.autograd.Function):
@@ -223,15 +227,13 @@ class _VandermondePairs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, length, dtype, v):
-        W, E, N = v.shape
+        W, E = v.shape[:2]
         X, Y = _pair_powers(x, length, v.dtype)
         s, q = Y.shape[-1], X.shape[-1]
         out = v.new_empty((E, W, length), dtype=dtype)
         g = max(1, min(W, PAIRS_GROUP_BYTES // (E * q * s * v.element_size())))
         for w in range(0, W, g):
-            vx = v[w:w + g].unsqueeze(2) * X[w:w + g].transpose(1, 2).unsqueeze(1)  # (g, E, q, N)
-            o = torch.bmm(vx.reshape(-1, E * q, N), Y[w:w + g]).reshape(-1, E, q * s)[..., :length]
-            out[:, w:w + g] = 2 * o.real.transpose(0, 1)
+            out[:, w:w + g] = 2 * _block_sums(v[w:w + g], X[w:w + g], Y[w:w + g], length).real.transpose(0, 1)
         ctx.save_for_backward(x, v, X, Y)
         ctx.length = length
         return out
@@ -247,7 +249,7 @@ class _VandermondePairs(torch.autograd.Function):
             gx, gv = twin_backward(twin, (x, v), (ctx.needs_input_grad[0], ctx.needs_input_grad[3]), (grad,))
             return gx, None, None, gv
         X, Y = ctx.saved_tensors[2:]
-        W, E, N = v.shape
+        W, E = v.shape[:2]
         s, q = Y.shape[-1], X.shape[-1]
         Xc = X.conj().transpose(1, 2).unsqueeze(1)  # (W, 1, q, N)
         Yc_t = Y.conj().transpose(1, 2).contiguous()  # (W, s, N)
@@ -260,9 +262,8 @@ class _VandermondePairs(torch.autograd.Function):
             G = 2 * grad[:, w:w + g].transpose(0, 1)  # (g, E, L)
             if gx is not None:  # the shifted, weighted gradient (l + 1) G[l + 1]
                 G = torch.cat([G, torch.nn.functional.pad(G[..., 1:] * ell, (0, 1))], dim=1)
-            G = torch.nn.functional.pad(G, (0, q * s - length)).to(v.dtype)  # (g, rows, q s)
-            T = torch.bmm(G.reshape(-1, rows * q, s), Yc_t[w:w + g]).reshape(-1, rows, q, N)
-            c = (T * Xc[w:w + g]).sum(2)  # (g, rows, N)
+            G = torch.nn.functional.pad(G, (0, q * s - length)).to(v.dtype).unflatten(-1, (q, s))
+            c = _block_adjoint(G, Xc[w:w + g], Yc_t[w:w + g])  # (g, rows, N)
             gv[w:w + g] = c[:, :E]
             if gx is not None:
                 gx[w:w + g] = (v[w:w + g].conj() * c[:, E:]).sum(1).to(x.dtype)
