@@ -14,6 +14,7 @@ from torch import Tensor
 from .._checks import check_choice, check_shape, check_tensor, traced_size
 from .._checks import traced as tracing
 from ..discretize import discretize as _discretize_dense
+from ..discretize import discretize_diag
 from ..ops.cauchy import cauchy
 from ..ops.scan import states_at as scan_states_at
 from ..ops.series import series_fraction
@@ -162,13 +163,13 @@ def _series_kernel(Lambda: Tensor, P: Tensor, Q: Tensor, B: Tensor, C: Tensor, d
     wide, rwide = torch.complex128, torch.float64
     out = rwide if cdtype == wide else torch.float32
     Lw, Pw, Qw, Bw, Cw = (t.to(wide) for t in (Lambda, P, Q, B, C))
-    half_dt = (dt.to(rwide) / 2).unsqueeze(-1)  # (H, 1)
-    den = 1 - half_dt * Lw
-    mu, e = (1 + half_dt * Lw) / den, half_dt / den  # (H, N)
+    # the diagonal part's bilinear discretization: mu, and dt y / (1 - dt/2 Lambda) = 2 e y for y = B, P
+    mu, BPd = discretize_diag(Lw, torch.cat([Bw[None], Pw]), dt.to(rwide), "bilinear")  # (1+R, H, N)
+    mu, Bd, Pd = mu[0], BPd[0] / 2, BPd[1:] / 2  # mu (H, N); e B, e P
     Ch, R = C.shape[0], P.shape[0]
-    rows = [Cw * Bw * e]  # S_CB: (Ch, H, N)
+    rows = [Cw * Bd]  # S_CB: (Ch, H, N)
     if R:
-        rows += [Cw * Pw * e, (Qw.conj() * Bw * e), (Qw.conj() * Pw * e)]  # S_CP (Ch), S_QB (1), S_QP (1)
+        rows += [Cw * Pd, Qw.conj() * Bd, Qw.conj() * Pd]  # S_CP (Ch), S_QB (1), S_QP (1)
     v = torch.cat(rows).to(cdtype)  # (E, H, N)
     H = v.shape[1]
     # features in chunks whose float64 series take about SERIES_CHUNK_BYTES: at long L the (E, H, L) series
