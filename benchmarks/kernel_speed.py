@@ -72,11 +72,13 @@ def _resolved(kernel: str, backend: str, L: int) -> str:
     import torch
 
     from ssm.ops.backends import resolve_backend
+    from ssm.systems.dplr import resolve_method
 
     if kernel == "s4-zoh":
         return "dense"
-    if kernel == "s4" and backend == "auto":
-        return "series"  # dplr_kernel's method "auto" on the CPU
+    if kernel == "s4" and resolve_method("auto", disc="bilinear", conj_pairs=True, rank=1, c_tilde=False, L=L,
+                                         backend=backend, device=torch.device("cpu")) == "series":
+        return "series"
     op = "cauchy" if kernel == "s4" else "vandermonde"
     return resolve_backend(op, backend, torch.device("cpu"), nbytes=_naive_temp_bytes(kernel, L))
 

@@ -145,6 +145,23 @@ SERIES_CHUNK_BYTES = 32 * 2**20
 METHODS = ("auto", "cauchy", "series")
 
 
+def resolve_method(method: str, *, disc: str, conj_pairs: bool, rank: int, c_tilde: bool, L: int,
+                   backend: str, device: torch.device) -> str:
+    """``dplr_kernel``'s method for these arguments, "series" or "cauchy" (``METHODS``): "auto" takes the
+    series where it applies (bilinear, conjugate pairs, rank <= 1, true C, a concrete L) on the CPU with
+    ``backend="auto"`` outside ``torch.compile`` / ``torch.export`` / ``torch.func``."""
+    method = check_choice("method", method, METHODS)
+    series_ok = disc == "bilinear" and conj_pairs and rank <= 1 and not c_tilde and not traced_size(L)
+    if method == "series" and not series_ok:
+        raise ValueError("method='series' needs disc='bilinear', conj_pairs=True, rank R <= 1 (P of shape "
+                         f"(R, H, N)), c_tilde=False and a concrete L; got disc={disc!r}, "
+                         f"conj_pairs={conj_pairs}, R={rank}, c_tilde={c_tilde}")
+    if method == "auto":
+        on_cpu = torch.device(device).type == "cpu"
+        return "series" if series_ok and backend == "auto" and on_cpu and not tracing() else "cauchy"
+    return method
+
+
 def _series_kernel(Lambda: Tensor, P: Tensor, Q: Tensor, B: Tensor, C: Tensor, dt: Tensor, L: int) -> Tensor:
     """The bilinear conjugate-pair kernel of rank R <= 1 as truncated power series (``dplr_kernel``,
     method "series"): Lambda, B (H, N), P, Q (R, H, N), C (Ch, H, N), dt (H,) -> K (Ch, H, L).
@@ -291,15 +308,8 @@ def dplr_kernel(
         raise ValueError(f"conj_pairs must be a bool; got {conj_pairs!r}")
     if c_tilde and disc != "bilinear":
         raise ValueError(f"c_tilde needs disc='bilinear' (C~ belongs to the Cauchy form); got disc={disc!r}")
-    method = check_choice("method", method, METHODS)
-    series_ok = disc == "bilinear" and conj_pairs and P.shape[0] <= 1 and not c_tilde and not traced_size(L)
-    if method == "series" and not series_ok:
-        raise ValueError("method='series' needs disc='bilinear', conj_pairs=True, rank R <= 1 (P of shape "
-                         f"(R, H, N)), c_tilde=False and a concrete L; got disc={disc!r}, "
-                         f"conj_pairs={conj_pairs}, R={P.shape[0]}, c_tilde={c_tilde}")
-    if method == "auto":
-        on_cpu = Lambda.device.type == "cpu"
-        method = "series" if series_ok and backend == "auto" and on_cpu and not tracing() else "cauchy"
+    method = resolve_method(method, disc=disc, conj_pairs=conj_pairs, rank=P.shape[0], c_tilde=c_tilde, L=L,
+                            backend=backend, device=Lambda.device)
 
     cdtype = complex_dtype(Lambda, P, Q, B, C, dt)
     Lambda, P, Q, B, C = (t.to(cdtype) for t in (Lambda, P, Q, B, C))
